@@ -1,0 +1,47 @@
+// Shared by the build scripts of `host` (which embeds the policy plugin) and
+// `tests` (which loads the fixtures): builds the guest workspace for
+// wasm32-wasip2 and returns the directory holding the `.wasm` components.
+//
+// It is `include!`d rather than a crate because build scripts cannot share a
+// dependency that lives in a workspace they are not part of.
+
+/// Builds every guest plugin (release) and returns the output directory.
+fn build_guest_plugins() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let guests = manifest_dir.join("../guest-plugins").canonicalize().unwrap();
+    let wit = manifest_dir.join("../wit").canonicalize().unwrap();
+    for dir in ["sdk", "qmp-policy", "fixtures", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", guests.join(dir).display());
+    }
+    println!("cargo:rerun-if-changed={}", wit.display());
+
+    let target_dir = guests.join("target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&guests)
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(&target_dir);
+    // The outer build's flags and target are for the host, not for wasm.
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("cannot run cargo to build the guest plugins");
+    if !status.success() {
+        panic!(
+            "building the guest plugins failed ({status}); is the target installed? \
+             run: rustup target add wasm32-wasip2"
+        );
+    }
+    target_dir.join("wasm32-wasip2/release")
+}

@@ -1,0 +1,493 @@
+//! The QMP policy plugin: allow or deny commands by name, arguments and client.
+//!
+//! Configuration (JSON; in qmpgate's TOML it is the plugin's `config` table):
+//!
+//! ```json
+//! {
+//!   "profile": "safe",
+//!   "default": "allow",
+//!   "rules": [
+//!     { "action": "deny", "commands": ["quit", "system_*"], "listeners": ["dashboard"] },
+//!     { "action": "allow", "commands": ["migrate"], "uids": [0] },
+//!     { "action": "deny", "commands": ["migrate"], "arguments": { "uri": "exec:*" },
+//!       "desc": "migration to a command is not allowed" }
+//!   ]
+//! }
+//! ```
+//!
+//! Rules are tried in order, the operator's first, then the profile's; the first whose
+//! every condition holds decides. If none does, `default` decides (the profile's own
+//! default when unset). Conditions:
+//! - `commands`: glob patterns (`*` matches any run of characters) on the command name;
+//! - `arguments`: a map from an argument path to a glob on its value. A path is dotted
+//!   (`backend.type`); `**` matches any depth (`**.filename` finds `filename` in any
+//!   nested object). Strings match as they are, other values as JSON text; `*` matches
+//!   any present value;
+//! - `uids`, `listeners`: the client's unix uid or listener id is one of these.
+//!
+//! Profiles: `safe` (allow, but deny what spawns processes, touches host files, opens
+//! listeners, injects fds or cuts the gateway's link), `readonly` (queries only) and
+//! `permissive` (no built-in rules).
+//!
+//! Layout: [`Config`] and [`Rule`] are the configuration; [`profile_rules`] holds the
+//! built-in profiles; [`Policy::decide`] evaluates; [`glob`] and [`values_at`] are the
+//! matchers.
+
+#![forbid(unsafe_code)]
+
+use qmpgate_plugin_sdk::{Client, Command, Peer, Plugin, QmpError, Verdict, export_plugin};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The plugin's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Built-in rule set appended after the operator's rules.
+    #[serde(default)]
+    profile: Profile,
+    /// What happens when no rule matches; the profile decides when unset.
+    default: Option<Action>,
+    /// The operator's rules, tried before the profile's.
+    #[serde(default)]
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Profile {
+    #[default]
+    Safe,
+    Readonly,
+    Permissive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Action {
+    Allow,
+    Deny,
+}
+
+/// One rule: every condition that is present must hold for the rule to match.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    action: Action,
+    /// Glob patterns on the command name; absent means every command.
+    commands: Option<Vec<String>>,
+    /// Argument path to glob on the value.
+    #[serde(default)]
+    arguments: BTreeMap<String, String>,
+    /// Unix uids of the client (rules with `uids` never match TCP clients).
+    uids: Option<Vec<u32>>,
+    /// Listener (chardev) ids the client connected through.
+    listeners: Option<Vec<String>>,
+    /// Shown to the client when this rule denies.
+    desc: Option<String>,
+}
+
+impl Rule {
+    fn deny(commands: &[&str], desc: &str) -> Self {
+        Self::deny_with(commands, &[], desc)
+    }
+
+    fn deny_with(commands: &[&str], arguments: &[(&str, &str)], desc: &str) -> Self {
+        Rule {
+            action: Action::Deny,
+            commands: Some(commands.iter().map(|s| s.to_string()).collect()),
+            arguments: arguments
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            uids: None,
+            listeners: None,
+            desc: Some(desc.to_string()),
+        }
+    }
+
+    fn allow(commands: &[&str]) -> Self {
+        Rule {
+            action: Action::Allow,
+            ..Rule::deny(commands, "")
+        }
+    }
+
+    fn matches(&self, client: &Client, command: &Command, arguments: &Value) -> bool {
+        if let Some(patterns) = &self.commands
+            && !patterns.iter().any(|p| glob(p, &command.name))
+        {
+            return false;
+        }
+        if let Some(uids) = &self.uids {
+            match &client.peer {
+                Peer::Unix(peer) if uids.contains(&peer.uid) => {}
+                _ => return false,
+            }
+        }
+        if let Some(listeners) = &self.listeners
+            && !listeners.contains(&client.listener)
+        {
+            return false;
+        }
+        self.arguments.iter().all(|(path, pattern)| {
+            values_at(arguments, path).iter().any(|value| match value {
+                Value::String(s) => glob(pattern, s),
+                other => glob(pattern, &other.to_string()),
+            })
+        })
+    }
+}
+
+/// The built-in rules of a profile and its default action.
+fn profile_rules(profile: Profile) -> (Vec<Rule>, Action) {
+    match profile {
+        Profile::Permissive => (Vec::new(), Action::Allow),
+        Profile::Readonly => (
+            vec![Rule::allow(&[
+                "query-*",
+                "qom-get",
+                "qom-list",
+                "qom-list-types",
+                "qom-list-properties",
+                "device-list-properties",
+            ])],
+            Action::Deny,
+        ),
+        Profile::Safe => (safe_rules(), Action::Allow),
+    }
+}
+
+/// What the `safe` profile refuses, and why (the reason is shown to the client).
+fn safe_rules() -> Vec<Rule> {
+    const HOST_FILE: &str = "it writes or reads a file on the QEMU host";
+    const SPAWNS: &str = "it makes QEMU run a host program";
+    const FDS: &str = "it injects file descriptors into QEMU";
+    const LINK: &str = "it can cut or bypass the gateway's own monitor link";
+    const LISTENER: &str = "it opens a host socket, file or device";
+    vec![
+        Rule::deny_with(
+            &["migrate", "migrate-incoming"],
+            &[("uri", "exec:*")],
+            SPAWNS,
+        ),
+        Rule::deny_with(&["migrate", "migrate-incoming"], &[("uri", "fd:*")], FDS),
+        Rule::deny_with(
+            &["migrate", "migrate-incoming"],
+            &[("uri", "file:*")],
+            HOST_FILE,
+        ),
+        Rule::deny_with(
+            &["migrate", "migrate-incoming"],
+            &[("uri", "unix:*")],
+            LISTENER,
+        ),
+        Rule::deny(
+            &["dump-guest-memory", "screendump", "memsave", "pmemsave"],
+            HOST_FILE,
+        ),
+        Rule::deny(&["getfd", "add-fd", "get-win32-socket"], FDS),
+        Rule::deny(&["add_client", "yank"], LINK),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("backend.type", "file")],
+            HOST_FILE,
+        ),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("backend.type", "pipe")],
+            HOST_FILE,
+        ),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("backend.type", "serial")],
+            LISTENER,
+        ),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("backend.type", "parallel")],
+            LISTENER,
+        ),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("backend.type", "socket")],
+            LISTENER,
+        ),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("backend.type", "udp")],
+            LISTENER,
+        ),
+        Rule::deny_with(
+            &["chardev-add", "chardev-change"],
+            &[("**.logfile", "*")],
+            HOST_FILE,
+        ),
+        Rule::deny(&["chardev-remove"], LINK),
+        Rule::deny_with(
+            &["blockdev-add", "blockdev-create", "blockdev-reopen"],
+            &[("**.filename", "*")],
+            HOST_FILE,
+        ),
+        Rule::deny_with(
+            &["blockdev-add", "blockdev-create", "blockdev-reopen"],
+            &[("**.driver", "file")],
+            HOST_FILE,
+        ),
+        Rule::deny_with(&["object-add"], &[("**.mem-path", "*")], HOST_FILE),
+        Rule::deny_with(&["object-add"], &[("**.file", "*")], HOST_FILE),
+        Rule::deny_with(&["object-add"], &[("**.filename", "*")], HOST_FILE),
+        Rule::deny_with(&["object-add"], &[("**.dir", "*")], HOST_FILE),
+        Rule::deny_with(&["object-add"], &[("**.path", "*")], HOST_FILE),
+        Rule::deny_with(&["netdev_add"], &[("**.script", "*")], SPAWNS),
+        Rule::deny_with(&["netdev_add"], &[("**.downscript", "*")], SPAWNS),
+        Rule::deny_with(&["netdev_add"], &[("**.helper", "*")], SPAWNS),
+        Rule::deny_with(&["netdev_add"], &[("**.fd", "*")], FDS),
+        Rule::deny_with(&["netdev_add"], &[("**.fds", "*")], FDS),
+        Rule::deny_with(&["netdev_add"], &[("**.vhostfd", "*")], FDS),
+        Rule::deny_with(&["netdev_add"], &[("**.vhostfds", "*")], FDS),
+        Rule::deny(&["x-*"], "experimental commands are not allowed"),
+        Rule::deny(
+            &["human-monitor-command"],
+            "HMP command lines are refused unless an HMP plugin interprets them",
+        ),
+    ]
+}
+
+/// The loaded policy.
+struct Policy {
+    rules: Vec<Rule>,
+    default: Action,
+}
+
+impl Policy {
+    fn from_config(config: Config) -> Self {
+        let (profile_rules, profile_default) = profile_rules(config.profile);
+        let mut rules = config.rules;
+        rules.extend(profile_rules);
+        Policy {
+            rules,
+            default: config.default.unwrap_or(profile_default),
+        }
+    }
+
+    fn decide(&self, client: &Client, command: &Command) -> Verdict {
+        let arguments = command.arguments_json();
+        let matched = self
+            .rules
+            .iter()
+            .find(|rule| rule.matches(client, command, &arguments));
+        let (action, desc) = match matched {
+            Some(rule) => (rule.action, rule.desc.as_deref()),
+            None => (self.default, None),
+        };
+        match action {
+            Action::Allow => Verdict::Forward,
+            Action::Deny => {
+                let desc = match desc {
+                    Some(reason) if !reason.is_empty() => {
+                        format!("Command '{}' is denied by policy: {reason}", command.name)
+                    }
+                    _ => format!("Command '{}' is denied by policy", command.name),
+                };
+                Verdict::Deny(QmpError::generic(desc))
+            }
+        }
+    }
+}
+
+impl Plugin for Policy {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        for (i, rule) in config.rules.iter().enumerate() {
+            if let Some(commands) = &rule.commands
+                && commands.is_empty()
+            {
+                return Err(format!(
+                    "rule {}: 'commands' is empty and would never match",
+                    i + 1
+                ));
+            }
+        }
+        Ok(Policy::from_config(config))
+    }
+
+    fn on_command(
+        &mut self,
+        client: &Client,
+        command: &Command,
+        _hmp_line: Option<&str>,
+    ) -> Verdict {
+        self.decide(client, command)
+    }
+}
+
+export_plugin!(Policy);
+
+/// Matches `text` against `pattern`, where `*` matches any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    // Where the last `*` was and how much text it has swallowed, for backtracking.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Every value at a dotted `path` in `root`; `**` stands for any number of levels.
+fn values_at<'a>(root: &'a Value, path: &str) -> Vec<&'a Value> {
+    let segments: Vec<&str> = path.split('.').collect();
+    let mut found = Vec::new();
+    collect(root, &segments, &mut found);
+    found
+}
+
+fn collect<'a>(value: &'a Value, segments: &[&str], found: &mut Vec<&'a Value>) {
+    let Some((first, rest)) = segments.split_first() else {
+        found.push(value);
+        return;
+    };
+    if *first == "**" {
+        // Zero levels here, or one more level down with `**` still in force.
+        collect(value, rest, found);
+        match value {
+            Value::Object(map) => map.values().for_each(|v| collect(v, segments, found)),
+            Value::Array(items) => items.iter().for_each(|v| collect(v, segments, found)),
+            _ => {}
+        }
+    } else if let Value::Object(map) = value
+        && let Some(child) = map.get(*first)
+    {
+        collect(child, rest, found);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qmpgate_plugin_sdk::{Protocol, UnixPeer};
+    use serde_json::json;
+
+    fn client(uid: u32, listener: &str) -> Client {
+        Client {
+            id: 1,
+            listener: listener.into(),
+            protocol: Protocol::Qmp,
+            peer: Peer::Unix(UnixPeer {
+                pid: 1,
+                uid,
+                gid: uid,
+            }),
+            capabilities: vec![],
+        }
+    }
+
+    fn command(name: &str, arguments: Value) -> Command {
+        Command {
+            name: name.into(),
+            arguments: arguments.to_string(),
+            oob: false,
+        }
+    }
+
+    fn policy(config: Value) -> Policy {
+        Policy::from_config(serde_json::from_value(config).unwrap())
+    }
+
+    fn denied(p: &Policy, name: &str, args: Value) -> bool {
+        matches!(
+            p.decide(&client(1000, "qmp"), &command(name, args)),
+            Verdict::Deny(_)
+        )
+    }
+
+    #[test]
+    fn glob_matches_like_a_shell() {
+        assert!(glob("query-*", "query-status"));
+        assert!(glob("*", ""));
+        assert!(glob("x-*-y", "x-a-b-y"));
+        assert!(!glob("query-*", "quit"));
+        assert!(!glob("exec:*", "tcp:exec:"));
+    }
+
+    #[test]
+    fn safe_profile_denies_host_access_but_allows_queries() {
+        let p = policy(json!({}));
+        assert!(!denied(&p, "query-status", json!({})));
+        assert!(!denied(&p, "migrate", json!({"uri": "tcp:10.0.0.1:4444"})));
+        assert!(denied(&p, "migrate", json!({"uri": "exec:cat > /tmp/x"})));
+        assert!(denied(&p, "screendump", json!({"filename": "/tmp/x.ppm"})));
+        assert!(denied(
+            &p,
+            "chardev-add",
+            json!({"id": "c", "backend": {"type": "file", "data": {"out": "/etc/x"}}})
+        ));
+        assert!(!denied(
+            &p,
+            "chardev-add",
+            json!({"id": "c", "backend": {"type": "ringbuf", "data": {}}})
+        ));
+        assert!(denied(
+            &p,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": "/etc/shadow"}})
+        ));
+        assert!(denied(&p, "x-exit-preconfig", json!({})));
+    }
+
+    #[test]
+    fn operator_rules_come_first_and_can_use_identity() {
+        let p = policy(json!({
+            "rules": [
+                {"action": "allow", "commands": ["screendump"], "uids": [0]},
+                {"action": "deny", "commands": ["quit"], "listeners": ["qmp"], "desc": "not here"}
+            ]
+        }));
+        assert!(matches!(
+            p.decide(
+                &client(0, "qmp"),
+                &command("screendump", json!({"filename": "x"}))
+            ),
+            Verdict::Forward
+        ));
+        assert!(denied(&p, "screendump", json!({"filename": "x"})));
+        match p.decide(&client(0, "qmp"), &command("quit", json!({}))) {
+            Verdict::Deny(e) => assert_eq!(e.desc, "Command 'quit' is denied by policy: not here"),
+            other => panic!("expected deny, got {other:?}"),
+        }
+        assert!(matches!(
+            p.decide(&client(0, "other"), &command("quit", json!({}))),
+            Verdict::Forward
+        ));
+    }
+
+    #[test]
+    fn readonly_profile_allows_only_queries() {
+        let p = policy(json!({"profile": "readonly"}));
+        assert!(!denied(&p, "query-block", json!({})));
+        assert!(denied(&p, "stop", json!({})));
+        assert!(denied(&p, "cont", json!({})));
+    }
+
+    #[test]
+    fn unknown_configuration_keys_are_rejected() {
+        assert!(serde_json::from_value::<Config>(json!({"rulez": []})).is_err());
+        assert!(serde_json::from_value::<Config>(json!({"profile": "lax"})).is_err());
+    }
+}

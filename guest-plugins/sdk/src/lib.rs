@@ -1,0 +1,243 @@
+//! Write qmpgate plugins in Rust.
+//!
+//! A plugin is a type that implements [`Plugin`]. Every hook has a default that lets
+//! traffic through, so a plugin implements only what it cares about; its
+//! configuration is a serde type that the SDK parses from the JSON the host hands
+//! over, with the parse error shown to the operator at load time.
+//!
+//! ```ignore
+//! use qmpgate_plugin_sdk::{export_plugin, Client, Command, Plugin, QmpError, Verdict};
+//!
+//! #[derive(serde::Deserialize, Default)]
+//! struct Config { deny: Vec<String> }
+//!
+//! struct DenyList(Config);
+//!
+//! impl Plugin for DenyList {
+//!     type Config = Config;
+//!     fn new(config: Config) -> Result<Self, String> { Ok(Self(config)) }
+//!     fn on_command(&mut self, _: &Client, command: &Command, _: Option<&str>) -> Verdict {
+//!         if self.0.deny.contains(&command.name) {
+//!             return Verdict::Deny(QmpError::generic(format!("{} is denied", command.name)));
+//!         }
+//!         Verdict::Forward
+//!     }
+//! }
+//!
+//! export_plugin!(DenyList);
+//! ```
+//!
+//! Layout:
+//! - [`Plugin`]: the trait with default hooks;
+//! - [`export_plugin!`]: registers a type as the component's exports;
+//! - [`log`]: the host's log, plus `info!`-style macros;
+//! - [`audit`]: emit one structured audit record;
+//! - [`bindings`]: the raw WIT bindings, for what the trait does not cover.
+
+#![forbid(unsafe_code)]
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_guest",
+        default_bindings_module: "qmpgate_plugin_sdk::bindings",
+    });
+}
+
+use std::sync::{Mutex, Once};
+
+pub use bindings::qmpgate::plugin::host::Level;
+pub use bindings::qmpgate::plugin::types::{
+    Client, Command, Event, EventVerdict, HmpTranslation, Peer, Protocol, QmpError, Response,
+    ResponseVerdict, UnixPeer, Verdict,
+};
+
+impl QmpError {
+    /// An error of class `GenericError`, the class QEMU uses for most failures.
+    pub fn generic(desc: impl Into<String>) -> Self {
+        Self {
+            class: "GenericError".into(),
+            desc: desc.into(),
+        }
+    }
+}
+
+impl Command {
+    /// The `arguments` parsed as JSON; `Null` if the host sent something unparsable
+    /// (it never does: the host validates arguments before any plugin sees them).
+    pub fn arguments_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.arguments).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A qmpgate plugin. Each hook's default lets the traffic through unchanged.
+pub trait Plugin: Sized + Send + 'static {
+    /// The plugin's configuration, parsed from the JSON the host hands over
+    /// (`{}` when the operator configured nothing).
+    type Config: serde::de::DeserializeOwned;
+
+    /// Build the plugin from its configuration. An error refuses the load and is
+    /// shown to the operator.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// A client connected; an error closes its connection with that error.
+    fn on_connect(&mut self, _client: &Client) -> Result<(), QmpError> {
+        Ok(())
+    }
+
+    /// A client sent a command. `hmp_line` is set when the command came from HMP.
+    fn on_command(
+        &mut self,
+        _client: &Client,
+        _command: &Command,
+        _hmp_line: Option<&str>,
+    ) -> Verdict {
+        Verdict::Forward
+    }
+
+    /// QEMU answered `command`.
+    fn on_response(
+        &mut self,
+        _client: &Client,
+        _command: &Command,
+        _response: &Response,
+    ) -> ResponseVerdict {
+        ResponseVerdict::Deliver
+    }
+
+    /// QEMU raised an event; called once per negotiated client.
+    fn on_event(&mut self, _client: &Client, _event: &Event) -> EventVerdict {
+        EventVerdict::Deliver
+    }
+
+    /// Interpret an HMP command line; only HMP-parsing plugins override this.
+    fn translate_hmp(&mut self, _line: &str) -> HmpTranslation {
+        HmpTranslation::NotHandled
+    }
+}
+
+/// The host's log. Messages are labelled with the plugin's name by the host.
+pub mod log {
+    pub use crate::bindings::qmpgate::plugin::host::Level;
+
+    /// Write one message to the gateway's log.
+    pub fn log(level: Level, message: &str) {
+        crate::bindings::qmpgate::plugin::host::log(level, message);
+    }
+
+    /// `info!("...", args)`: log at info level.
+    #[macro_export]
+    macro_rules! info {
+        ($($arg:tt)*) => { $crate::log::log($crate::log::Level::Info, &format!($($arg)*)) };
+    }
+    /// `warn!("...", args)`: log at warn level.
+    #[macro_export]
+    macro_rules! warn {
+        ($($arg:tt)*) => { $crate::log::log($crate::log::Level::Warn, &format!($($arg)*)) };
+    }
+    /// `debug!("...", args)`: log at debug level.
+    #[macro_export]
+    macro_rules! debug {
+        ($($arg:tt)*) => { $crate::log::log($crate::log::Level::Debug, &format!($($arg)*)) };
+    }
+}
+
+/// Emit one audit record (a JSON object). The host adds time and plugin name.
+pub fn audit(record: &serde_json::Value) {
+    bindings::qmpgate::plugin::host::audit(&record.to_string());
+}
+
+/// Holds the plugin instance between hook calls. Components are single-threaded;
+/// the mutex only satisfies `static`'s `Sync` bound.
+#[doc(hidden)]
+pub struct Slot<P>(Mutex<Option<P>>);
+
+impl<P: Plugin> Slot<P> {
+    #[doc(hidden)]
+    pub const fn new() -> Self {
+        Self(Mutex::new(None))
+    }
+
+    #[doc(hidden)]
+    pub fn init(&self, config: String) -> Result<(), String> {
+        static PANIC_HOOK: Once = Once::new();
+        PANIC_HOOK.call_once(|| {
+            // Forward the panic message: after the panic the instance traps and the host
+            // only sees "unreachable", which tells an author nothing.
+            std::panic::set_hook(Box::new(|info| {
+                log::log(Level::Error, &format!("plugin panicked: {info}"));
+            }));
+        });
+        let text = if config.trim().is_empty() {
+            "{}"
+        } else {
+            config.as_str()
+        };
+        let parsed: P::Config =
+            serde_json::from_str(text).map_err(|e| format!("invalid plugin configuration: {e}"))?;
+        let plugin = P::new(parsed)?;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(plugin);
+        Ok(())
+    }
+
+    #[doc(hidden)]
+    pub fn with<R>(&self, f: impl FnOnce(&mut P) -> R) -> R {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let plugin = guard
+            .as_mut()
+            .expect("qmpgate called a hook before init succeeded");
+        f(plugin)
+    }
+}
+
+impl<P: Plugin> Default for Slot<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Register `$ty` (a [`Plugin`]) as this component's exports.
+#[macro_export]
+macro_rules! export_plugin {
+    ($ty:ty) => {
+        const _: () = {
+            use $crate::bindings::exports::qmpgate::plugin::guest as __guest;
+            static __SLOT: $crate::Slot<$ty> = $crate::Slot::new();
+            struct __Exports;
+            impl __guest::Guest for __Exports {
+                fn init(config: String) -> Result<(), String> {
+                    __SLOT.init(config)
+                }
+                fn on_connect(client: $crate::Client) -> Result<(), $crate::QmpError> {
+                    __SLOT.with(|p| $crate::Plugin::on_connect(p, &client))
+                }
+                fn on_command(
+                    client: $crate::Client,
+                    command: $crate::Command,
+                    hmp_line: Option<String>,
+                ) -> $crate::Verdict {
+                    __SLOT.with(|p| {
+                        $crate::Plugin::on_command(p, &client, &command, hmp_line.as_deref())
+                    })
+                }
+                fn on_response(
+                    client: $crate::Client,
+                    command: $crate::Command,
+                    response: $crate::Response,
+                ) -> $crate::ResponseVerdict {
+                    __SLOT.with(|p| $crate::Plugin::on_response(p, &client, &command, &response))
+                }
+                fn on_event(client: $crate::Client, event: $crate::Event) -> $crate::EventVerdict {
+                    __SLOT.with(|p| $crate::Plugin::on_event(p, &client, &event))
+                }
+                fn translate_hmp(line: String) -> $crate::HmpTranslation {
+                    __SLOT.with(|p| $crate::Plugin::translate_hmp(p, &line))
+        }
+            }
+            $crate::bindings::__export_guest!(__Exports with_types_in $crate::bindings);
+        };
+    };
+}

@@ -1,0 +1,11 @@
+//! Builds the guest plugins so the binary can embed its default policy plugin.
+
+include!("../guest-plugins/build_support.rs");
+
+fn main() {
+    let out = build_guest_plugins();
+    println!(
+        "cargo:rustc-env=QMPGATE_BUILTIN_POLICY={}",
+        out.join("qmp_policy.wasm").display()
+    );
+}

@@ -1,0 +1,840 @@
+//! Chardevs: QEMU-style socket specs, and the sockets they stand for.
+//!
+//! qmpgate takes socket specs in QEMU's own `-chardev` syntax
+//! (`socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off`), so an operator who
+//! knows QEMU knows qmpgate. A chardev's socket is one of:
+//! - a unix path or a TCP `host=`/`port=` that qmpgate binds or connects;
+//! - `fd=N`: a socket the parent process created and left open for us (QEMU's
+//!   `-chardev socket,fd=N` idea: the parent owns the socket, so it can connect
+//!   exactly once, with no retry loop and no race with our start-up);
+//! - `systemd=NAME`: a socket passed by systemd socket activation.
+//!
+//! An adopted fd is checked before use: it is open, a stream socket, listening when
+//! the spec says `server=on` and connected when it says `server=off`; it is then
+//! marked close-on-exec (so QEMU and other children never inherit it) and
+//! non-blocking.
+//!
+//! Layout: [`ChardevSpec::parse`] reads a spec; [`Inherited`] holds the fds that came
+//! from the parent or systemd; [`ChardevSpec::listen`] and [`ChardevSpec::connect`]
+//! produce tokio sockets; the `adopt` submodule is the only `unsafe` code in qmpgate.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// What went wrong with a chardev spec or its socket.
+#[derive(Debug, Error)]
+#[allow(missing_docs)] // Each variant documents itself; the fields are its message.
+pub enum ChardevError {
+    /// The spec does not parse.
+    #[error("chardev '{spec}': {reason}")]
+    Syntax {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `fd=N` names an fd that is not open in this process.
+    #[error("chardev '{id}': fd {fd} is not open (did the parent process pass it?)")]
+    FdNotOpen { id: String, fd: RawFd },
+    /// `fd=N` is open but not a socket.
+    #[error("chardev '{id}': fd {fd} is not a socket")]
+    NotASocket { id: String, fd: RawFd },
+    /// The socket is not a stream socket.
+    #[error("chardev '{id}': fd {fd} is not a stream socket (SOCK_STREAM)")]
+    NotStream { id: String, fd: RawFd },
+    /// `server=on` on a socket that is not listening, or the reverse.
+    #[error("chardev '{id}': fd {fd} is {actual}, but the spec says server={expected}")]
+    WrongMode {
+        id: String,
+        fd: RawFd,
+        actual: &'static str,
+        expected: &'static str,
+    },
+    /// The socket's family is neither unix nor inet.
+    #[error("chardev '{id}': fd {fd} has unsupported address family {family}")]
+    Family {
+        id: String,
+        fd: RawFd,
+        family: String,
+    },
+    /// Two chardevs name the same fd.
+    #[error("chardev '{id}': fd {fd} is already used by chardev '{other}'")]
+    FdInUse {
+        id: String,
+        fd: RawFd,
+        other: String,
+    },
+    /// `systemd=NAME` with no such socket from systemd.
+    #[error(
+        "chardev '{id}': systemd passed no socket named '{name}' (LISTEN_FDNAMES: {available})"
+    )]
+    NoSystemdFd {
+        id: String,
+        name: String,
+        available: String,
+    },
+    /// A path exists and is not a socket; qmpgate will not delete it.
+    #[error("chardev '{id}': {path} exists and is not a socket")]
+    PathNotSocket { id: String, path: PathBuf },
+    /// A system call failed.
+    #[error("chardev '{id}': {action}: {source}")]
+    Io {
+        id: String,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a chardev's socket comes from, as shown in status and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A unix socket path.
+    Path(PathBuf),
+    /// A TCP address.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port (0: any free port).
+        port: u16,
+    },
+    /// A numeric fd inherited from the parent process.
+    Fd(RawFd),
+    /// A socket from systemd socket activation, by its LISTEN_FDNAMES name.
+    Systemd(String),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Path(p) => write!(f, "path={}", p.display()),
+            Address::Tcp { host, port } => write!(f, "host={host},port={port}"),
+            Address::Fd(fd) => write!(f, "fd={fd}"),
+            Address::Systemd(name) => write!(f, "systemd={name}"),
+        }
+    }
+}
+
+/// How a monitor listener speaks to its clients (QEMU's `-mon mode=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MonitorMode {
+    /// QMP.
+    #[default]
+    Control,
+    /// HMP (human monitor, line-oriented).
+    Readline,
+}
+
+/// A parsed `socket,...` chardev spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevSpec {
+    /// `id=`: names the chardev in logs, status and plugin context.
+    pub id: String,
+    /// Where the socket is.
+    pub address: Address,
+    /// `server=on`: listen for connections; `off`: connect (or adopt a connected fd).
+    pub server: bool,
+    /// `reconnect-ms=` (or QEMU's older `reconnect=` in seconds): for a client
+    /// chardev, how long to wait before reconnecting after the link drops; `None`
+    /// means never.
+    pub reconnect_ms: Option<u64>,
+    /// `mode=`: the monitor protocol on a listener.
+    pub mode: MonitorMode,
+}
+
+impl ChardevSpec {
+    /// Parses QEMU's `socket,key=value,...` form. `,,` is a literal comma in a value.
+    pub fn parse(spec: &str) -> Result<Self, ChardevError> {
+        let fail = |reason: String| ChardevError::Syntax {
+            spec: spec.to_string(),
+            reason,
+        };
+        let mut parts = split_opts(spec).into_iter();
+        match parts.next().as_deref() {
+            Some("socket") => {}
+            Some("") | None => return Err(fail("empty spec; expected 'socket,id=...'".into())),
+            Some(other) if other.contains('=') => {
+                return Err(fail(format!(
+                    "expected the backend 'socket' first, found '{other}'"
+                )));
+            }
+            Some(other) => {
+                return Err(fail(format!(
+                    "chardev backend '{other}' is not supported by qmpgate (only 'socket')"
+                )));
+            }
+        }
+
+        let (mut id, mut path, mut host, mut port, mut fd, mut systemd) =
+            (None, None, None, None, None, None);
+        let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
+        let mut seen = HashSet::new();
+        for part in parts {
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(fail(format!("'{part}' is not of the form key=value")));
+            };
+            if !seen.insert(key.to_string()) {
+                return Err(fail(format!("parameter '{key}' given twice")));
+            }
+            let value = value.to_string();
+            match key {
+                "id" => id = Some(value),
+                "path" => path = Some(PathBuf::from(value)),
+                "host" => host = Some(value),
+                "port" => {
+                    port = Some(value.parse::<u16>().map_err(|_| {
+                        fail(format!(
+                            "Parameter 'port' expects a port number, got '{value}'"
+                        ))
+                    })?)
+                }
+                "fd" => {
+                    // QEMU's rule: on the command line an fd is a number; names exist
+                    // only at run time (getfd).
+                    fd = Some(
+                        value
+                            .parse::<RawFd>()
+                            .ok()
+                            .filter(|n| *n >= 0)
+                            .ok_or_else(|| fail(format!("Unable to parse FD number '{value}'")))?,
+                    )
+                }
+                "systemd" => systemd = Some(value),
+                "server" => server = Some(parse_bool(key, &value).map_err(fail)?),
+                // A listener never blocks start-up waiting for a client: qmpgate
+                // accepts `wait=` for compatibility with QEMU specs and ignores it.
+                "wait" => {
+                    parse_bool(key, &value).map_err(fail)?;
+                }
+                "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?),
+                "reconnect" => {
+                    reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?.saturating_mul(1000))
+                }
+                "mode" => {
+                    mode = match value.as_str() {
+                        "control" => MonitorMode::Control,
+                        "readline" => MonitorMode::Readline,
+                        _ => {
+                            return Err(fail(format!(
+                                "Parameter 'mode' expects 'control' or 'readline', got '{value}'"
+                            )));
+                        }
+                    }
+                }
+                _ => return Err(fail(format!("Invalid parameter '{key}'"))),
+            }
+        }
+
+        let id = id
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| fail("Parameter 'id' is missing".into()))?;
+        if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(fail(format!(
+                "Parameter 'id' expects an identifier (letters, digits, '-', '_', '.'), got '{id}'"
+            )));
+        }
+        let address = match (path, host, port, fd, systemd) {
+            (Some(p), None, None, None, None) => Address::Path(p),
+            (None, Some(host), Some(port), None, None) => Address::Tcp { host, port },
+            (None, None, Some(port), None, None) => Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            (None, Some(_), None, None, None) => {
+                return Err(fail("'host' needs 'port'".into()));
+            }
+            (None, None, None, Some(fd), None) => Address::Fd(fd),
+            (None, None, None, None, Some(name)) => Address::Systemd(name),
+            (None, None, None, None, None) => {
+                return Err(fail(
+                    "one of 'path', 'host'/'port', 'fd' or 'systemd' is required".into(),
+                ));
+            }
+            (_, _, _, Some(_), _) => {
+                return Err(fail(
+                    "'fd' cannot be combined with 'path', 'host', 'port' or 'systemd'".into(),
+                ));
+            }
+            _ => {
+                return Err(fail(
+                    "give exactly one of 'path', 'host'/'port', 'fd' or 'systemd'".into(),
+                ));
+            }
+        };
+        // QEMU's default is server=off; systemd only ever passes listening sockets.
+        let server = server.unwrap_or(matches!(address, Address::Systemd(_)));
+        Ok(ChardevSpec {
+            id,
+            address,
+            server,
+            reconnect_ms,
+            mode,
+        })
+    }
+
+    /// Opens the listening socket of a `server=on` chardev.
+    pub fn listen(&self, inherited: &mut Inherited) -> Result<Listener, ChardevError> {
+        let io = |action: String| {
+            let id = self.id.clone();
+            move |source| ChardevError::Io { id, action, source }
+        };
+        match &self.address {
+            Address::Path(path) => {
+                remove_stale_socket(&self.id, path)?;
+                let listener =
+                    UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+                Ok(Listener::Unix {
+                    listener,
+                    unlink_on_drop: Some(path.clone()),
+                })
+            }
+            Address::Tcp { host, port } => {
+                let std = std::net::TcpListener::bind((host.as_str(), *port))
+                    .map_err(io(format!("bind {host}:{port}")))?;
+                std.set_nonblocking(true)
+                    .map_err(io("set non-blocking".into()))?;
+                Ok(Listener::Tcp(
+                    TcpListener::from_std(std).map_err(io("register with tokio".into()))?,
+                ))
+            }
+            Address::Fd(_) | Address::Systemd(_) => {
+                let (fd, socket) = inherited.take(self)?;
+                let socket = adopt::validate(&self.id, fd, socket, true)?;
+                socket
+                    .into_listener()
+                    .map_err(io("register with tokio".into()))
+            }
+        }
+    }
+
+    /// Connects a `server=off` chardev (or adopts its connected fd). One attempt:
+    /// retrying is the caller's choice (see `reconnect_ms`).
+    pub async fn connect(&self, inherited: &mut Inherited) -> Result<Stream, ChardevError> {
+        let io = |action: String| {
+            let id = self.id.clone();
+            move |source| ChardevError::Io { id, action, source }
+        };
+        match &self.address {
+            Address::Path(path) => Ok(Stream::Unix(
+                UnixStream::connect(path)
+                    .await
+                    .map_err(io(format!("connect to {}", path.display())))?,
+            )),
+            Address::Tcp { host, port } => Ok(Stream::Tcp(
+                TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(io(format!("connect to {host}:{port}")))?,
+            )),
+            Address::Fd(_) | Address::Systemd(_) => {
+                let (fd, socket) = inherited.take(self)?;
+                let socket = adopt::validate(&self.id, fd, socket, false)?;
+                socket
+                    .into_stream()
+                    .map_err(io("register with tokio".into()))
+            }
+        }
+    }
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!(
+            "Parameter '{key}' expects 'on' or 'off', got '{value}'"
+        )),
+    }
+}
+
+fn parse_u64(key: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse()
+        .map_err(|_| format!("Parameter '{key}' expects a number, got '{value}'"))
+}
+
+/// Splits QemuOpts-style `a,b=c,,d` into `["a", "b=c,d"]`.
+fn split_opts(spec: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                parts.last_mut().expect("never empty").push(',');
+            } else {
+                parts.push(String::new());
+            }
+        } else {
+            parts.last_mut().expect("never empty").push(c);
+        }
+    }
+    parts
+}
+
+/// QEMU unlinks a stale socket before binding; so do we, but never anything else.
+fn remove_stale_socket(id: &str, path: &Path) -> Result<(), ChardevError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| ChardevError::Io {
+                id: id.to_string(),
+                action: format!("remove stale socket {}", path.display()),
+                source,
+            })
+        }
+        Ok(_) => Err(ChardevError::PathNotSocket {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
+/// A listening socket, ready to accept.
+#[derive(Debug)]
+pub enum Listener {
+    /// A unix socket; `unlink_on_drop` is the path qmpgate bound (not an inherited
+    /// one: the parent owns that path).
+    Unix {
+        /// The socket.
+        listener: UnixListener,
+        /// The path to remove at drop.
+        unlink_on_drop: Option<PathBuf>,
+    },
+    /// A TCP socket.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Waits for the next client.
+    pub async fn accept(&self) -> std::io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Unix { listener, .. } => {
+                let (stream, _) = listener.accept().await?;
+                let peer = match stream.peer_cred() {
+                    Ok(cred) => Peer::Unix {
+                        pid: cred.pid().unwrap_or(0),
+                        uid: cred.uid(),
+                        gid: cred.gid(),
+                    },
+                    Err(_) => Peer::Unknown,
+                };
+                Ok((Stream::Unix(stream), peer))
+            }
+            Listener::Tcp(listener) => {
+                let (stream, addr) = listener.accept().await?;
+                // QMP is request/response with small messages: Nagle only adds latency.
+                let _ = stream.set_nodelay(true);
+                Ok((Stream::Tcp(stream), Peer::Inet(addr.to_string())))
+            }
+        }
+    }
+
+    /// The bound address, for logs (`port=0` becomes the real port).
+    pub fn local_description(&self) -> String {
+        match self {
+            Listener::Unix { listener, .. } => match listener.local_addr() {
+                Ok(addr) => match addr.as_pathname() {
+                    Some(p) => format!("unix:{}", p.display()),
+                    None => "unix:(unnamed)".into(),
+                },
+                Err(_) => "unix:?".into(),
+            },
+            Listener::Tcp(listener) => match listener.local_addr() {
+                Ok(addr) => format!("tcp:{addr}"),
+                Err(_) => "tcp:?".into(),
+            },
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix {
+            unlink_on_drop: Some(path),
+            ..
+        } = self
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Who connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Kernel-verified credentials of a unix-socket peer (SO_PEERCRED).
+    Unix {
+        /// Process id (0 if unknown).
+        pid: i32,
+        /// User id.
+        uid: u32,
+        /// Group id.
+        gid: u32,
+    },
+    /// A TCP peer address.
+    Inet(String),
+    /// Nothing known.
+    Unknown,
+}
+
+/// A connected byte stream.
+#[derive(Debug)]
+pub enum Stream {
+    /// Unix stream socket.
+    Unix(UnixStream),
+    /// TCP stream.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// Splits into owned read and write halves.
+    pub fn into_split(
+        self,
+    ) -> (
+        Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+        Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    ) {
+        match self {
+            Stream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+/// Fds this process was given at start: numeric ones are claimed by `fd=N`
+/// chardevs, systemd's by name. Each fd can be claimed once, so no fd is ever
+/// owned twice.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// systemd's fds with their LISTEN_FDNAMES names, not yet claimed.
+    systemd: Vec<(String, RawFd)>,
+    /// Every fd claimed so far, with the chardev that claimed it.
+    claimed: Vec<(RawFd, String)>,
+}
+
+impl Inherited {
+    /// Reads systemd's LISTEN_PID / LISTEN_FDS / LISTEN_FDNAMES. Variables meant
+    /// for another process (LISTEN_PID not ours) are ignored, as sd_listen_fds does.
+    pub fn from_env() -> Self {
+        let vars = |k: &str| std::env::var(k).ok();
+        Inherited::from_vars(
+            vars("LISTEN_PID").as_deref(),
+            vars("LISTEN_FDS").as_deref(),
+            vars("LISTEN_FDNAMES").as_deref(),
+            std::process::id(),
+        )
+    }
+
+    fn from_vars(pid: Option<&str>, fds: Option<&str>, names: Option<&str>, our_pid: u32) -> Self {
+        /// systemd passes fds from 3 (SD_LISTEN_FDS_START).
+        const FIRST: RawFd = 3;
+        let mut inherited = Inherited::default();
+        if pid.and_then(|p| p.parse::<u32>().ok()) != Some(our_pid) {
+            return inherited;
+        }
+        let count = fds.and_then(|n| n.parse::<RawFd>().ok()).unwrap_or(0);
+        let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
+        for i in 0..count.max(0) {
+            let name = names.get(i as usize).copied().unwrap_or("unknown");
+            inherited.systemd.push((name.to_string(), FIRST + i));
+        }
+        inherited
+    }
+
+    /// Claims the fd of an `fd=` or `systemd=` chardev.
+    fn take(&mut self, spec: &ChardevSpec) -> Result<(RawFd, adopt::Unvalidated), ChardevError> {
+        let fd = match &spec.address {
+            Address::Fd(fd) => *fd,
+            Address::Systemd(name) => {
+                let Some(pos) = self.systemd.iter().position(|(n, _)| n == name) else {
+                    let available: Vec<&str> =
+                        self.systemd.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(ChardevError::NoSystemdFd {
+                        id: spec.id.clone(),
+                        name: name.clone(),
+                        available: if available.is_empty() {
+                            "none".into()
+                        } else {
+                            available.join(":")
+                        },
+                    });
+                };
+                self.systemd.remove(pos).1
+            }
+            _ => unreachable!("only fd= and systemd= chardevs claim inherited fds"),
+        };
+        if let Some((_, other)) = self.claimed.iter().find(|(c, _)| *c == fd) {
+            return Err(ChardevError::FdInUse {
+                id: spec.id.clone(),
+                fd,
+                other: other.clone(),
+            });
+        }
+        let socket = adopt::claim(&spec.id, fd)?;
+        self.claimed.push((fd, spec.id.clone()));
+        Ok((fd, socket))
+    }
+}
+
+/// Adopting raw fds: the only `unsafe` code in qmpgate.
+mod adopt {
+    #![allow(unsafe_code)]
+
+    use super::*;
+    use nix::sys::socket::{
+        AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+    };
+    use nix::sys::stat::{SFlag, fstat};
+    use std::os::fd::{AsFd, FromRawFd};
+
+    /// An fd that is open and now owned by us, not yet checked.
+    pub(super) struct Unvalidated(OwnedFd);
+
+    /// A checked socket of a known family.
+    pub(super) enum Socket {
+        Unix(OwnedFd),
+        Inet(OwnedFd),
+    }
+
+    /// Takes ownership of `fd` if it is open.
+    pub(super) fn claim(id: &str, fd: RawFd) -> Result<Unvalidated, ChardevError> {
+        // SAFETY: F_GETFD reads the descriptor flags and nothing else; an fd that is not
+        // open fails with EBADF and is left alone.
+        if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } < 0 {
+            return Err(ChardevError::FdNotOpen {
+                id: id.to_string(),
+                fd,
+            });
+        }
+        // SAFETY: the fd is open, and `Inherited::take` hands each fd number out at most
+        // once, so this OwnedFd is its only owner in the process. Fds that reach here came
+        // from the parent (`fd=N`) or from systemd, and nothing else in qmpgate uses them.
+        Ok(Unvalidated(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Checks that the fd is a stream socket in the mode the spec wants, and marks it
+    /// close-on-exec and non-blocking.
+    pub(super) fn validate(
+        id: &str,
+        fd: RawFd,
+        socket: Unvalidated,
+        listening: bool,
+    ) -> Result<Socket, ChardevError> {
+        let owned = socket.0;
+        let io = |action: &str| {
+            let (id, action) = (id.to_string(), action.to_string());
+            move |e: nix::Error| ChardevError::Io {
+                id,
+                action,
+                source: std::io::Error::from(e),
+            }
+        };
+        let stat = fstat(owned.as_fd()).map_err(io("fstat"))?;
+        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+            return Err(ChardevError::NotASocket {
+                id: id.to_string(),
+                fd,
+            });
+        }
+        if getsockopt(&owned, sockopt::SockType).map_err(io("getsockopt(SO_TYPE)"))?
+            != SockType::Stream
+        {
+            return Err(ChardevError::NotStream {
+                id: id.to_string(),
+                fd,
+            });
+        }
+        let accepting =
+            getsockopt(&owned, sockopt::AcceptConn).map_err(io("getsockopt(SO_ACCEPTCONN)"))?;
+        let connected = !accepting
+            && nix::sys::socket::getpeername::<SockaddrStorage>(owned.as_raw_fd()).is_ok();
+        if listening != accepting || (!listening && !connected) {
+            let actual = if accepting {
+                "a listening socket"
+            } else if connected {
+                "a connected socket"
+            } else {
+                "neither listening nor connected"
+            };
+            return Err(ChardevError::WrongMode {
+                id: id.to_string(),
+                fd,
+                actual,
+                expected: if listening { "on" } else { "off" },
+            });
+        }
+        nix::fcntl::fcntl(
+            owned.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(io("set close-on-exec"))?;
+        let flags = nix::fcntl::fcntl(owned.as_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(io("get flags"))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(owned.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(io("set non-blocking"))?;
+        let addr: SockaddrStorage = getsockname(owned.as_raw_fd()).map_err(io("getsockname"))?;
+        match addr.family() {
+            Some(AddressFamily::Unix) => Ok(Socket::Unix(owned)),
+            Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => Ok(Socket::Inet(owned)),
+            other => Err(ChardevError::Family {
+                id: id.to_string(),
+                fd,
+                family: format!("{other:?}"),
+            }),
+        }
+    }
+
+    impl Socket {
+        pub(super) fn into_listener(self) -> std::io::Result<Listener> {
+            match self {
+                Socket::Unix(fd) => Ok(Listener::Unix {
+                    listener: UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))?,
+                    unlink_on_drop: None,
+                }),
+                Socket::Inet(fd) => Ok(Listener::Tcp(TcpListener::from_std(
+                    std::net::TcpListener::from(fd),
+                )?)),
+            }
+        }
+
+        pub(super) fn into_stream(self) -> std::io::Result<Stream> {
+            match self {
+                Socket::Unix(fd) => Ok(Stream::Unix(UnixStream::from_std(
+                    std::os::unix::net::UnixStream::from(fd),
+                )?)),
+                Socket::Inet(fd) => Ok(Stream::Tcp(TcpStream::from_std(
+                    std::net::TcpStream::from(fd),
+                )?)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(spec: &str) -> String {
+        ChardevSpec::parse(spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_qemu_style_specs() {
+        let s = ChardevSpec::parse("socket,id=qmp,path=/run/a,,b.sock,server=on,wait=off").unwrap();
+        assert_eq!(s.id, "qmp");
+        assert_eq!(s.address, Address::Path("/run/a,b.sock".into()));
+        assert!(s.server);
+        let s = ChardevSpec::parse("socket,id=t,host=::1,port=4444,reconnect=2").unwrap();
+        assert_eq!(
+            s.address,
+            Address::Tcp {
+                host: "::1".into(),
+                port: 4444
+            }
+        );
+        assert!(!s.server);
+        assert_eq!(s.reconnect_ms, Some(2000));
+        let s = ChardevSpec::parse("socket,id=f,fd=3,server=on,mode=readline").unwrap();
+        assert_eq!(s.address, Address::Fd(3));
+        assert_eq!(s.mode, MonitorMode::Readline);
+        let s = ChardevSpec::parse("socket,id=sd,systemd=qmp").unwrap();
+        assert!(s.server, "systemd sockets listen");
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_clear_reasons() {
+        assert!(err("socket,path=/x").contains("Parameter 'id' is missing"));
+        assert!(err("file,id=x,path=/x").contains("backend 'file' is not supported"));
+        assert!(err("socket,id=x,fd=3,path=/x").contains("'fd' cannot be combined"));
+        assert!(err("socket,id=x,fd=myfd").contains("Unable to parse FD number 'myfd'"));
+        assert!(err("socket,id=x,path=/x,server=maybe").contains("expects 'on' or 'off'"));
+        assert!(err("socket,id=x,path=/x,colour=red").contains("Invalid parameter 'colour'"));
+        assert!(err("socket,id=x").contains("one of 'path'"));
+        assert!(err("socket,id=x,path=/a,path=/b").contains("given twice"));
+        assert!(err("socket,id=x,host=h").contains("'host' needs 'port'"));
+        assert!(err("socket,id=a b,path=/x").contains("expects an identifier"));
+    }
+
+    #[test]
+    fn systemd_fds_are_ignored_when_meant_for_another_process() {
+        assert!(
+            Inherited::from_vars(Some("1"), Some("2"), None, 99)
+                .systemd
+                .is_empty()
+        );
+        let i = Inherited::from_vars(Some("99"), Some("2"), Some("qmp:status"), 99);
+        assert_eq!(
+            i.systemd,
+            vec![("qmp".to_string(), 3), ("status".to_string(), 4)]
+        );
+    }
+
+    #[tokio::test]
+    async fn adopting_bad_fds_fails_clearly() {
+        let mut inherited = Inherited::default();
+        let spec = ChardevSpec::parse("socket,id=x,fd=999,server=on").unwrap();
+        assert!(matches!(
+            spec.listen(&mut inherited),
+            Err(ChardevError::FdNotOpen { fd: 999, .. })
+        ));
+
+        // A regular file is not a socket; adopting it would take ownership, so use a
+        // dup that the test can lose.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = nix::unistd::dup(&file).unwrap();
+        let spec =
+            ChardevSpec::parse(&format!("socket,id=x,fd={},server=on", fd.as_raw_fd())).unwrap();
+        let raw = fd.as_raw_fd();
+        std::mem::forget(fd);
+        assert!(
+            matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == raw)
+        );
+    }
+
+    #[tokio::test]
+    async fn adopting_a_listener_as_a_client_is_a_mode_error() {
+        let dir = std::env::temp_dir().join(format!("qmpgate-chardev-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
+        let raw = OwnedFd::from(listener).into_raw_fd_for_test();
+        let mut inherited = Inherited::default();
+        let spec = ChardevSpec::parse(&format!("socket,id=x,fd={raw}")).unwrap();
+        let e = spec.connect(&mut inherited).await.unwrap_err().to_string();
+        assert!(
+            e.contains("is a listening socket, but the spec says server=off"),
+            "{e}"
+        );
+        // The fd was claimed: a second chardev cannot take it again.
+        let again = ChardevSpec::parse(&format!("socket,id=y,fd={raw},server=on")).unwrap();
+        assert!(matches!(
+            again.listen(&mut inherited),
+            Err(ChardevError::FdInUse { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    trait IntoRawForTest {
+        fn into_raw_fd_for_test(self) -> RawFd;
+    }
+    impl IntoRawForTest for OwnedFd {
+        fn into_raw_fd_for_test(self) -> RawFd {
+            std::os::fd::IntoRawFd::into_raw_fd(self)
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! Configuration: the TOML file, merged with command-line options.
+//!
+//! ```toml
+//! upstream = "socket,id=qemu,path=/run/vm1/qmp.sock"
+//! listen = ["socket,id=qmp,path=/run/vm1/gate.sock,server=on,wait=off"]
+//! max-message = 1048576
+//! max-depth = 64
+//! audit-log = "/var/log/qmpgate/vm1.jsonl"
+//!
+//! [[plugin]]
+//! name = "policy"
+//! builtin = "qmp-policy"          # or: path = "/usr/lib/qmpgate/my-plugin.wasm"
+//! memory-mib = 32
+//! cpu-ms = 50
+//! config = { profile = "safe", rules = [{ action = "deny", commands = ["quit"] }] }
+//! ```
+//!
+//! Command-line options add to the file (`--listen`, `--chardev`, `--plugin`) or
+//! override it (`--upstream`, limits). With no plugin configured anywhere, the
+//! built-in policy plugin runs with `--profile` (default `safe`): the gateway never
+//! runs without a policy unless told to (`--no-default-policy`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::chardev::{ChardevError, ChardevSpec};
+use crate::framing::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE};
+use crate::plugin::Limits;
+
+/// The qmp-policy plugin, built from `guest-plugins/qmp-policy` and embedded.
+pub const BUILTIN_POLICY: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_POLICY"));
+
+/// Configuration errors.
+#[derive(Debug, Error)]
+#[allow(missing_docs)] // Each variant documents itself; the fields are its message.
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for qmpgate.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A chardev spec is wrong.
+    #[error(transparent)]
+    Chardev(#[from] ChardevError),
+    /// Anything else, described.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// QEMU's monitor chardev (spec or the id of a `chardev` entry).
+    pub upstream: Option<String>,
+    /// Listener chardevs (specs or ids).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Chardevs defined once and referred to by id.
+    #[serde(default)]
+    pub chardev: Vec<String>,
+    /// Limit on one client message, in bytes.
+    pub max_message: Option<usize>,
+    /// Limit on nesting depth of one client message.
+    pub max_depth: Option<usize>,
+    /// Where compiled plugins are cached.
+    pub cache_dir: Option<PathBuf>,
+    /// JSON-lines file for audit records.
+    pub audit_log: Option<PathBuf>,
+    /// Plugins, run in this order.
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// One `[[plugin]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginConfig {
+    /// Name in logs, status and errors.
+    pub name: String,
+    /// A `.wasm` component file.
+    pub path: Option<PathBuf>,
+    /// A plugin embedded in qmpgate (`qmp-policy`).
+    pub builtin: Option<String>,
+    /// Memory cap per instance, MiB.
+    pub memory_mib: Option<usize>,
+    /// CPU time per hook call, milliseconds.
+    pub cpu_ms: Option<u64>,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Where a plugin's bytes come from.
+#[derive(Debug, Clone)]
+pub enum PluginSource {
+    /// A file.
+    File(PathBuf),
+    /// Embedded in the binary.
+    Builtin(&'static [u8]),
+}
+
+/// A plugin ready to load.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// Its name.
+    pub name: String,
+    /// Its bytes.
+    pub source: PluginSource,
+    /// Its configuration, as JSON.
+    pub config: Value,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// Built-in plugins by name.
+pub fn builtin(name: &str) -> Option<&'static [u8]> {
+    match name {
+        "qmp-policy" => Some(BUILTIN_POLICY),
+        _ => None,
+    }
+}
+
+/// Everything the gateway needs, resolved.
+#[derive(Debug)]
+pub struct Resolved {
+    /// QEMU's monitor.
+    pub upstream: ChardevSpec,
+    /// Client listeners.
+    pub listeners: Vec<ChardevSpec>,
+    /// Plugins in order.
+    pub plugins: Vec<PluginSpec>,
+    /// Framing limit.
+    pub max_message: usize,
+    /// Framing limit.
+    pub max_depth: usize,
+    /// Plugin cache directory (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Audit log file.
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Command-line additions and overrides, already parsed by the CLI.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--chardev`.
+    pub chardevs: Vec<String>,
+    /// `--listen`.
+    pub listen: Vec<String>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--plugin NAME=PATH`.
+    pub plugins: Vec<String>,
+    /// `--profile`.
+    pub profile: Option<String>,
+    /// `--no-default-policy`.
+    pub no_default_policy: bool,
+    /// `--max-message`.
+    pub max_message: Option<usize>,
+    /// `--max-depth`.
+    pub max_depth: Option<usize>,
+    /// `--cache-dir`.
+    pub cache_dir: Option<PathBuf>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--audit-log`.
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Merges the file (if any) and the command line.
+pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError> {
+    let mut chardevs: HashMap<String, ChardevSpec> = HashMap::new();
+    for text in file.chardev.iter().chain(&cli.chardevs) {
+        let spec = ChardevSpec::parse(text)?;
+        if chardevs.insert(spec.id.clone(), spec.clone()).is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "chardev id '{}' is defined twice",
+                spec.id
+            )));
+        }
+    }
+    let lookup = |text: &str| -> Result<ChardevSpec, ConfigError> {
+        if text.contains(',') || text.starts_with("socket") {
+            Ok(ChardevSpec::parse(text)?)
+        } else {
+            chardevs.get(text).cloned().ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "no chardev with id '{text}' (define it with --chardev)"
+                ))
+            })
+        }
+    };
+
+    let upstream_text = cli.upstream.or(file.upstream).ok_or_else(|| {
+        ConfigError::Invalid(
+            "no upstream: give --upstream (QEMU's QMP socket) or use 'qmpgate run'".into(),
+        )
+    })?;
+    let upstream = lookup(&upstream_text)?;
+    let mut listeners = Vec::new();
+    for text in file.listen.iter().chain(&cli.listen) {
+        let spec = lookup(text)?;
+        if listeners.iter().any(|l: &ChardevSpec| l.id == spec.id) || spec.id == upstream.id {
+            return Err(ConfigError::Invalid(format!(
+                "chardev id '{}' is used twice",
+                spec.id
+            )));
+        }
+        listeners.push(spec);
+    }
+    if listeners.is_empty() {
+        return Err(ConfigError::Invalid(
+            "no listener: give at least one --listen".into(),
+        ));
+    }
+
+    let mut plugins = Vec::new();
+    for p in file.plugins {
+        let source = match (&p.path, &p.builtin) {
+            (Some(path), None) => PluginSource::File(path.clone()),
+            (None, Some(name)) => PluginSource::Builtin(builtin(name).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy)",
+                    p.name
+                ))
+            })?),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "plugin '{}': give exactly one of 'path' or 'builtin'",
+                    p.name
+                )));
+            }
+        };
+        let defaults = Limits::default();
+        plugins.push(PluginSpec {
+            name: p.name,
+            source,
+            config: serde_json::to_value(&p.config)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            limits: Limits {
+                memory_bytes: p
+                    .memory_mib
+                    .map(|m| m << 20)
+                    .unwrap_or(defaults.memory_bytes),
+                cpu: p.cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu),
+            },
+        });
+    }
+    for text in &cli.plugins {
+        let (name, path) = text.split_once('=').ok_or_else(|| {
+            ConfigError::Invalid(format!("--plugin expects NAME=PATH, got '{text}'"))
+        })?;
+        plugins.push(PluginSpec {
+            name: name.into(),
+            source: PluginSource::File(path.into()),
+            config: Value::Object(Default::default()),
+            limits: Limits::default(),
+        });
+    }
+    if plugins
+        .iter()
+        .enumerate()
+        .any(|(i, p)| plugins[..i].iter().any(|q| q.name == p.name))
+    {
+        return Err(ConfigError::Invalid(
+            "two plugins have the same name".into(),
+        ));
+    }
+    if plugins.is_empty() && !cli.no_default_policy {
+        let profile = cli.profile.unwrap_or_else(|| "safe".into());
+        plugins.push(PluginSpec {
+            name: "policy".into(),
+            source: PluginSource::Builtin(BUILTIN_POLICY),
+            config: serde_json::json!({ "profile": profile }),
+            limits: Limits::default(),
+        });
+    } else if cli.profile.is_some() {
+        return Err(ConfigError::Invalid(
+            "--profile applies to the built-in policy, which is not used when plugins are configured".into(),
+        ));
+    }
+
+    let cache_dir = if cli.no_cache {
+        None
+    } else {
+        cli.cache_dir.or(file.cache_dir).or_else(default_cache_dir)
+    };
+    Ok(Resolved {
+        upstream,
+        listeners,
+        plugins,
+        max_message: cli
+            .max_message
+            .or(file.max_message)
+            .unwrap_or(DEFAULT_MAX_MESSAGE),
+        max_depth: cli
+            .max_depth
+            .or(file.max_depth)
+            .unwrap_or(DEFAULT_MAX_DEPTH),
+        cache_dir,
+        audit_log: cli.audit_log.or(file.audit_log),
+    })
+}
+
+/// `$XDG_CACHE_HOME/qmpgate`, else `$HOME/.cache/qmpgate`.
+fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("qmpgate"));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/qmpgate"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(upstream: &str, listen: &[&str]) -> Overrides {
+        Overrides {
+            upstream: Some(upstream.into()),
+            listen: listen.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_to_the_builtin_safe_policy() {
+        let r = resolve(
+            FileConfig::default(),
+            cli("socket,id=q,path=/q", &["socket,id=l,path=/l,server=on"]),
+        )
+        .unwrap();
+        assert_eq!(r.plugins.len(), 1);
+        assert_eq!(r.plugins[0].config, serde_json::json!({"profile": "safe"}));
+        assert_eq!(r.max_message, DEFAULT_MAX_MESSAGE);
+    }
+
+    #[test]
+    fn listeners_can_refer_to_chardevs_by_id() {
+        let mut o = cli("socket,id=q,path=/q", &["gate"]);
+        o.chardevs = vec!["socket,id=gate,fd=3,server=on".into()];
+        let r = resolve(FileConfig::default(), o).unwrap();
+        assert_eq!(r.listeners[0].id, "gate");
+        let e = resolve(FileConfig::default(), cli("socket,id=q,path=/q", &["nope"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no chardev with id 'nope' (define it with --chardev)"
+        );
+    }
+
+    #[test]
+    fn toml_plugins_get_json_config() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            upstream = "socket,id=q,path=/q"
+            listen = ["socket,id=l,path=/l,server=on"]
+            [[plugin]]
+            name = "p"
+            builtin = "qmp-policy"
+            cpu-ms = 10
+            config = { profile = "readonly", rules = [{ action = "deny", commands = ["quit"] }] }
+            "#,
+        )
+        .unwrap();
+        let r = resolve(file, Overrides::default()).unwrap();
+        assert_eq!(r.plugins[0].limits.cpu, Duration::from_millis(10));
+        assert_eq!(r.plugins[0].config["rules"][0]["commands"][0], "quit");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<FileConfig>("listen-on = []").is_err());
+    }
+}

@@ -1,0 +1,31 @@
+//! qmpgate: a sandboxed gateway for the QEMU monitor.
+//!
+//! The native host owns the sockets (inherited fds, systemd sockets, paths, TCP),
+//! frames QMP traffic and routes it between many clients and one QEMU; every
+//! decision about what that traffic means runs in WebAssembly plugins.
+//!
+//! Layout:
+//! - [`chardev`]: QEMU-style socket specs, fd adoption (the only `unsafe` code);
+//! - [`framing`]: splitting a byte stream into JSON messages, with limits;
+//! - [`qmp`]: QMP message shapes and QEMU's error messages;
+//! - [`plugin`]: the wasmtime runtime, limits and the plugin chain;
+//! - [`upstream`]: the one QMP session with QEMU: id rewriting, events, reconnects;
+//! - [`session`]: one client's session: negotiation, ordering, back-pressure;
+//! - [`gateway`]: listeners, accept loops, shutdown;
+//! - [`launcher`]: `qmpgate run`, which starts QEMU on a pre-opened monitor socket;
+//! - [`config`]: the TOML file and command-line merging;
+//! - [`audit`]: the JSON-lines audit sink.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod audit;
+pub mod chardev;
+pub mod config;
+pub mod framing;
+pub mod gateway;
+pub mod launcher;
+pub mod plugin;
+pub mod qmp;
+pub mod session;
+pub mod upstream;

@@ -1,0 +1,259 @@
+//! The `qmpgate` command line.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use qmpgate::chardev::Inherited;
+use qmpgate::config::{self, FileConfig, Overrides, PluginSource};
+use qmpgate::gateway::{Gateway, Settings};
+use qmpgate::plugin::{PluginChain, Runtime};
+use qmpgate::upstream::Outcome;
+
+/// A sandboxed gateway for the QEMU monitor.
+///
+/// qmpgate sits between QMP clients and QEMU's monitor socket. Many clients may
+/// connect at once; every command passes a chain of WebAssembly policy plugins before
+/// QEMU sees it. Sockets are given in QEMU's -chardev syntax, e.g.
+///   socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off
+///   socket,id=qmp,host=127.0.0.1,port=4444,server=on
+///   socket,id=qmp,fd=3,server=on        (a socket inherited from the parent)
+///   socket,id=qmp,systemd=qmp           (systemd socket activation, by FileDescriptorName)
+#[derive(Debug, Parser)]
+#[command(
+    name = "qmpgate",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start QEMU on a monitor socket qmpgate creates, connect to it once, and gate it.
+    ///
+    /// Example: qmpgate run --listen socket,id=qmp,path=vm.sock,server=on -- qemu-system-x86_64 -M none
+    Run {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// QEMU's command line; qmpgate appends -chardev/-mon options for its monitor.
+        #[arg(last = true, required = true, value_name = "QEMU")]
+        qemu: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// TOML configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Define a chardev (QEMU syntax) to refer to by id from --listen or --upstream.
+    #[arg(long, value_name = "SPEC")]
+    chardev: Vec<String>,
+    /// Accept clients on this chardev (a spec with server=on, or a chardev id). Repeatable.
+    #[arg(long, value_name = "SPEC|ID")]
+    listen: Vec<String>,
+    /// QEMU's QMP monitor: a spec (path=, host=/port=, or fd= of a connected socket) or an id.
+    #[arg(long, value_name = "SPEC|ID")]
+    upstream: Option<String>,
+    /// Load a plugin component (NAME=PATH). Repeatable; run in the order given.
+    #[arg(long, value_name = "NAME=PATH")]
+    plugin: Vec<String>,
+    /// Profile of the built-in policy when no plugin is configured: safe, readonly, permissive.
+    #[arg(long, value_name = "PROFILE")]
+    profile: Option<String>,
+    /// Run without the built-in policy when no plugin is configured (everything passes).
+    #[arg(long)]
+    no_default_policy: bool,
+    /// Largest client message in bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    max_message: Option<usize>,
+    /// Deepest nesting of a client message [default: 64].
+    #[arg(long, value_name = "N")]
+    max_depth: Option<usize>,
+    /// Directory for compiled plugins [default: $XDG_CACHE_HOME/qmpgate].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile plugins at every start instead of caching them.
+    #[arg(long)]
+    no_cache: bool,
+    /// Write plugins' audit records to this JSON-lines file.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+}
+
+impl GatewayArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            chardevs: self.chardev.clone(),
+            listen: self.listen.clone(),
+            upstream: self.upstream.clone(),
+            plugins: self.plugin.clone(),
+            profile: self.profile.clone(),
+            no_default_policy: self.no_default_policy,
+            max_message: self.max_message,
+            max_depth: self.max_depth,
+            cache_dir: self.cache_dir.clone(),
+            no_cache: self.no_cache,
+            audit_log: self.audit_log.clone(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QMPGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qmpgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("qmpgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Claim inherited fds before anything else can open a file and reuse a number.
+    let inherited = Inherited::from_env();
+    let (args, qemu) = match &cli.command {
+        Some(Command::Run { gateway, qemu }) => (gateway, Some(qemu.clone())),
+        None => (&cli.gateway, None),
+    };
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let mut overrides = args.overrides();
+    let mut launched = match &qemu {
+        Some(argv) => {
+            if overrides.upstream.is_some() || file.upstream.is_some() {
+                anyhow::bail!("'qmpgate run' creates the upstream itself; do not give --upstream");
+            }
+            let launched = qmpgate::launcher::launch(argv)?;
+            // `,,` escapes a comma inside a chardev value.
+            let path = launched.monitor.display().to_string().replace(',', ",,");
+            overrides.upstream = Some(format!("socket,id=qemu,path={path}"));
+            Some(launched)
+        }
+        None => None,
+    };
+    let resolved = config::resolve(file, overrides)?;
+
+    let audit = match &resolved.audit_log {
+        Some(path) => Some(Arc::new(
+            qmpgate::audit::AuditSink::open(path)
+                .with_context(|| format!("cannot open audit log {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let wasm = Runtime::new(resolved.cache_dir.clone(), audit)?;
+    let mut plugins = Vec::new();
+    for spec in &resolved.plugins {
+        let plugin = match &spec.source {
+            PluginSource::File(path) => wasm.load(&spec.name, path, &spec.config, spec.limits)?,
+            PluginSource::Builtin(bytes) => {
+                wasm.load_bytes(&spec.name, bytes, &spec.config, spec.limits)?
+            }
+        };
+        plugins.push(plugin);
+    }
+
+    let settings = Settings {
+        upstream: resolved.upstream,
+        listeners: resolved.listeners,
+        chain: PluginChain::new(plugins),
+        max_message: resolved.max_message,
+        max_depth: resolved.max_depth,
+    };
+    let gateway = match Gateway::start(settings, inherited).await {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            if let Some(launched) = &mut launched {
+                // The likeliest reason is that QEMU did not start: say how it ended.
+                if let Ok(Some(status)) = launched.child.try_wait() {
+                    anyhow::bail!(
+                        "QEMU exited at start-up ({})",
+                        qmpgate::launcher::describe_exit(status)
+                    );
+                }
+                let _ = launched.child.start_kill();
+            }
+            return Err(e.into());
+        }
+    };
+
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    match launched {
+        None => Ok(match gateway.run(stop).await {
+            Outcome::Shutdown | Outcome::QemuQuit => 0,
+            Outcome::Lost(_) => 1,
+        }),
+        Some(mut launched) => {
+            let gateway_stop = stop.clone();
+            let gateway_task = tokio::spawn(gateway.run(gateway_stop));
+            let status = tokio::select! {
+                status = launched.child.wait() => status?,
+                _ = stop.cancelled() => {
+                    // Give QEMU the grace period to exit on its own (SIGTERM makes it
+                    // shut down cleanly), then kill it.
+                    let _ = launched.child.id().map(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM));
+                    match tokio::time::timeout(qmpgate::gateway::SHUTDOWN_GRACE, launched.child.wait()).await {
+                        Ok(status) => status?,
+                        Err(_) => {
+                            launched.child.kill().await?;
+                            launched.child.wait().await?
+                        }
+                    }
+                }
+            };
+            tracing::info!(status = %qmpgate::launcher::describe_exit(status), "QEMU exited");
+            stop.cancel();
+            let _ = gateway_task.await;
+            Ok(qmpgate::launcher::exit_code(status).clamp(0, 255) as u8)
+        }
+    }
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    stop.cancel();
+}

@@ -1,0 +1,822 @@
+//! The plugin runtime: WebAssembly components that decide about monitor traffic.
+//!
+//! Plugins are untrusted code. Each runs in wasmtime with:
+//! - no ambient authority: an empty WASI context (no environment, no files, no
+//!   sockets, no arguments); the only host functions are `log` and `audit`;
+//! - a memory cap per instance, enforced by a [`ResourceLimiter`];
+//! - a CPU deadline per hook call, enforced by epoch interruption from an OS thread
+//!   (a tokio task would stop ticking exactly when a plugin hogs a worker).
+//!
+//! A trap (panic, deadline, memory cap, bad output) fails closed: the command is
+//! refused with a QMP error, the fault is counted, and the instance is dropped and
+//! recreated on the next call, because an instance that trapped may be in any state.
+//!
+//! Layout: [`Runtime`] owns the engine, the linker and the compile cache;
+//! [`Plugin`] is one loaded component with its instance and counters;
+//! [`PluginChain`] runs hooks across the configured plugins in order.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::qmp::QmpError;
+
+#[allow(missing_docs)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+}
+
+use bindings::exports::qmpgate::plugin::guest as wit;
+use bindings::qmpgate::plugin::host::Level;
+pub use bindings::qmpgate::plugin::types::{Client, Peer, Protocol, UnixPeer};
+use bindings::qmpgate::plugin::types::{
+    Command as WitCommand, Event as WitEvent, EventVerdict, QmpError as WitError,
+    Response as WitResponse, ResponseVerdict, Verdict,
+};
+
+/// The WIT package version this host implements. A plugin built against another
+/// version is refused at load time with a message naming both.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Errors loading a plugin.
+#[derive(Debug, Error)]
+#[allow(missing_docs)] // Each variant documents itself; the fields are its message.
+pub enum PluginError {
+    /// The file could not be read.
+    #[error("plugin '{name}': cannot read {path}: {source}")]
+    Read {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a valid component, or one wasmtime cannot compile.
+    #[error("plugin '{name}': not a loadable component: {reason}")]
+    Compile { name: String, reason: String },
+    /// Built against a WIT version this host does not implement.
+    #[error(
+        "plugin '{name}' was built for {found}; this qmpgate supports qmpgate:plugin@{WIT_VERSION}"
+    )]
+    Version { name: String, found: String },
+    /// Imports something the host does not provide (e.g. sockets).
+    #[error("plugin '{name}': cannot be linked: {reason}")]
+    Link { name: String, reason: String },
+    /// `init` refused the configuration, or trapped.
+    #[error("plugin '{name}': init failed: {reason}")]
+    Init { name: String, reason: String },
+}
+
+/// Limits applied to every instance of one plugin.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Linear memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// CPU time allowed per hook call.
+    pub cpu: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // A Rust std guest needs ~1-2 MiB; policy state is small.
+            memory_bytes: 32 << 20,
+            // Hooks run in microseconds; 50 ms means a bug, not a workload.
+            cpu: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The shared wasmtime engine, linker and compile cache. One per process: plugins
+/// compiled once are shared by every upstream and listener.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: Option<PathBuf>,
+    audit: Option<Arc<crate::audit::AuditSink>>,
+}
+
+impl Runtime {
+    /// Creates the engine and starts the epoch ticker thread. `cache_dir` holds
+    /// precompiled plugins (`None` disables the cache).
+    pub fn new(
+        cache_dir: Option<PathBuf>,
+        audit: Option<Arc<crate::audit::AuditSink>>,
+    ) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Plugins recurse little; a small stack turns runaway recursion into a quick trap.
+        config.max_wasm_stack(512 << 10);
+        let engine = Engine::new(&config)?;
+
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("qmpgate-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+
+        let cache_dir = match cache_dir {
+            Some(dir) => match prepare_cache_dir(&dir) {
+                Ok(()) => Some(dir),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir,
+            audit,
+        })
+    }
+
+    /// Loads a plugin: compiles (or loads from cache), checks the WIT version,
+    /// instantiates and calls `init(config)` so that a bad configuration fails now.
+    pub fn load(
+        &self,
+        name: &str,
+        path: &Path,
+        config: &Value,
+        limits: Limits,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            name: name.into(),
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.load_bytes(name, &bytes, config, limits)
+    }
+
+    /// As [`Runtime::load`], from bytes in memory.
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        config: &Value,
+        limits: Limits,
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let started = Instant::now();
+        let component = self.compile(name, bytes)?;
+        check_version(name, &component, &self.engine)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Link {
+                name: name.into(),
+                reason: format!("{e:#}"),
+            })?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::Link {
+            name: name.into(),
+            reason: format!("{e:#}"),
+        })?;
+        let plugin = Plugin {
+            name: name.into(),
+            engine: self.engine.clone(),
+            pre,
+            config: config.to_string(),
+            limits,
+            audit: self.audit.clone(),
+            live: Mutex::new(None),
+            stats: PluginStats::default(),
+        };
+        let live = plugin.instantiate().map_err(|reason| PluginError::Init {
+            name: name.into(),
+            reason,
+        })?;
+        *plugin.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
+        tracing::info!(
+            plugin = name,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "plugin loaded"
+        );
+        Ok(Arc::new(plugin))
+    }
+
+    fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, PluginError> {
+        let compile_error = |e: wasmtime::Error| PluginError::Compile {
+            name: name.into(),
+            reason: format!("{e:#}"),
+        };
+        let Some(dir) = &self.cache_dir else {
+            return Component::new(&self.engine, bytes).map_err(compile_error);
+        };
+        let path = dir.join(format!("{}.cwasm", cache_key(&self.engine, bytes)));
+        if path.exists() {
+            match deserialize_cached(&self.engine, &path) {
+                Ok(component) => return Ok(component),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring bad cache entry")
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(compile_error)?;
+        if let Ok(serialized) = component.serialize() {
+            // Write then rename: concurrent qmpgate processes never see half a file.
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, serialized).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        Ok(component)
+    }
+}
+
+/// The cache key: the component's bytes and everything about the engine that makes
+/// compiled code incompatible (wasmtime version, target, settings).
+fn cache_key(engine: &Engine, bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    use std::hash::{Hash, Hasher};
+
+    struct Sha(Sha256);
+    impl Hasher for Sha {
+        fn finish(&self) -> u64 {
+            unreachable!("only used through write")
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+    }
+    let mut hasher = Sha(Sha256::new());
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    hasher.0.update(bytes);
+    hasher
+        .0
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The cache holds native code that wasmtime will run without checking it, so it must
+/// be a directory that only this user can write.
+fn prepare_cache_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() != nix::unistd::getuid().as_raw() || meta.permissions().mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(
+            "cache directory must be owned by this user and not writable by others",
+        ));
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: wasmtime runs deserialized code as is. The file is named by the SHA-256 of
+    // the source component and the engine's compatibility hash, and lives in a directory
+    // that `prepare_cache_dir` checked is owned by this user and writable by nobody else;
+    // only this process's `compile` writes such files (atomically, by rename).
+    unsafe { Component::deserialize_file(engine, path) }
+}
+
+fn check_version(name: &str, component: &Component, engine: &Engine) -> Result<(), PluginError> {
+    let ty = component.component_type();
+    let wanted = format!("qmpgate:plugin/guest@{WIT_VERSION}");
+    let mut found = None;
+    for (export, _) in ty.exports(engine) {
+        if export == wanted {
+            return Ok(());
+        }
+        if let Some(version) = export.strip_prefix("qmpgate:plugin/guest") {
+            found = Some(format!("qmpgate:plugin{}", version));
+        }
+    }
+    Err(PluginError::Version {
+        name: name.into(),
+        found: found
+            .unwrap_or_else(|| "something else (it does not export qmpgate:plugin/guest)".into()),
+    })
+}
+
+/// Per-store host state: the empty WASI context and the plugin's limits.
+struct HostState {
+    plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory: MemoryCap,
+    audit: Option<Arc<crate::audit::AuditSink>>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::qmpgate::plugin::types::Host for HostState {}
+
+impl bindings::qmpgate::plugin::host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn audit(&mut self, entry: String) {
+        match &self.audit {
+            Some(sink) => sink.write(&self.plugin, &entry),
+            None => tracing::info!(target: "qmpgate::audit", plugin = &*self.plugin, "{entry}"),
+        }
+    }
+}
+
+/// Caps linear memory and remembers that it did, so a trap can be reported as
+/// "memory limit" rather than a bare "unreachable".
+struct MemoryCap {
+    max: usize,
+    hit: bool,
+    high_water: usize,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max {
+            self.hit = true;
+            return Ok(false);
+        }
+        self.high_water = self.high_water.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Tables hold function references; no honest plugin needs this many.
+        Ok(desired <= 64 * 1024)
+    }
+}
+
+/// A live instance and its store.
+struct Live {
+    store: Store<HostState>,
+    bindings: bindings::Plugin,
+}
+
+/// Counters per plugin, for status and metrics.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// Hook calls.
+    pub calls: AtomicU64,
+    /// Commands denied.
+    pub denials: AtomicU64,
+    /// Calls that trapped (including deadline and memory kills).
+    pub traps: AtomicU64,
+    /// Calls stopped by the CPU deadline.
+    pub deadline_kills: AtomicU64,
+    /// Calls stopped by the memory cap.
+    pub memory_kills: AtomicU64,
+    /// Instances created after the first (each follows a trap).
+    pub restarts: AtomicU64,
+    /// Largest linear memory any instance reached, in bytes.
+    pub memory_high_water: AtomicU64,
+    /// Total time in hooks, in nanoseconds.
+    pub busy_ns: AtomicU64,
+}
+
+/// How a hook call failed. Every fault fails closed.
+#[derive(Debug, Error)]
+pub enum Fault {
+    /// The CPU deadline stopped the call.
+    #[error("exceeded its CPU time limit ({0} ms)")]
+    Deadline(u128),
+    /// The call hit the memory cap.
+    #[error("exceeded its memory limit ({0} MiB)")]
+    Memory(usize),
+    /// Any other trap (panic, unreachable, ...).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The instance could not be recreated.
+    #[error("could not be restarted: {0}")]
+    Restart(String),
+    /// It returned something invalid (e.g. a reply that is not JSON).
+    #[error("returned an invalid result: {0}")]
+    Invalid(String),
+}
+
+/// One loaded plugin: its compiled component, its configuration and its instance.
+pub struct Plugin {
+    name: Arc<str>,
+    engine: Engine,
+    pre: bindings::PluginPre<HostState>,
+    config: String,
+    limits: Limits,
+    audit: Option<Arc<crate::audit::AuditSink>>,
+    /// The live instance; `None` after a trap until the next call recreates it.
+    /// Hooks are short, so callers take turns rather than each getting an instance.
+    live: Mutex<Option<Live>>,
+    /// Counters.
+    pub stats: PluginStats,
+}
+
+impl Plugin {
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        (self.limits.cpu.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+
+    fn instantiate(&self) -> Result<Live, String> {
+        let state = HostState {
+            plugin: self.name.clone(),
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            memory: MemoryCap {
+                max: self.limits.memory_bytes,
+                hit: false,
+                high_water: 0,
+            },
+            audit: self.audit.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.describe(&store, e).to_string())?;
+        store.set_epoch_deadline(self.deadline_ticks());
+        match bindings
+            .qmpgate_plugin_guest()
+            .call_init(&mut store, &self.config)
+        {
+            Ok(Ok(())) => Ok(Live { store, bindings }),
+            Ok(Err(reason)) => Err(reason),
+            Err(e) => Err(self.describe(&store, e).to_string()),
+        }
+    }
+
+    fn describe(&self, store: &Store<HostState>, error: wasmtime::Error) -> Fault {
+        if store.data().memory.hit {
+            return Fault::Memory(self.limits.memory_bytes >> 20);
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Fault::Deadline(self.limits.cpu.as_millis()),
+            _ => Fault::Trap(format!("{error:#}")),
+        }
+    }
+
+    /// Runs one hook on the live instance (recreating it if a trap killed it).
+    fn call<R>(
+        &self,
+        hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let started = Instant::now();
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+            *guard = Some(self.instantiate().map_err(Fault::Restart)?);
+        }
+        let live = guard.as_mut().expect("just ensured");
+        live.store.set_epoch_deadline(self.deadline_ticks());
+        let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
+        let high_water = live.store.data().memory.high_water as u64;
+        self.stats
+            .memory_high_water
+            .fetch_max(high_water, Ordering::Relaxed);
+        let result = result.map_err(|e| {
+            let fault = self.describe(&live.store, e);
+            self.stats.traps.fetch_add(1, Ordering::Relaxed);
+            match fault {
+                Fault::Deadline(_) => self.stats.deadline_kills.fetch_add(1, Ordering::Relaxed),
+                Fault::Memory(_) => self.stats.memory_kills.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            tracing::warn!(plugin = &*self.name, error = %fault, "plugin fault; the instance will be recreated");
+            fault
+        });
+        if result.is_err() {
+            *guard = None;
+        }
+        self.stats
+            .busy_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
+}
+
+/// A command as plugins see it, with its arguments as a JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The command name.
+    pub name: String,
+    /// The arguments object.
+    pub arguments: Map<String, Value>,
+    /// `exec-oob`.
+    pub oob: bool,
+}
+
+impl Command {
+    fn to_wit(&self) -> WitCommand {
+        WitCommand {
+            name: self.name.clone(),
+            arguments: Value::Object(self.arguments.clone()).to_string(),
+            oob: self.oob,
+        }
+    }
+
+    fn from_wit(command: WitCommand) -> Result<Self, Fault> {
+        let arguments = match serde_json::from_str(&command.arguments) {
+            Ok(Value::Object(map)) => map,
+            _ => {
+                return Err(Fault::Invalid(format!(
+                    "rewritten arguments of '{}' are not a JSON object",
+                    command.name
+                )));
+            }
+        };
+        Ok(Command {
+            name: command.name,
+            arguments,
+            oob: command.oob,
+        })
+    }
+}
+
+/// The chain's decision on a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Send this (possibly rewritten) command upstream.
+    Forward(Command),
+    /// Refuse with this error.
+    Deny(QmpError),
+    /// Answer with this `return` value.
+    Reply(Value),
+}
+
+/// The chain's decision on an event for one client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventDecision {
+    /// Deliver as is.
+    Deliver,
+    /// Deliver with this `data`.
+    Rewrite(Value),
+    /// Do not deliver to this client.
+    Drop,
+}
+
+fn fault_error(plugin: &Plugin, fault: &Fault, what: &str) -> QmpError {
+    QmpError::generic(format!(
+        "qmpgate plugin '{}' {fault}; {what}",
+        plugin.name()
+    ))
+}
+
+/// The plugins configured for a listener, run in order on every hook.
+#[derive(Clone, Default)]
+pub struct PluginChain {
+    plugins: Vec<Arc<Plugin>>,
+}
+
+impl PluginChain {
+    /// A chain of these plugins, in this order.
+    pub fn new(plugins: Vec<Arc<Plugin>>) -> Self {
+        PluginChain { plugins }
+    }
+
+    /// The plugins, in order.
+    pub fn plugins(&self) -> &[Arc<Plugin>] {
+        &self.plugins
+    }
+
+    /// A client connected: any plugin may refuse it.
+    pub fn on_connect(&self, client: &Client) -> Result<(), QmpError> {
+        for plugin in &self.plugins {
+            match plugin.call(|g, s| g.call_on_connect(s, client)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    plugin.stats.denials.fetch_add(1, Ordering::Relaxed);
+                    return Err(QmpError {
+                        class: e.class,
+                        desc: e.desc,
+                    });
+                }
+                Err(fault) => {
+                    return Err(fault_error(plugin, &fault, "the connection was refused"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A command: each plugin may forward, rewrite, deny or answer it; the first
+    /// deny or answer ends the chain. A faulting plugin denies.
+    pub fn on_command(
+        &self,
+        client: &Client,
+        mut command: Command,
+        hmp_line: Option<&str>,
+    ) -> Decision {
+        for plugin in &self.plugins {
+            let wit_command = command.to_wit();
+            let verdict = plugin.call(|g, s| g.call_on_command(s, client, &wit_command, hmp_line));
+            match verdict {
+                Ok(Verdict::Forward) => {}
+                Ok(Verdict::Rewrite(new)) => match Command::from_wit(new) {
+                    Ok(new) => command = new,
+                    Err(fault) => {
+                        return Decision::Deny(fault_error(
+                            plugin,
+                            &fault,
+                            "the command was not executed",
+                        ));
+                    }
+                },
+                Ok(Verdict::Deny(e)) => {
+                    plugin.stats.denials.fetch_add(1, Ordering::Relaxed);
+                    return Decision::Deny(QmpError {
+                        class: e.class,
+                        desc: e.desc,
+                    });
+                }
+                Ok(Verdict::Reply(text)) => {
+                    return match serde_json::from_str(&text) {
+                        Ok(value) => Decision::Reply(value),
+                        Err(e) => {
+                            let fault = Fault::Invalid(format!("reply is not JSON: {e}"));
+                            plugin.stats.traps.fetch_add(1, Ordering::Relaxed);
+                            Decision::Deny(fault_error(
+                                plugin,
+                                &fault,
+                                "the command was not executed",
+                            ))
+                        }
+                    };
+                }
+                Err(fault) => {
+                    return Decision::Deny(fault_error(
+                        plugin,
+                        &fault,
+                        "the command was not executed",
+                    ));
+                }
+            }
+        }
+        Decision::Forward(command)
+    }
+
+    /// QEMU's reply to `command`: plugins may replace it. A faulting plugin turns it
+    /// into an error (QEMU did run the command; the client is told the result was
+    /// withheld).
+    pub fn on_response(
+        &self,
+        client: &Client,
+        command: &Command,
+        reply: Map<String, Value>,
+    ) -> Map<String, Value> {
+        if self.plugins.is_empty() {
+            return reply;
+        }
+        let wit_command = command.to_wit();
+        let mut reply = reply;
+        for plugin in &self.plugins {
+            let response = match (reply.get("return"), reply.get("error")) {
+                (Some(value), _) => WitResponse::Ok(value.to_string()),
+                (None, Some(error)) => WitResponse::Error(WitError {
+                    class: error
+                        .get("class")
+                        .and_then(Value::as_str)
+                        .unwrap_or("GenericError")
+                        .into(),
+                    desc: error
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .into(),
+                }),
+                (None, None) => return reply,
+            };
+            let replacement = match plugin
+                .call(|g, s| g.call_on_response(s, client, &wit_command, &response))
+            {
+                Ok(ResponseVerdict::Deliver) => continue,
+                Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(value) => serde_json::json!({ "return": value }),
+                        Err(e) => {
+                            let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
+                            crate::qmp::error_response(
+                                &fault_error(plugin, &fault, "the result was withheld"),
+                                None,
+                            )
+                        }
+                    }
+                }
+                Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => crate::qmp::error_response(
+                    &QmpError {
+                        class: e.class,
+                        desc: e.desc,
+                    },
+                    None,
+                ),
+                Err(fault) => crate::qmp::error_response(
+                    &fault_error(plugin, &fault, "the result was withheld"),
+                    None,
+                ),
+            };
+            let Value::Object(map) = replacement else {
+                unreachable!("built as objects")
+            };
+            reply = map;
+        }
+        reply
+    }
+
+    /// An event for one client: plugins may drop or rewrite its data. A faulting
+    /// plugin drops it (fail closed: an event may carry what a policy hides).
+    pub fn on_event(
+        &self,
+        client: &Client,
+        name: &str,
+        body: &Map<String, Value>,
+    ) -> EventDecision {
+        if self.plugins.is_empty() {
+            return EventDecision::Deliver;
+        }
+        let timestamp = body.get("timestamp");
+        let field = |k: &str| {
+            timestamp
+                .and_then(|t| t.get(k))
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+        };
+        let mut event = WitEvent {
+            name: name.to_string(),
+            data: body
+                .get("data")
+                .map(Value::to_string)
+                .unwrap_or_else(|| "{}".into()),
+            seconds: field("seconds"),
+            microseconds: field("microseconds"),
+        };
+        let mut rewritten = false;
+        for plugin in &self.plugins {
+            match plugin.call(|g, s| g.call_on_event(s, client, &event)) {
+                Ok(EventVerdict::Deliver) => {}
+                Ok(EventVerdict::Drop) => return EventDecision::Drop,
+                Ok(EventVerdict::Rewrite(data)) => {
+                    if !matches!(serde_json::from_str::<Value>(&data), Ok(Value::Object(_))) {
+                        plugin.stats.traps.fetch_add(1, Ordering::Relaxed);
+                        return EventDecision::Drop;
+                    }
+                    event.data = data;
+                    rewritten = true;
+                }
+                Err(_) => return EventDecision::Drop,
+            }
+        }
+        if rewritten {
+            EventDecision::Rewrite(serde_json::from_str(&event.data).expect("validated above"))
+        } else {
+            EventDecision::Deliver
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! One client's QMP session through the gateway.
+//!
+//! Each client gets what QEMU would give it: a greeting (QEMU's version, the
+//! capabilities qmpgate can offer), its own `qmp_capabilities` negotiation with QEMU's
+//! exact errors, and replies carrying its own ids. Every command passes the plugin
+//! chain before it can reach QEMU.
+//!
+//! Ordering: QEMU answers in-band commands in order, and clients without ids depend
+//! on it. A session therefore keeps its in-band replies in a FIFO of futures: a
+//! command answered by the gateway itself (a parse error, a denial) waits behind
+//! the commands sent before it. `exec-oob` replies overtake, as in QEMU.
+//!
+//! Bounds: at most [`MAX_CLIENT_QUEUE`] in-band commands per client are outstanding
+//! (then the session stops reading, and TCP back-pressure reaches the client); a
+//! write that cannot complete within [`WRITE_TIMEOUT`] and a client that falls
+//! behind the event stream are disconnected, so a stuck client never holds others.
+//!
+//! Layout: [`serve`] is the task; `Session` holds the state; `handle_frame` is the
+//! per-message logic.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::chardev::{Peer, Stream};
+use crate::framing::{Frame, Framer};
+use crate::gateway::ListenerContext;
+use crate::plugin::{self, Command, Decision, EventDecision};
+use crate::qmp::{self, ErrorClass, QmpError, Request};
+
+/// Outstanding in-band commands per client before the session stops reading.
+pub const MAX_CLIENT_QUEUE: usize = 32;
+
+/// A client that cannot take a write for this long is disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Protocol phase: QMP allows only `qmp_capabilities` until negotiation completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Negotiating,
+    Commands { oob: bool },
+}
+
+/// A reply on its way to the client.
+struct Outgoing {
+    /// The client's own id, restored verbatim.
+    id: Option<Value>,
+    /// What QEMU ran, when the reply came from QEMU (for the response hook).
+    command: Option<Command>,
+    /// `{"return": ...}` or `{"error": ...}`, without id.
+    body: Map<String, Value>,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
+
+/// Serves one client until it leaves, misbehaves, or the gateway stops.
+pub async fn serve(
+    stream: Stream,
+    peer: Peer,
+    client_id: u64,
+    ctx: Arc<ListenerContext>,
+    shutdown: CancellationToken,
+) {
+    let (reader, writer) = stream.into_split();
+    let client = plugin::Client {
+        id: client_id,
+        listener: ctx.id.clone(),
+        protocol: plugin::Protocol::Qmp,
+        peer: match &peer {
+            Peer::Unix { pid, uid, gid } => plugin::Peer::Unix(plugin::UnixPeer {
+                pid: *pid,
+                uid: *uid,
+                gid: *gid,
+            }),
+            Peer::Inet(addr) => plugin::Peer::Inet(addr.clone()),
+            Peer::Unknown => plugin::Peer::Unknown,
+        },
+        capabilities: Vec::new(),
+    };
+    let mut session = Session {
+        ctx,
+        client,
+        writer,
+        phase: Phase::Negotiating,
+        in_band: FuturesOrdered::new(),
+        oob: FuturesUnordered::new(),
+        events: None,
+    };
+    ctx_metrics(&session.ctx)
+        .clients_connected
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(client = client_id, listener = %session.ctx.id, ?peer, "client connected");
+    let reason = session.run(reader, shutdown).await;
+    ctx_metrics(&session.ctx)
+        .clients_connected
+        .fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(client = client_id, reason, "client disconnected");
+}
+
+fn ctx_metrics(ctx: &ListenerContext) -> &crate::gateway::Metrics {
+    &ctx.metrics
+}
+
+struct Session {
+    ctx: Arc<ListenerContext>,
+    /// The client as plugins see it.
+    client: plugin::Client,
+    writer: Box<dyn AsyncWrite + Send + Unpin>,
+    phase: Phase,
+    /// In-band replies, in the order the commands arrived.
+    in_band: FuturesOrdered<Pending>,
+    /// OOB replies, in the order QEMU sends them.
+    oob: FuturesUnordered<Pending>,
+    /// QEMU's events, from negotiation on.
+    events: Option<broadcast::Receiver<Arc<Map<String, Value>>>>,
+}
+
+impl Session {
+    async fn run(
+        &mut self,
+        mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+        shutdown: CancellationToken,
+    ) -> &'static str {
+        if let Err(error) = self.ctx.chain.on_connect(&self.client) {
+            let _ = self.write(&qmp::error_response(&error, None)).await;
+            return "refused by a plugin";
+        }
+        let info = self.ctx.upstream.info();
+        let capabilities: Vec<String> = if info.oob { vec!["oob".into()] } else { vec![] };
+        if self
+            .write(&qmp::greeting(&info.version, &capabilities))
+            .await
+            .is_err()
+        {
+            return "write failed";
+        }
+
+        let mut framer = Framer::new(self.ctx.max_message, self.ctx.max_depth);
+        let mut frames = std::collections::VecDeque::new();
+        let mut scratch = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut eof = false;
+        loop {
+            while self.in_band.len() < MAX_CLIENT_QUEUE
+                && let Some(frame) = frames.pop_front()
+            {
+                self.handle_frame(frame);
+            }
+            if eof && frames.is_empty() && self.in_band.is_empty() && self.oob.is_empty() {
+                return "end of input";
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return "gateway shutting down",
+                Some(out) = self.oob.next() => {
+                    if self.deliver(out).await.is_err() { return "write failed"; }
+                }
+                Some(out) = self.in_band.next() => {
+                    if self.deliver(out).await.is_err() { return "write failed"; }
+                }
+                event = recv_event(&mut self.events) => match event {
+                    Ok(event) => {
+                        if self.deliver_event(&event).await.is_err() { return "write failed"; }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        self.ctx.metrics.slow_clients.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(client = self.client.id, missed, "client fell behind the event stream");
+                        return "too slow to take events";
+                    }
+                    Err(broadcast::error::RecvError::Closed) => self.events = None,
+                },
+                read = reader.read(&mut buf), if !eof && frames.is_empty() => match read {
+                    Ok(0) | Err(_) => {
+                        eof = true;
+                        frames.extend(framer.finish());
+                    }
+                    Ok(n) => {
+                        framer.push(&buf[..n], &mut scratch);
+                        frames.extend(scratch.drain(..));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Decides what to do with one framed message.
+    fn handle_frame(&mut self, frame: Frame) {
+        self.ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
+        let bytes = match frame {
+            Frame::Message(bytes) => bytes,
+            Frame::TooLarge => {
+                return self.answer(
+                    None,
+                    error(format!(
+                        "JSON message exceeds the limit of {} bytes",
+                        self.ctx.max_message
+                    )),
+                );
+            }
+            Frame::TooDeep => {
+                return self.answer(
+                    None,
+                    error(format!(
+                        "JSON nesting exceeds the limit of {} levels",
+                        self.ctx.max_depth
+                    )),
+                );
+            }
+        };
+        let allow_oob = matches!(self.phase, Phase::Commands { oob: true });
+        let request = match qmp::parse_request(&bytes, allow_oob) {
+            Ok(request) => request,
+            Err(e) => return self.answer(e.id, qmp::error_response(&e.error, None)),
+        };
+        let Request {
+            id,
+            name,
+            arguments,
+            oob,
+        } = request;
+
+        match (self.phase, name.as_str()) {
+            (Phase::Negotiating, "qmp_capabilities") => {
+                let reply = self.negotiate(&arguments);
+                self.answer(id, reply)
+            }
+            (Phase::Negotiating, _) => self.answer(
+                id,
+                qmp::error_response(
+                    &QmpError::new(
+                        ErrorClass::CommandNotFound,
+                        "Expecting capabilities negotiation with 'qmp_capabilities'",
+                    ),
+                    None,
+                ),
+            ),
+            (Phase::Commands { .. }, "qmp_capabilities") => self.answer(
+                id,
+                qmp::error_response(
+                    &QmpError::new(
+                        ErrorClass::CommandNotFound,
+                        "Capabilities negotiation is already complete, command ignored",
+                    ),
+                    None,
+                ),
+            ),
+            (Phase::Commands { .. }, _) => {
+                let command = Command {
+                    name,
+                    arguments,
+                    oob,
+                };
+                match self.ctx.chain.on_command(&self.client, command, None) {
+                    Decision::Forward(command) => self.forward(id, command),
+                    Decision::Deny(e) => {
+                        self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
+                        self.answer_as(id, qmp::error_response(&e, None), oob)
+                    }
+                    Decision::Reply(value) => {
+                        self.answer_as(id, qmp::return_response(value, None), oob)
+                    }
+                }
+            }
+        }
+    }
+
+    /// `qmp_capabilities`: the gateway negotiates with each client itself.
+    fn negotiate(&mut self, arguments: &Map<String, Value>) -> Value {
+        let offered_oob = self.ctx.upstream.info().oob;
+        let mut oob = false;
+        if let Some(enable) = arguments.get("enable") {
+            let Some(list) = enable.as_array() else {
+                return error("Invalid parameter type for 'enable', expected: array".into());
+            };
+            for (i, cap) in list.iter().enumerate() {
+                match cap.as_str() {
+                    Some("oob") if offered_oob => oob = true,
+                    Some("oob") => return error("Capability 'oob' not available".into()),
+                    Some(other) => {
+                        return error(format!(
+                            "Parameter 'enable[{i}]' does not accept value '{other}'"
+                        ));
+                    }
+                    None => {
+                        return error(format!(
+                            "Invalid parameter type for 'enable[{i}]', expected: string"
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(key) = arguments.keys().find(|k| *k != "enable") {
+            return error(format!("Parameter '{key}' is unexpected"));
+        }
+        self.phase = Phase::Commands { oob };
+        if oob {
+            self.client.capabilities = vec!["oob".into()];
+        }
+        self.events = Some(self.ctx.upstream.subscribe());
+        json!({ "return": {} })
+    }
+
+    fn forward(&mut self, id: Option<Value>, command: Command) {
+        let upstream = self.ctx.upstream.clone();
+        let oob = command.oob;
+        let pending: Pending = Box::pin(async move {
+            let body = upstream.execute(command.clone()).await;
+            Outgoing {
+                id,
+                command: Some(command),
+                body,
+            }
+        });
+        if oob {
+            self.oob.push(pending);
+        } else {
+            self.in_band.push_back(pending);
+        }
+    }
+
+    /// Queues a gateway-made in-band answer behind earlier commands.
+    fn answer(&mut self, id: Option<Value>, reply: Value) {
+        self.answer_as(id, reply, false)
+    }
+
+    fn answer_as(&mut self, id: Option<Value>, reply: Value, oob: bool) {
+        let Value::Object(body) = reply else {
+            unreachable!("replies are objects")
+        };
+        let out = Outgoing {
+            id,
+            command: None,
+            body,
+        };
+        let ready: Pending = Box::pin(std::future::ready(out));
+        if oob {
+            self.oob.push(ready);
+        } else {
+            self.in_band.push_back(ready);
+        }
+    }
+
+    async fn deliver(&mut self, out: Outgoing) -> std::io::Result<()> {
+        let body = match &out.command {
+            Some(command) => self.ctx.chain.on_response(&self.client, command, out.body),
+            None => out.body,
+        };
+        self.write(&qmp::with_id(Value::Object(body), out.id)).await
+    }
+
+    async fn deliver_event(&mut self, event: &Map<String, Value>) -> std::io::Result<()> {
+        let name = event.get("event").and_then(Value::as_str).unwrap_or("");
+        match self.ctx.chain.on_event(&self.client, name, event) {
+            EventDecision::Deliver => self.write(&Value::Object(event.clone())).await,
+            EventDecision::Drop => Ok(()),
+            EventDecision::Rewrite(data) => {
+                let mut event = event.clone();
+                event.insert("data".into(), data);
+                self.write(&Value::Object(event)).await
+            }
+        }
+    }
+
+    async fn write(&mut self, message: &Value) -> std::io::Result<()> {
+        let bytes = qmp::encode(message);
+        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&bytes)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.ctx
+                    .metrics
+                    .slow_clients
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client does not read",
+                ))
+            }
+        }
+    }
+}
+
+fn error(desc: String) -> Value {
+    qmp::error_response(&QmpError::generic(desc), None)
+}
+
+async fn recv_event(
+    events: &mut Option<broadcast::Receiver<Arc<Map<String, Value>>>>,
+) -> Result<Arc<Map<String, Value>>, broadcast::error::RecvError> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

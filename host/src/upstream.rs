@@ -1,0 +1,471 @@
+//! The upstream: qmpgate's one QMP session with QEMU.
+//!
+//! QEMU serves one client per monitor; qmpgate is that client and multiplexes its
+//! own clients over it. The upstream task owns the socket. Sessions submit commands
+//! through an [`UpstreamHandle`]; the task gives each a gateway-unique id (so replies
+//! can be routed whatever id the client chose), sends it, and hands the reply back on
+//! the submitter's oneshot channel. Events go to every session through a broadcast
+//! channel.
+//!
+//! QEMU runs in-band commands one at a time and, with OOB enabled, queues at most
+//! eight; the task keeps at most [`MAX_IN_FLIGHT`] in-band commands outstanding and
+//! lets the rest wait in a bounded channel (back-pressure reaches the clients).
+//!
+//! When the link drops, every pending command gets a QMP error, sessions get a
+//! `QMPGATE_UPSTREAM_LOST` event, and the task reconnects after `reconnect_ms` (like
+//! QEMU's `reconnect-ms`) or ends, which stops the gateway.
+//!
+//! Layout: [`connect`] opens and negotiates; [`UpstreamHandle`] is the sessions'
+//! side; `Upstream::run` is the task.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value, json};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::chardev::{ChardevError, ChardevSpec, Inherited};
+use crate::framing::{Frame, Framer};
+use crate::plugin::Command;
+use crate::qmp::{self, QmpError, Upstream as Message};
+
+/// QEMU's own limit on queued in-band commands with OOB enabled
+/// (`QMP_REQ_QUEUE_LEN_MAX`); without OOB it runs one at a time anyway.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// How long QEMU may take to greet us. A QEMU that accepts but never greets is
+/// almost always serving another client on that monitor (it serves one at a time).
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Events buffered per session before a session that does not keep up is cut off.
+const EVENT_BUFFER: usize = 1024;
+
+/// QEMU's messages are small; its replies to big queries reach a few MiB.
+const MAX_UPSTREAM_MESSAGE: usize = 64 << 20;
+
+/// Errors establishing the upstream session.
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    /// The socket could not be opened.
+    #[error(transparent)]
+    Chardev(#[from] ChardevError),
+    /// QEMU did not greet in time.
+    #[error(
+        "QEMU accepted the connection but sent no QMP greeting within {0:?}: is another client connected to its monitor?"
+    )]
+    NoGreeting(Duration),
+    /// QEMU closed the link during negotiation.
+    #[error("QEMU closed the monitor connection during negotiation")]
+    Closed,
+    /// QEMU sent something that is not QMP.
+    #[error("QEMU sent something that is not QMP: {0}")]
+    Protocol(String),
+    /// QEMU refused `qmp_capabilities`.
+    #[error("QEMU refused qmp_capabilities: {0}")]
+    Negotiation(String),
+    /// Reading or writing the socket failed.
+    #[error("monitor socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What sessions need to know about QEMU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamInfo {
+    /// QEMU's `version` object from its greeting.
+    pub version: Value,
+    /// Whether OOB is enabled upstream (so clients may negotiate it).
+    pub oob: bool,
+    /// Whether the link is up.
+    pub connected: bool,
+}
+
+/// A submitted command, waiting for QEMU's reply.
+struct Submit {
+    command: Command,
+    /// Receives the reply object (`return` or `error`), without `id`.
+    reply: oneshot::Sender<Map<String, Value>>,
+}
+
+/// The sessions' side of the upstream. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamHandle {
+    in_band: mpsc::Sender<Submit>,
+    oob: mpsc::Sender<Submit>,
+    events: broadcast::Sender<Arc<Map<String, Value>>>,
+    info: watch::Receiver<UpstreamInfo>,
+}
+
+impl UpstreamHandle {
+    /// Sends a command and waits for QEMU's reply. Never fails: a lost link becomes
+    /// a QMP error reply, as the client would expect.
+    pub async fn execute(&self, command: Command) -> Map<String, Value> {
+        let (tx, rx) = oneshot::channel();
+        let queue = if command.oob {
+            &self.oob
+        } else {
+            &self.in_band
+        };
+        if queue.send(Submit { command, reply: tx }).await.is_err() {
+            return lost("qmpgate is shutting down");
+        }
+        rx.await
+            .unwrap_or_else(|_| lost("qmpgate lost the connection to QEMU before it replied"))
+    }
+
+    /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Map<String, Value>>> {
+        self.events.subscribe()
+    }
+
+    /// The latest facts about QEMU.
+    pub fn info(&self) -> UpstreamInfo {
+        self.info.borrow().clone()
+    }
+}
+
+fn lost(desc: &str) -> Map<String, Value> {
+    match qmp::error_response(&QmpError::generic(desc), None) {
+        Value::Object(map) => map,
+        _ => unreachable!("error_response builds an object"),
+    }
+}
+
+/// A gateway event in QEMU's format.
+fn gateway_event(name: &str, data: Value) -> Arc<Map<String, Value>> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let Value::Object(map) = json!({
+        "event": name,
+        "data": data,
+        "timestamp": { "seconds": now.as_secs(), "microseconds": now.subsec_micros() },
+    }) else {
+        unreachable!()
+    };
+    Arc::new(map)
+}
+
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// An open, negotiated link.
+struct Link {
+    reader: Reader,
+    writer: Writer,
+    framer: Framer,
+    info: UpstreamInfo,
+}
+
+/// Opens the upstream chardev (one attempt), reads the greeting and negotiates.
+async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, UpstreamError> {
+    let (mut reader, mut writer) = spec.connect(inherited).await?.into_split();
+    let mut framer = Framer::new(MAX_UPSTREAM_MESSAGE, 1024);
+    let greeting = tokio::time::timeout(GREETING_TIMEOUT, next_message(&mut reader, &mut framer))
+        .await
+        .map_err(|_| UpstreamError::NoGreeting(GREETING_TIMEOUT))??;
+    let Message::Greeting {
+        version,
+        capabilities,
+    } = greeting
+    else {
+        return Err(UpstreamError::Protocol(format!(
+            "expected a greeting, got {greeting:?}"
+        )));
+    };
+    let oob = capabilities.iter().any(|c| c == "oob");
+    let negotiate = if oob {
+        json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 0})
+    } else {
+        json!({"execute": "qmp_capabilities", "id": 0})
+    };
+    writer.write_all(&qmp::encode(&negotiate)).await?;
+    loop {
+        match next_message(&mut reader, &mut framer).await? {
+            Message::Reply { body, .. } if body.contains_key("return") => break,
+            Message::Reply { body, .. } => {
+                return Err(UpstreamError::Negotiation(Value::Object(body).to_string()));
+            }
+            // Events may come before the reply; nobody is subscribed yet.
+            _ => continue,
+        }
+    }
+    Ok(Link {
+        reader,
+        writer,
+        framer,
+        info: UpstreamInfo {
+            version,
+            oob,
+            connected: true,
+        },
+    })
+}
+
+async fn next_message(reader: &mut Reader, framer: &mut Framer) -> Result<Message, UpstreamError> {
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if !frames.is_empty() {
+            // Negotiation reads one message at a time; QEMU sends nothing unasked
+            // before the greeting, and only events around the negotiation reply.
+            let frame = frames.remove(0);
+            return match frame {
+                Frame::Message(bytes) => {
+                    qmp::parse_upstream(&bytes).map_err(|e| UpstreamError::Protocol(e.to_string()))
+                }
+                _ => Err(UpstreamError::Protocol("oversized message".into())),
+            };
+        }
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Err(UpstreamError::Closed);
+        }
+        framer.push(&buf[..n], &mut frames);
+    }
+}
+
+/// Connects to QEMU once and starts the upstream task. Returns the handle and the
+/// task, which ends when the link is lost for good (or at shutdown).
+pub async fn connect(
+    spec: ChardevSpec,
+    mut inherited: Inherited,
+    shutdown: CancellationToken,
+) -> Result<(UpstreamHandle, tokio::task::JoinHandle<Outcome>), UpstreamError> {
+    let link = open(&spec, &mut inherited).await?;
+    let qemu = link
+        .info
+        .version
+        .get("qemu")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        chardev = %spec.id,
+        address = %spec.address,
+        %qemu,
+        oob = link.info.oob,
+        "connected to QEMU"
+    );
+    let (in_band_tx, in_band) = mpsc::channel(256);
+    let (oob_tx, oob) = mpsc::channel(64);
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let (info_tx, info) = watch::channel(link.info.clone());
+    let handle = UpstreamHandle {
+        in_band: in_band_tx,
+        oob: oob_tx,
+        events: events.clone(),
+        info,
+    };
+    let upstream = Upstream {
+        spec,
+        inherited,
+        in_band,
+        oob,
+        events,
+        info: info_tx,
+        next_id: 1,
+        pending: HashMap::new(),
+        in_flight: 0,
+        shutdown,
+    };
+    Ok((handle, tokio::spawn(upstream.run(link))))
+}
+
+/// How the upstream task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Shutdown was requested.
+    Shutdown,
+    /// QEMU closed the link after a `quit` went through.
+    QemuQuit,
+    /// The link was lost and reconnecting is not configured (or failed for good).
+    Lost(String),
+}
+
+/// The upstream task's state.
+struct Upstream {
+    spec: ChardevSpec,
+    inherited: Inherited,
+    in_band: mpsc::Receiver<Submit>,
+    oob: mpsc::Receiver<Submit>,
+    events: broadcast::Sender<Arc<Map<String, Value>>>,
+    info: watch::Sender<UpstreamInfo>,
+    /// Next gateway id; ids are never reused, so a late reply cannot be misrouted.
+    next_id: u64,
+    /// Commands sent and not yet answered, by gateway id: the reply channel and
+    /// whether it was in-band (which counts against `MAX_IN_FLIGHT`).
+    pending: HashMap<u64, (oneshot::Sender<Map<String, Value>>, bool, String)>,
+    in_flight: usize,
+    shutdown: CancellationToken,
+}
+
+impl Upstream {
+    async fn run(mut self, mut link: Link) -> Outcome {
+        loop {
+            let reason = self.serve(&mut link).await;
+            let reason = match reason {
+                Ok(outcome) => return outcome,
+                Err(reason) => reason,
+            };
+            self.fail_pending(&reason);
+            let _ = self.info.send_modify(|i| i.connected = false);
+            let _ = self.events.send(gateway_event(
+                "QMPGATE_UPSTREAM_LOST",
+                json!({ "reason": reason }),
+            ));
+            let Some(delay) = self.spec.reconnect_ms.map(Duration::from_millis) else {
+                tracing::error!(%reason, "lost the connection to QEMU; reconnect-ms is not set, stopping");
+                return Outcome::Lost(reason);
+            };
+            tracing::warn!(%reason, ?delay, "lost the connection to QEMU; reconnecting");
+            link = match self.reconnect(delay).await {
+                Some(link) => link,
+                None => return Outcome::Shutdown,
+            };
+            let _ = self.info.send(link.info.clone());
+            let _ = self
+                .events
+                .send(gateway_event("QMPGATE_UPSTREAM_RESTORED", json!({})));
+        }
+    }
+
+    /// Retries every `delay` until connected; meanwhile commands get an error at once.
+    async fn reconnect(&mut self, delay: Duration) -> Option<Link> {
+        loop {
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = self.shutdown.cancelled() => return None,
+                    Some(submit) = self.in_band.recv() => {
+                        let _ = submit.reply.send(lost("QEMU is not connected; qmpgate is reconnecting"));
+                    }
+                    Some(submit) = self.oob.recv() => {
+                        let _ = submit.reply.send(lost("QEMU is not connected; qmpgate is reconnecting"));
+                    }
+                }
+            }
+            match open(&self.spec, &mut self.inherited).await {
+                Ok(link) => {
+                    tracing::info!(chardev = %self.spec.id, "reconnected to QEMU");
+                    return Some(link);
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+        }
+    }
+
+    /// Serves one link until it drops (`Err(reason)`) or the gateway stops.
+    async fn serve(&mut self, link: &mut Link) -> Result<Outcome, String> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut frames = Vec::new();
+        let mut quit_sent = false;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                Some(submit) = self.oob.recv() => {
+                    self.send(link, submit, &mut quit_sent).await?;
+                }
+                Some(submit) = self.in_band.recv(), if self.in_flight < MAX_IN_FLIGHT => {
+                    self.send(link, submit, &mut quit_sent).await?;
+                }
+                read = link.reader.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) if quit_sent => return Ok(Outcome::QemuQuit),
+                        Ok(0) => return Err("QEMU closed the monitor connection".into()),
+                        // QEMU sometimes resets instead of closing after `quit`.
+                        Err(_) if quit_sent => return Ok(Outcome::QemuQuit),
+                        Err(e) => return Err(format!("reading from QEMU: {e}")),
+                        Ok(n) => n,
+                    };
+                    link.framer.push(&buf[..n], &mut frames);
+                    for frame in frames.drain(..) {
+                        self.receive(frame);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        link: &mut Link,
+        submit: Submit,
+        quit_sent: &mut bool,
+    ) -> Result<(), String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let Command {
+            name,
+            arguments,
+            oob,
+        } = submit.command;
+        let key = if oob { "exec-oob" } else { "execute" };
+        let mut message = Map::new();
+        message.insert(key.into(), Value::from(name.clone()));
+        if !arguments.is_empty() {
+            message.insert("arguments".into(), Value::Object(arguments));
+        }
+        message.insert("id".into(), Value::from(id));
+        *quit_sent |= name == "quit";
+        if !oob {
+            self.in_flight += 1;
+        }
+        self.pending.insert(id, (submit.reply, !oob, name));
+        link.writer
+            .write_all(&qmp::encode(&Value::Object(message)))
+            .await
+            .map_err(|e| format!("writing to QEMU: {e}"))
+    }
+
+    fn receive(&mut self, frame: Frame) {
+        let bytes = match frame {
+            Frame::Message(bytes) => bytes,
+            other => {
+                tracing::warn!(?other, "dropping an oversized message from QEMU");
+                return;
+            }
+        };
+        match qmp::parse_upstream(&bytes) {
+            Ok(Message::Reply { id: Some(id), body }) => {
+                let Some(id) = id.as_u64() else {
+                    tracing::warn!(%id, "reply with an id qmpgate never sent");
+                    return;
+                };
+                match self.pending.remove(&id) {
+                    Some((reply, in_band, _)) => {
+                        if in_band {
+                            self.in_flight -= 1;
+                        }
+                        // The client may have left; its reply is then dropped, nobody else's.
+                        let _ = reply.send(body);
+                    }
+                    None => tracing::warn!(id, "reply to an unknown command id; dropped"),
+                }
+            }
+            Ok(Message::Reply { id: None, body }) => {
+                let reply = Value::Object(body).to_string();
+                tracing::error!(%reply, "QEMU rejected a message from qmpgate");
+            }
+            Ok(Message::Event { name, body }) => {
+                tracing::debug!(event = %name, "event");
+                let _ = self.events.send(Arc::new(body));
+            }
+            Ok(other) => tracing::warn!(message = ?other, "unexpected message from QEMU"),
+            Err(e) => tracing::warn!(error = %e, "QEMU sent invalid JSON"),
+        }
+    }
+
+    fn fail_pending(&mut self, reason: &str) {
+        for (_, (reply, _, name)) in self.pending.drain() {
+            let _ = reply.send(lost(&format!(
+                "qmpgate lost the connection to QEMU before '{name}' was answered ({reason})"
+            )));
+        }
+        self.in_flight = 0;
+    }
+}
