@@ -18,7 +18,7 @@
 //! from the parent or systemd; [`ChardevSpec::listen`] and [`ChardevSpec::connect`]
 //! produce tokio sockets; the `adopt` submodule is the only `unsafe` code in qmpgate.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -516,11 +516,14 @@ impl Stream {
     }
 }
 
-/// Fds this process was given at start: numeric ones are claimed by `fd=N`
-/// chardevs, systemd's by name. Each fd can be claimed once, so no fd is ever
-/// owned twice.
+/// Fds this process was given at start. qmpgate takes ownership of every one of
+/// them before it opens anything itself (so `fd=N` can never name one of qmpgate's
+/// own descriptors) and marks them close-on-exec (so none leaks into QEMU). Each
+/// is then claimed at most once, by an `fd=N` or `systemd=NAME` chardev.
 #[derive(Debug, Default)]
 pub struct Inherited {
+    /// Inherited fds not claimed yet.
+    fds: HashMap<RawFd, OwnedFd>,
     /// systemd's fds with their LISTEN_FDNAMES names, not yet claimed.
     systemd: Vec<(String, RawFd)>,
     /// Every fd claimed so far, with the chardev that claimed it.
@@ -528,16 +531,27 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// Reads systemd's LISTEN_PID / LISTEN_FDS / LISTEN_FDNAMES. Variables meant
-    /// for another process (LISTEN_PID not ours) are ignored, as sd_listen_fds does.
-    pub fn from_env() -> Self {
+    /// Takes every fd above stderr and reads systemd's LISTEN_PID / LISTEN_FDS /
+    /// LISTEN_FDNAMES (ignored when LISTEN_PID is another process's, as
+    /// sd_listen_fds does). Call first thing in `main`, before any file is opened.
+    pub fn from_process() -> Self {
         let vars = |k: &str| std::env::var(k).ok();
-        Inherited::from_vars(
+        let mut inherited = Inherited::from_vars(
             vars("LISTEN_PID").as_deref(),
             vars("LISTEN_FDS").as_deref(),
             vars("LISTEN_FDNAMES").as_deref(),
             std::process::id(),
-        )
+        );
+        inherited.fds = adopt::take_all_inherited();
+        inherited
+    }
+
+    /// Inherited fds from a list (for embedding qmpgate, and tests).
+    pub fn from_fds(fds: impl IntoIterator<Item = OwnedFd>) -> Self {
+        Inherited {
+            fds: fds.into_iter().map(|fd| (fd.as_raw_fd(), fd)).collect(),
+            ..Default::default()
+        }
     }
 
     fn from_vars(pid: Option<&str>, fds: Option<&str>, names: Option<&str>, our_pid: u32) -> Self {
@@ -557,13 +571,12 @@ impl Inherited {
     }
 
     /// Claims the fd of an `fd=` or `systemd=` chardev.
-    fn take(&mut self, spec: &ChardevSpec) -> Result<(RawFd, adopt::Unvalidated), ChardevError> {
+    fn take(&mut self, spec: &ChardevSpec) -> Result<(RawFd, OwnedFd), ChardevError> {
         let fd = match &spec.address {
             Address::Fd(fd) => *fd,
             Address::Systemd(name) => {
                 let Some(pos) = self.systemd.iter().position(|(n, _)| n == name) else {
-                    let available: Vec<&str> =
-                        self.systemd.iter().map(|(n, _)| n.as_str()).collect();
+                    let available: Vec<&str> = self.systemd.iter().map(|(n, _)| n.as_str()).collect();
                     return Err(ChardevError::NoSystemdFd {
                         id: spec.id.clone(),
                         name: name.clone(),
@@ -585,9 +598,12 @@ impl Inherited {
                 other: other.clone(),
             });
         }
-        let socket = adopt::claim(&spec.id, fd)?;
+        let owned = self.fds.remove(&fd).ok_or_else(|| ChardevError::FdNotOpen {
+            id: spec.id.clone(),
+            fd,
+        })?;
         self.claimed.push((fd, spec.id.clone()));
-        Ok((fd, socket))
+        Ok((fd, owned))
     }
 }
 
@@ -602,29 +618,38 @@ mod adopt {
     use nix::sys::stat::{SFlag, fstat};
     use std::os::fd::{AsFd, FromRawFd};
 
-    /// An fd that is open and now owned by us, not yet checked.
-    pub(super) struct Unvalidated(OwnedFd);
-
     /// A checked socket of a known family.
     pub(super) enum Socket {
         Unix(OwnedFd),
         Inet(OwnedFd),
     }
 
-    /// Takes ownership of `fd` if it is open.
-    pub(super) fn claim(id: &str, fd: RawFd) -> Result<Unvalidated, ChardevError> {
-        // SAFETY: F_GETFD reads the descriptor flags and nothing else; an fd that is not
-        // open fails with EBADF and is left alone.
-        if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } < 0 {
-            return Err(ChardevError::FdNotOpen {
-                id: id.to_string(),
-                fd,
-            });
+    /// Takes ownership of every open fd above stderr, marking each close-on-exec.
+    pub(super) fn take_all_inherited() -> HashMap<RawFd, OwnedFd> {
+        // Listing /proc/self/fd opens a descriptor of its own; collect the numbers
+        // first, close the listing, then keep only what is still open.
+        let numbers: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+            Ok(dir) => dir
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut fds = HashMap::new();
+        for fd in numbers {
+            // SAFETY: F_GETFD reads the descriptor flags and nothing else; an fd that is
+            // not open (the listing's own) fails with EBADF and is left alone.
+            if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } < 0 {
+                continue;
+            }
+            // SAFETY: this runs first thing in `main`, before qmpgate opens any file, so
+            // every open fd above stderr was inherited from the parent and nothing else
+            // in the process owns it; each number is taken once.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(owned.as_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            fds.insert(fd, owned);
         }
-        // SAFETY: the fd is open, and `Inherited::take` hands each fd number out at most
-        // once, so this OwnedFd is its only owner in the process. Fds that reach here came
-        // from the parent (`fd=N`) or from systemd, and nothing else in qmpgate uses them.
-        Ok(Unvalidated(unsafe { OwnedFd::from_raw_fd(fd) }))
+        fds
     }
 
     /// Checks that the fd is a stream socket in the mode the spec wants, and marks it
@@ -632,10 +657,9 @@ mod adopt {
     pub(super) fn validate(
         id: &str,
         fd: RawFd,
-        socket: Unvalidated,
+        owned: OwnedFd,
         listening: bool,
     ) -> Result<Socket, ChardevError> {
-        let owned = socket.0;
         let io = |action: &str| {
             let (id, action) = (id.to_string(), action.to_string());
             move |e: nix::Error| ChardevError::Io {
@@ -787,24 +811,13 @@ mod tests {
 
     #[tokio::test]
     async fn adopting_bad_fds_fails_clearly() {
-        let mut inherited = Inherited::default();
-        let spec = ChardevSpec::parse("socket,id=x,fd=999,server=on").unwrap();
-        assert!(matches!(
-            spec.listen(&mut inherited),
-            Err(ChardevError::FdNotOpen { fd: 999, .. })
-        ));
-
-        // A regular file is not a socket; adopting it would take ownership, so use a
-        // dup that the test can lose.
         let file = std::fs::File::open("/dev/null").unwrap();
-        let fd = nix::unistd::dup(&file).unwrap();
-        let spec =
-            ChardevSpec::parse(&format!("socket,id=x,fd={},server=on", fd.as_raw_fd())).unwrap();
-        let raw = fd.as_raw_fd();
-        std::mem::forget(fd);
-        assert!(
-            matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == raw)
-        );
+        let raw = file.as_raw_fd();
+        let mut inherited = Inherited::from_fds([OwnedFd::from(file)]);
+        let spec = ChardevSpec::parse("socket,id=x,fd=999,server=on").unwrap();
+        assert!(matches!(spec.listen(&mut inherited), Err(ChardevError::FdNotOpen { fd: 999, .. })));
+        let spec = ChardevSpec::parse(&format!("socket,id=x,fd={raw},server=on")).unwrap();
+        assert!(matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == raw));
     }
 
     #[tokio::test]
@@ -812,29 +825,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qmpgate-chardev-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let listener = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
-        let raw = OwnedFd::from(listener).into_raw_fd_for_test();
-        let mut inherited = Inherited::default();
+        let raw = listener.as_raw_fd();
+        let mut inherited = Inherited::from_fds([OwnedFd::from(listener)]);
         let spec = ChardevSpec::parse(&format!("socket,id=x,fd={raw}")).unwrap();
         let e = spec.connect(&mut inherited).await.unwrap_err().to_string();
-        assert!(
-            e.contains("is a listening socket, but the spec says server=off"),
-            "{e}"
-        );
+        assert!(e.contains("is a listening socket, but the spec says server=off"), "{e}");
         // The fd was claimed: a second chardev cannot take it again.
         let again = ChardevSpec::parse(&format!("socket,id=y,fd={raw},server=on")).unwrap();
-        assert!(matches!(
-            again.listen(&mut inherited),
-            Err(ChardevError::FdInUse { .. })
-        ));
+        assert!(matches!(again.listen(&mut inherited), Err(ChardevError::FdInUse { .. })));
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    trait IntoRawForTest {
-        fn into_raw_fd_for_test(self) -> RawFd;
-    }
-    impl IntoRawForTest for OwnedFd {
-        fn into_raw_fd_for_test(self) -> RawFd {
-            std::os::fd::IntoRawFd::into_raw_fd(self)
-        }
     }
 }

@@ -113,6 +113,9 @@ impl GatewayArgs {
 }
 
 fn main() -> ExitCode {
+    // Before anything opens a file: every fd above stderr now is one the parent
+    // passed, and none may be confused with, or leak like, one of our own.
+    let inherited = Inherited::from_process();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QMPGATE_LOG")
@@ -131,7 +134,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, inherited)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("qmpgate: {e:#}");
@@ -140,9 +143,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<u8> {
-    // Claim inherited fds before anything else can open a file and reuse a number.
-    let inherited = Inherited::from_env();
+async fn run(cli: Cli, inherited: Inherited) -> anyhow::Result<u8> {
     let (args, qemu) = match &cli.command {
         Some(Command::Run { gateway, qemu }) => (gateway, Some(qemu.clone())),
         None => (&cli.gateway, None),

@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -193,27 +193,27 @@ impl Runtime {
             name: name.into(),
             reason: format!("{e:#}"),
         })?;
-        let plugin = Plugin {
+        let stats = Arc::new(PluginStats::default());
+        let worker = Worker {
             name: name.into(),
             engine: self.engine.clone(),
             pre,
             config: config.to_string(),
             limits,
             audit: self.audit.clone(),
-            live: Mutex::new(None),
-            stats: PluginStats::default(),
+            live: None,
+            stats: stats.clone(),
         };
-        let live = plugin.instantiate().map_err(|reason| PluginError::Init {
+        let plugin = Plugin::spawn(worker, stats).map_err(|reason| PluginError::Init {
             name: name.into(),
             reason,
         })?;
-        *plugin.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
         tracing::info!(
             plugin = name,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "plugin loaded"
         );
-        Ok(Arc::new(plugin))
+        Ok(plugin)
     }
 
     fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, PluginError> {
@@ -437,8 +437,11 @@ pub enum Fault {
     Invalid(String),
 }
 
-/// One loaded plugin: its compiled component, its configuration and its instance.
-pub struct Plugin {
+/// Owns a plugin's compiled component and its live instance, on the plugin's own
+/// OS thread. Wasm never runs on a tokio worker: a plugin spinning up to its deadline
+/// does not stall other connections, and WASI's synchronous stdio (a guest's panic
+/// message goes to stderr) may block without tripping over the async runtime.
+struct Worker {
     name: Arc<str>,
     engine: Engine,
     pre: bindings::PluginPre<HostState>,
@@ -446,18 +449,11 @@ pub struct Plugin {
     limits: Limits,
     audit: Option<Arc<crate::audit::AuditSink>>,
     /// The live instance; `None` after a trap until the next call recreates it.
-    /// Hooks are short, so callers take turns rather than each getting an instance.
-    live: Mutex<Option<Live>>,
-    /// Counters.
-    pub stats: PluginStats,
+    live: Option<Live>,
+    stats: Arc<PluginStats>,
 }
 
-impl Plugin {
-    /// The configured name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
+impl Worker {
     fn deadline_ticks(&self) -> u64 {
         (self.limits.cpu.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
     }
@@ -465,6 +461,7 @@ impl Plugin {
     fn instantiate(&self) -> Result<Live, String> {
         let state = HostState {
             plugin: self.name.clone(),
+            // No environment, arguments, preopened directories, sockets or stdin.
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             memory: MemoryCap {
@@ -504,42 +501,104 @@ impl Plugin {
     }
 
     /// Runs one hook on the live instance (recreating it if a trap killed it).
-    fn call<R>(
-        &self,
-        hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
+    fn call<R>(&mut self, hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>) -> Result<R, Fault> {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let mut guard = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
+        if self.live.is_none() {
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-            *guard = Some(self.instantiate().map_err(Fault::Restart)?);
+            self.live = Some(self.instantiate().map_err(Fault::Restart)?);
         }
-        let live = guard.as_mut().expect("just ensured");
-        live.store.set_epoch_deadline(self.deadline_ticks());
+        let deadline = self.deadline_ticks();
+        let live = self.live.as_mut().expect("just ensured");
+        live.store.set_epoch_deadline(deadline);
         let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
             .memory_high_water
             .fetch_max(high_water, Ordering::Relaxed);
-        let result = result.map_err(|e| {
-            let fault = self.describe(&live.store, e);
-            self.stats.traps.fetch_add(1, Ordering::Relaxed);
-            match fault {
-                Fault::Deadline(_) => self.stats.deadline_kills.fetch_add(1, Ordering::Relaxed),
-                Fault::Memory(_) => self.stats.memory_kills.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
-            tracing::warn!(plugin = &*self.name, error = %fault, "plugin fault; the instance will be recreated");
-            fault
-        });
-        if result.is_err() {
-            *guard = None;
-        }
+        let result = match result {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                let live = self.live.take().expect("still there");
+                let fault = self.describe(&live.store, e);
+                self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                match fault {
+                    Fault::Deadline(_) => self.stats.deadline_kills.fetch_add(1, Ordering::Relaxed),
+                    Fault::Memory(_) => self.stats.memory_kills.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                tracing::warn!(plugin = &*self.name, error = %fault, "plugin fault; the instance will be recreated");
+                Err(fault)
+            }
+        };
         self.stats
             .busy_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+/// One loaded plugin. Hook calls are sent to its worker thread and awaited; calls
+/// from all clients take turns on the one instance (hooks take microseconds).
+pub struct Plugin {
+    name: Arc<str>,
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// Counters.
+    pub stats: Arc<PluginStats>,
+}
+
+impl Plugin {
+    /// Starts the worker thread and instantiates (calling `init`) there.
+    fn spawn(mut worker: Worker, stats: Arc<PluginStats>) -> Result<Arc<Plugin>, String> {
+        let name = worker.name.clone();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("plugin-{name}"))
+            .spawn(move || {
+                match worker.instantiate() {
+                    Ok(live) => {
+                        worker.live = Some(live);
+                        let _ = ready_tx.send(Ok(()));
+                    }
+                    Err(reason) => {
+                        let _ = ready_tx.send(Err(reason));
+                        return;
+                    }
+                }
+                // Ends when the Plugin (the only sender) is dropped.
+                while let Ok(job) = queue.recv() {
+                    job(&mut worker);
+                }
+            })
+            .map_err(|e| format!("cannot start its thread: {e}"))?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Arc::new(Plugin { name, jobs, stats })),
+            Ok(Err(reason)) => Err(reason),
+            Err(_) => Err("its thread stopped during init".into()),
+        }
+    }
+
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn call<R: Send + 'static>(
+        &self,
+        hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R> + Send + 'static,
+    ) -> Result<R, Fault> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |worker| {
+            let _ = tx.send(worker.call(hook));
+        });
+        if self.jobs.send(job).is_err() {
+            return Err(Fault::Restart("its worker thread has stopped".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Fault::Restart("its worker thread has stopped".into())))
     }
 }
 
@@ -628,9 +687,10 @@ impl PluginChain {
     }
 
     /// A client connected: any plugin may refuse it.
-    pub fn on_connect(&self, client: &Client) -> Result<(), QmpError> {
+    pub async fn on_connect(&self, client: &Client) -> Result<(), QmpError> {
         for plugin in &self.plugins {
-            match plugin.call(|g, s| g.call_on_connect(s, client)) {
+            let client = client.clone();
+            match plugin.call(move |g, s| g.call_on_connect(s, &client)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     plugin.stats.denials.fetch_add(1, Ordering::Relaxed);
@@ -639,9 +699,7 @@ impl PluginChain {
                         desc: e.desc,
                     });
                 }
-                Err(fault) => {
-                    return Err(fault_error(plugin, &fault, "the connection was refused"));
-                }
+                Err(fault) => return Err(fault_error(plugin, &fault, "the connection was refused")),
             }
         }
         Ok(())
@@ -649,26 +707,18 @@ impl PluginChain {
 
     /// A command: each plugin may forward, rewrite, deny or answer it; the first
     /// deny or answer ends the chain. A faulting plugin denies.
-    pub fn on_command(
-        &self,
-        client: &Client,
-        mut command: Command,
-        hmp_line: Option<&str>,
-    ) -> Decision {
+    pub async fn on_command(&self, client: &Client, mut command: Command, hmp_line: Option<&str>) -> Decision {
         for plugin in &self.plugins {
-            let wit_command = command.to_wit();
-            let verdict = plugin.call(|g, s| g.call_on_command(s, client, &wit_command, hmp_line));
+            let (client, wit_command, hmp_line) = (client.clone(), command.to_wit(), hmp_line.map(str::to_string));
+            let verdict = plugin
+                .call(move |g, s| g.call_on_command(s, &client, &wit_command, hmp_line.as_deref()))
+                .await;
+            let not_run = "the command was not executed";
             match verdict {
                 Ok(Verdict::Forward) => {}
                 Ok(Verdict::Rewrite(new)) => match Command::from_wit(new) {
                     Ok(new) => command = new,
-                    Err(fault) => {
-                        return Decision::Deny(fault_error(
-                            plugin,
-                            &fault,
-                            "the command was not executed",
-                        ));
-                    }
+                    Err(fault) => return Decision::Deny(fault_error(plugin, &fault, not_run)),
                 },
                 Ok(Verdict::Deny(e)) => {
                     plugin.stats.denials.fetch_add(1, Ordering::Relaxed);
@@ -681,23 +731,13 @@ impl PluginChain {
                     return match serde_json::from_str(&text) {
                         Ok(value) => Decision::Reply(value),
                         Err(e) => {
-                            let fault = Fault::Invalid(format!("reply is not JSON: {e}"));
                             plugin.stats.traps.fetch_add(1, Ordering::Relaxed);
-                            Decision::Deny(fault_error(
-                                plugin,
-                                &fault,
-                                "the command was not executed",
-                            ))
+                            let fault = Fault::Invalid(format!("reply is not JSON: {e}"));
+                            Decision::Deny(fault_error(plugin, &fault, not_run))
                         }
                     };
                 }
-                Err(fault) => {
-                    return Decision::Deny(fault_error(
-                        plugin,
-                        &fault,
-                        "the command was not executed",
-                    ));
-                }
+                Err(fault) => return Decision::Deny(fault_error(plugin, &fault, not_run)),
             }
         }
         Decision::Forward(command)
@@ -706,50 +746,35 @@ impl PluginChain {
     /// QEMU's reply to `command`: plugins may replace it. A faulting plugin turns it
     /// into an error (QEMU did run the command; the client is told the result was
     /// withheld).
-    pub fn on_response(
+    pub async fn on_response(
         &self,
         client: &Client,
         command: &Command,
-        reply: Map<String, Value>,
+        mut reply: Map<String, Value>,
     ) -> Map<String, Value> {
-        if self.plugins.is_empty() {
-            return reply;
-        }
-        let wit_command = command.to_wit();
-        let mut reply = reply;
+        let withheld = "the result was withheld";
         for plugin in &self.plugins {
             let response = match (reply.get("return"), reply.get("error")) {
                 (Some(value), _) => WitResponse::Ok(value.to_string()),
                 (None, Some(error)) => WitResponse::Error(WitError {
-                    class: error
-                        .get("class")
-                        .and_then(Value::as_str)
-                        .unwrap_or("GenericError")
-                        .into(),
-                    desc: error
-                        .get("desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .into(),
+                    class: error.get("class").and_then(Value::as_str).unwrap_or("GenericError").into(),
+                    desc: error.get("desc").and_then(Value::as_str).unwrap_or("").into(),
                 }),
                 (None, None) => return reply,
             };
-            let replacement = match plugin
-                .call(|g, s| g.call_on_response(s, client, &wit_command, &response))
-            {
+            let (client, wit_command) = (client.clone(), command.to_wit());
+            let verdict = plugin
+                .call(move |g, s| g.call_on_response(s, &client, &wit_command, &response))
+                .await;
+            let replacement = match verdict {
                 Ok(ResponseVerdict::Deliver) => continue,
-                Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
-                    match serde_json::from_str::<Value>(&text) {
-                        Ok(value) => serde_json::json!({ "return": value }),
-                        Err(e) => {
-                            let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
-                            crate::qmp::error_response(
-                                &fault_error(plugin, &fault, "the result was withheld"),
-                                None,
-                            )
-                        }
+                Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => match serde_json::from_str::<Value>(&text) {
+                    Ok(value) => crate::qmp::return_response(value, None),
+                    Err(e) => {
+                        let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
+                        crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None)
                     }
-                }
+                },
                 Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => crate::qmp::error_response(
                     &QmpError {
                         class: e.class,
@@ -757,13 +782,10 @@ impl PluginChain {
                     },
                     None,
                 ),
-                Err(fault) => crate::qmp::error_response(
-                    &fault_error(plugin, &fault, "the result was withheld"),
-                    None,
-                ),
+                Err(fault) => crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None),
             };
             let Value::Object(map) = replacement else {
-                unreachable!("built as objects")
+                unreachable!("replies are built as objects")
             };
             reply = map;
         }
@@ -772,51 +794,39 @@ impl PluginChain {
 
     /// An event for one client: plugins may drop or rewrite its data. A faulting
     /// plugin drops it (fail closed: an event may carry what a policy hides).
-    pub fn on_event(
-        &self,
-        client: &Client,
-        name: &str,
-        body: &Map<String, Value>,
-    ) -> EventDecision {
+    pub async fn on_event(&self, client: &Client, name: &str, body: &Map<String, Value>) -> EventDecision {
         if self.plugins.is_empty() {
             return EventDecision::Deliver;
         }
         let timestamp = body.get("timestamp");
-        let field = |k: &str| {
-            timestamp
-                .and_then(|t| t.get(k))
-                .and_then(Value::as_i64)
-                .unwrap_or(0)
-        };
+        let field = |k: &str| timestamp.and_then(|t| t.get(k)).and_then(Value::as_i64).unwrap_or(0);
         let mut event = WitEvent {
             name: name.to_string(),
-            data: body
-                .get("data")
-                .map(Value::to_string)
-                .unwrap_or_else(|| "{}".into()),
+            data: body.get("data").map(Value::to_string).unwrap_or_else(|| "{}".into()),
             seconds: field("seconds"),
             microseconds: field("microseconds"),
         };
-        let mut rewritten = false;
+        let mut rewritten = None;
         for plugin in &self.plugins {
-            match plugin.call(|g, s| g.call_on_event(s, client, &event)) {
+            let (client, wit_event) = (client.clone(), event.clone());
+            match plugin.call(move |g, s| g.call_on_event(s, &client, &wit_event)).await {
                 Ok(EventVerdict::Deliver) => {}
-                Ok(EventVerdict::Drop) => return EventDecision::Drop,
-                Ok(EventVerdict::Rewrite(data)) => {
-                    if !matches!(serde_json::from_str::<Value>(&data), Ok(Value::Object(_))) {
+                Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
+                Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {
+                    Ok(value @ Value::Object(_)) => {
+                        event.data = data;
+                        rewritten = Some(value);
+                    }
+                    _ => {
                         plugin.stats.traps.fetch_add(1, Ordering::Relaxed);
                         return EventDecision::Drop;
                     }
-                    event.data = data;
-                    rewritten = true;
-                }
-                Err(_) => return EventDecision::Drop,
+                },
             }
         }
-        if rewritten {
-            EventDecision::Rewrite(serde_json::from_str(&event.data).expect("validated above"))
-        } else {
-            EventDecision::Deliver
+        match rewritten {
+            Some(data) => EventDecision::Rewrite(data),
+            None => EventDecision::Deliver,
         }
     }
 }

@@ -130,7 +130,7 @@ impl Session {
         mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
         shutdown: CancellationToken,
     ) -> &'static str {
-        if let Err(error) = self.ctx.chain.on_connect(&self.client) {
+        if let Err(error) = self.ctx.chain.on_connect(&self.client).await {
             let _ = self.write(&qmp::error_response(&error, None)).await;
             return "refused by a plugin";
         }
@@ -153,14 +153,17 @@ impl Session {
             while self.in_band.len() < MAX_CLIENT_QUEUE
                 && let Some(frame) = frames.pop_front()
             {
-                self.handle_frame(frame);
+                self.handle_frame(frame).await;
             }
             if eof && frames.is_empty() && self.in_band.is_empty() && self.oob.is_empty() {
                 return "end of input";
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return "gateway shutting down",
+                _ = shutdown.cancelled() => {
+                    self.flush().await;
+                    return "gateway shutting down";
+                }
                 Some(out) = self.oob.next() => {
                     if self.deliver(out).await.is_err() { return "write failed"; }
                 }
@@ -192,8 +195,29 @@ impl Session {
         }
     }
 
+    /// At shutdown: deliver the replies and events that are already here (such as
+    /// the errors for commands QEMU will never answer, and the event saying why).
+    async fn flush(&mut self) {
+        use futures_util::FutureExt;
+        while let Some(Some(out)) = self.in_band.next().now_or_never() {
+            if self.deliver(out).await.is_err() {
+                return;
+            }
+        }
+        while let Some(Some(out)) = self.oob.next().now_or_never() {
+            if self.deliver(out).await.is_err() {
+                return;
+            }
+        }
+        while let Some(Ok(event)) = self.events.as_mut().map(|rx| rx.try_recv()) {
+            if self.deliver_event(&event).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Decides what to do with one framed message.
-    fn handle_frame(&mut self, frame: Frame) {
+    async fn handle_frame(&mut self, frame: Frame) {
         self.ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
         let bytes = match frame {
             Frame::Message(bytes) => bytes,
@@ -259,7 +283,7 @@ impl Session {
                     arguments,
                     oob,
                 };
-                match self.ctx.chain.on_command(&self.client, command, None) {
+                match self.ctx.chain.on_command(&self.client, command, None).await {
                     Decision::Forward(command) => self.forward(id, command),
                     Decision::Deny(e) => {
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
@@ -351,7 +375,7 @@ impl Session {
 
     async fn deliver(&mut self, out: Outgoing) -> std::io::Result<()> {
         let body = match &out.command {
-            Some(command) => self.ctx.chain.on_response(&self.client, command, out.body),
+            Some(command) => self.ctx.chain.on_response(&self.client, command, out.body).await,
             None => out.body,
         };
         self.write(&qmp::with_id(Value::Object(body), out.id)).await
@@ -359,7 +383,7 @@ impl Session {
 
     async fn deliver_event(&mut self, event: &Map<String, Value>) -> std::io::Result<()> {
         let name = event.get("event").and_then(Value::as_str).unwrap_or("");
-        match self.ctx.chain.on_event(&self.client, name, event) {
+        match self.ctx.chain.on_event(&self.client, name, event).await {
             EventDecision::Deliver => self.write(&Value::Object(event.clone())).await,
             EventDecision::Drop => Ok(()),
             EventDecision::Rewrite(data) => {

@@ -1,1 +1,445 @@
-//! placeholder
+//! Helpers for qmpgate's end-to-end tests: real processes on real sockets.
+//!
+//! - [`Qemu`]: a real QEMU (`-M none`, TCG) whose monitor is a listening socket the
+//!   test created before QEMU started (so connecting cannot race its start-up);
+//! - [`GatewayBuilder`]: spawns the `qmpgate` binary with inherited fds, the way a
+//!   parent process would;
+//! - [`QmpClient`]: a small blocking QMP client that shows the bytes a user sees;
+//! - [`FakeQemu`]: a scripted QMP server for faults real QEMU will not produce;
+//! - [`guest`]: paths of the plugin components built from source by `build.rs`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+use serde_json::{Value, json};
+
+/// How long any single wait in a test may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `qmpgate` binary of the same profile as this test.
+pub fn qmpgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/qmpgate
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test lives in target/<profile>/deps")
+        .join("qmpgate");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --release -p qmpgate)",
+        bin.display()
+    );
+    bin
+}
+
+/// A plugin component built by `build.rs`, e.g. `guest("fixture_spin")`.
+pub fn guest(name: &str) -> PathBuf {
+    let path = Path::new(env!("QMPGATE_GUEST_DIR")).join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A fresh private directory.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("qmpgate-test-").tempdir().expect("tempdir")
+}
+
+/// A real QEMU with its QMP monitor on a socket created by the test.
+pub struct Qemu {
+    child: Child,
+    /// The monitor's path.
+    pub monitor: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Qemu {
+    /// Starts `qemu-system-x86_64 -M none` with the monitor on an inherited listening fd.
+    pub fn start() -> Qemu {
+        Qemu::start_with(&[])
+    }
+
+    /// As [`Qemu::start`], with extra QEMU arguments.
+    pub fn start_with(extra: &[&str]) -> Qemu {
+        let dir = tempdir();
+        let monitor = dir.path().join("qemu.sock");
+        let listener = UnixListener::bind(&monitor).expect("bind QEMU monitor");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", "none", "-nodefaults", "-display", "none", "-S"])
+            .args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
+            .args(["-mon", "chardev=mon,mode=control"])
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: OwnedFd::from(listener),
+            child_fd: 3,
+        }])
+        .unwrap();
+        let child = cmd
+            .spawn()
+            .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
+        // `cmd` holds our copy of the listener; drop it so QEMU holds the only one.
+        drop(cmd);
+        Qemu {
+            child,
+            monitor,
+            _dir: dir,
+        }
+    }
+
+    /// The gateway's `--upstream` spec for this QEMU.
+    pub fn upstream_spec(&self) -> String {
+        format!("socket,id=qemu,path={}", self.monitor.display())
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for QEMU to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "QEMU did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds a `qmpgate` invocation.
+pub struct GatewayBuilder {
+    args: Vec<String>,
+    fds: Vec<FdMapping>,
+    dir: tempfile::TempDir,
+}
+
+/// A running `qmpgate` process.
+pub struct Gateway {
+    child: Child,
+    /// The path clients connect to (its listening socket was created by the test).
+    pub path: PathBuf,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayBuilder {
+    /// A gateway in front of `upstream` (a chardev spec).
+    pub fn new(upstream: &str) -> Self {
+        GatewayBuilder::base().args(["--upstream", upstream])
+    }
+
+    /// A gateway with no upstream yet (for `qmpgate run`, or to test errors).
+    pub fn base() -> Self {
+        GatewayBuilder {
+            args: vec![
+                "--cache-dir".into(),
+                // Shared between tests: compiling each plugin once is enough.
+                std::env::temp_dir().join("qmpgate-test-cache").display().to_string(),
+            ],
+            fds: Vec::new(),
+            dir: tempdir(),
+        }
+    }
+
+    /// Adds command-line arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Passes `fd` to the gateway as fd number `child_fd`.
+    pub fn fd(mut self, fd: impl Into<OwnedFd>, child_fd: i32) -> Self {
+        self.fds.push(FdMapping {
+            parent_fd: fd.into(),
+            child_fd,
+        });
+        self
+    }
+
+    /// A private directory that lives as long as the gateway.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Spawns qmpgate with a QMP listener on an inherited listening socket (fd 3)
+    /// bound at a fresh path: clients can connect at once, with no wait.
+    pub fn spawn(self) -> Gateway {
+        let path = self.dir.path().join("gate.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        self.fd(listener, 3)
+            .args(["--listen", "socket,id=qmp,fd=3,server=on"])
+            .spawn_raw_at(path)
+    }
+
+    /// Spawns `qmpgate run ARGS -- QEMU...`.
+    pub fn spawn_run(mut self, qemu: &[&str]) -> Gateway {
+        self.args.insert(0, "run".into());
+        self.args.push("--".into());
+        self.args.extend(qemu.iter().map(|s| s.to_string()));
+        self.spawn_raw()
+    }
+
+    /// Spawns qmpgate with exactly the arguments and fds given.
+    pub fn spawn_raw(self) -> Gateway {
+        let path = self.dir.path().join("unused");
+        self.spawn_raw_at(path)
+    }
+
+    fn spawn_raw_at(self, path: PathBuf) -> Gateway {
+        let stderr_path = self.dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(qmpgate_bin());
+        cmd.args(&self.args)
+            .env("QMPGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        cmd.fd_mappings(self.fds).unwrap();
+        let child = cmd.spawn().expect("spawn qmpgate");
+        drop(cmd);
+        Gateway {
+            child,
+            path,
+            stderr_path,
+            _dir: self.dir,
+        }
+    }
+}
+
+impl Gateway {
+    /// Connects a client and reads the greeting.
+    pub fn client(&self) -> QmpClient {
+        QmpClient::connect(&self.path)
+    }
+
+    /// Connects, reads the greeting and negotiates.
+    pub fn negotiated(&self) -> QmpClient {
+        let mut c = self.client();
+        assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
+        c
+    }
+
+    /// Waits for the gateway to exit; returns its exit code and stderr.
+    pub fn wait(&mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), self.stderr());
+            }
+            assert!(Instant::now() < deadline, "qmpgate did not exit; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the gateway is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// What the gateway logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking QMP client that reads the gateway's CRLF-terminated lines.
+pub struct QmpClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The greeting it received.
+    pub greeting: Value,
+}
+
+impl QmpClient {
+    /// Connects and reads the greeting.
+    pub fn connect(path: &Path) -> QmpClient {
+        let stream = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        QmpClient::from_stream(stream)
+    }
+
+    /// Wraps a connected stream and reads the greeting.
+    pub fn from_stream(stream: UnixStream) -> QmpClient {
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut client = QmpClient {
+            reader: BufReader::new(stream),
+            writer,
+            greeting: Value::Null,
+        };
+        client.greeting = client.read();
+        assert!(client.greeting.get("QMP").is_some(), "expected a greeting, got {}", client.greeting);
+        client
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Sends a JSON value (no newline, like qemu.qmp).
+    pub fn send(&mut self, message: &Value) {
+        self.send_raw(message.to_string().as_bytes());
+    }
+
+    /// Reads one message; panics on timeout or EOF.
+    pub fn read(&mut self) -> Value {
+        let line = self.read_line().expect("connection closed while waiting for a message");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+    }
+
+    /// Reads one raw line (with its CRLF); `None` at EOF.
+    pub fn read_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Reads messages until one that is not an event; returns it.
+    pub fn read_reply(&mut self) -> Value {
+        loop {
+            let message = self.read();
+            if message.get("event").is_none() {
+                return message;
+            }
+        }
+    }
+
+    /// Sends `{"execute": name, "arguments": args}` and returns the reply.
+    pub fn execute(&mut self, name: &str, arguments: Value) -> Value {
+        self.send(&json!({ "execute": name, "arguments": arguments }));
+        self.read_reply()
+    }
+
+    /// Whether the peer has closed the connection (waits up to `TIMEOUT`).
+    pub fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+    }
+
+    /// The underlying stream, for tests that shut it down.
+    pub fn stream(&self) -> &UnixStream {
+        &self.writer
+    }
+}
+
+/// A scripted QMP server on one connection, for faults real QEMU will not produce.
+pub struct FakeQemu {
+    /// The listening path.
+    pub path: PathBuf,
+    handle: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// What the fake does with a command it receives.
+pub enum FakeAction {
+    /// Reply `{"return": {}}`.
+    Return,
+    /// Close the connection without replying.
+    Close,
+    /// Do nothing (the command hangs).
+    Ignore,
+}
+
+impl FakeQemu {
+    /// Serves one connection; `script` decides per command name.
+    pub fn start(script: impl Fn(&str) -> FakeAction + Send + 'static) -> FakeQemu {
+        let dir = tempdir();
+        let path = dir.path().join("fake.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            let Ok((stream, _)) = listener.accept() else { return };
+            let mut writer = stream.try_clone().unwrap();
+            let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99}, "package": "fake"}, "capabilities": []}});
+            writer.write_all(format!("{greeting}\r\n").as_bytes()).unwrap();
+            let reader = BufReader::new(stream);
+            let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
+            while let Some(Ok(message)) = de.next() {
+                let name = message["execute"].as_str().unwrap_or("").to_string();
+                let id = message.get("id").cloned().unwrap_or(Value::Null);
+                let action = if name == "qmp_capabilities" { FakeAction::Return } else { script(&name) };
+                match action {
+                    FakeAction::Return => {
+                        let reply = json!({"return": {}, "id": id});
+                        if writer.write_all(format!("{reply}\r\n").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    FakeAction::Close => return,
+                    FakeAction::Ignore => {}
+                }
+            }
+        });
+        FakeQemu {
+            path,
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    /// The gateway's `--upstream` spec for this fake.
+    pub fn upstream_spec(&self) -> String {
+        format!("socket,id=fake,path={}", self.path.display())
+    }
+}
+
+impl Drop for FakeQemu {
+    fn drop(&mut self) {
+        // The thread ends when its connection closes; don't wait for that here.
+        drop(self.handle.take());
+    }
+}
+
+/// Runs `python3 tests/py/<script>` with arguments; returns stdout (asserting exit 0).
+pub fn python(script: &str, args: &[&str]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(script);
+    let output = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "{script} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
