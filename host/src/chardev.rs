@@ -576,7 +576,8 @@ impl Inherited {
             Address::Fd(fd) => *fd,
             Address::Systemd(name) => {
                 let Some(pos) = self.systemd.iter().position(|(n, _)| n == name) else {
-                    let available: Vec<&str> = self.systemd.iter().map(|(n, _)| n.as_str()).collect();
+                    let available: Vec<&str> =
+                        self.systemd.iter().map(|(n, _)| n.as_str()).collect();
                     return Err(ChardevError::NoSystemdFd {
                         id: spec.id.clone(),
                         name: name.clone(),
@@ -598,10 +599,13 @@ impl Inherited {
                 other: other.clone(),
             });
         }
-        let owned = self.fds.remove(&fd).ok_or_else(|| ChardevError::FdNotOpen {
-            id: spec.id.clone(),
-            fd,
-        })?;
+        let owned = self
+            .fds
+            .remove(&fd)
+            .ok_or_else(|| ChardevError::FdNotOpen {
+                id: spec.id.clone(),
+                fd,
+            })?;
         self.claimed.push((fd, spec.id.clone()));
         Ok((fd, owned))
     }
@@ -646,7 +650,10 @@ mod adopt {
             // every open fd above stderr was inherited from the parent and nothing else
             // in the process owns it; each number is taken once.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            let _ = nix::fcntl::fcntl(owned.as_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let _ = nix::fcntl::fcntl(
+                owned.as_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
             fds.insert(fd, owned);
         }
         fds
@@ -815,9 +822,14 @@ mod tests {
         let raw = file.as_raw_fd();
         let mut inherited = Inherited::from_fds([OwnedFd::from(file)]);
         let spec = ChardevSpec::parse("socket,id=x,fd=999,server=on").unwrap();
-        assert!(matches!(spec.listen(&mut inherited), Err(ChardevError::FdNotOpen { fd: 999, .. })));
+        assert!(matches!(
+            spec.listen(&mut inherited),
+            Err(ChardevError::FdNotOpen { fd: 999, .. })
+        ));
         let spec = ChardevSpec::parse(&format!("socket,id=x,fd={raw},server=on")).unwrap();
-        assert!(matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == raw));
+        assert!(
+            matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == raw)
+        );
     }
 
     #[tokio::test]
@@ -829,10 +841,16 @@ mod tests {
         let mut inherited = Inherited::from_fds([OwnedFd::from(listener)]);
         let spec = ChardevSpec::parse(&format!("socket,id=x,fd={raw}")).unwrap();
         let e = spec.connect(&mut inherited).await.unwrap_err().to_string();
-        assert!(e.contains("is a listening socket, but the spec says server=off"), "{e}");
+        assert!(
+            e.contains("is a listening socket, but the spec says server=off"),
+            "{e}"
+        );
         // The fd was claimed: a second chardev cannot take it again.
         let again = ChardevSpec::parse(&format!("socket,id=y,fd={raw},server=on")).unwrap();
-        assert!(matches!(again.listen(&mut inherited), Err(ChardevError::FdInUse { .. })));
+        assert!(matches!(
+            again.listen(&mut inherited),
+            Err(ChardevError::FdInUse { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,8 +16,8 @@
 //! [`PluginChain`] runs hooks across the configured plugins in order.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -501,7 +501,10 @@ impl Worker {
     }
 
     /// Runs one hook on the live instance (recreating it if a trap killed it).
-    fn call<R>(&mut self, hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>) -> Result<R, Fault> {
+    fn call<R>(
+        &mut self,
+        hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         if self.live.is_none() {
@@ -699,7 +702,9 @@ impl PluginChain {
                         desc: e.desc,
                     });
                 }
-                Err(fault) => return Err(fault_error(plugin, &fault, "the connection was refused")),
+                Err(fault) => {
+                    return Err(fault_error(plugin, &fault, "the connection was refused"));
+                }
             }
         }
         Ok(())
@@ -707,9 +712,18 @@ impl PluginChain {
 
     /// A command: each plugin may forward, rewrite, deny or answer it; the first
     /// deny or answer ends the chain. A faulting plugin denies.
-    pub async fn on_command(&self, client: &Client, mut command: Command, hmp_line: Option<&str>) -> Decision {
+    pub async fn on_command(
+        &self,
+        client: &Client,
+        mut command: Command,
+        hmp_line: Option<&str>,
+    ) -> Decision {
         for plugin in &self.plugins {
-            let (client, wit_command, hmp_line) = (client.clone(), command.to_wit(), hmp_line.map(str::to_string));
+            let (client, wit_command, hmp_line) = (
+                client.clone(),
+                command.to_wit(),
+                hmp_line.map(str::to_string),
+            );
             let verdict = plugin
                 .call(move |g, s| g.call_on_command(s, &client, &wit_command, hmp_line.as_deref()))
                 .await;
@@ -757,8 +771,16 @@ impl PluginChain {
             let response = match (reply.get("return"), reply.get("error")) {
                 (Some(value), _) => WitResponse::Ok(value.to_string()),
                 (None, Some(error)) => WitResponse::Error(WitError {
-                    class: error.get("class").and_then(Value::as_str).unwrap_or("GenericError").into(),
-                    desc: error.get("desc").and_then(Value::as_str).unwrap_or("").into(),
+                    class: error
+                        .get("class")
+                        .and_then(Value::as_str)
+                        .unwrap_or("GenericError")
+                        .into(),
+                    desc: error
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .into(),
                 }),
                 (None, None) => return reply,
             };
@@ -768,13 +790,15 @@ impl PluginChain {
                 .await;
             let replacement = match verdict {
                 Ok(ResponseVerdict::Deliver) => continue,
-                Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => match serde_json::from_str::<Value>(&text) {
-                    Ok(value) => crate::qmp::return_response(value, None),
-                    Err(e) => {
-                        let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
-                        crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None)
+                Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(value) => crate::qmp::return_response(value, None),
+                        Err(e) => {
+                            let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
+                            crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None)
+                        }
                     }
-                },
+                }
                 Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => crate::qmp::error_response(
                     &QmpError {
                         class: e.class,
@@ -782,7 +806,9 @@ impl PluginChain {
                     },
                     None,
                 ),
-                Err(fault) => crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None),
+                Err(fault) => {
+                    crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None)
+                }
             };
             let Value::Object(map) = replacement else {
                 unreachable!("replies are built as objects")
@@ -794,22 +820,38 @@ impl PluginChain {
 
     /// An event for one client: plugins may drop or rewrite its data. A faulting
     /// plugin drops it (fail closed: an event may carry what a policy hides).
-    pub async fn on_event(&self, client: &Client, name: &str, body: &Map<String, Value>) -> EventDecision {
+    pub async fn on_event(
+        &self,
+        client: &Client,
+        name: &str,
+        body: &Map<String, Value>,
+    ) -> EventDecision {
         if self.plugins.is_empty() {
             return EventDecision::Deliver;
         }
         let timestamp = body.get("timestamp");
-        let field = |k: &str| timestamp.and_then(|t| t.get(k)).and_then(Value::as_i64).unwrap_or(0);
+        let field = |k: &str| {
+            timestamp
+                .and_then(|t| t.get(k))
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+        };
         let mut event = WitEvent {
             name: name.to_string(),
-            data: body.get("data").map(Value::to_string).unwrap_or_else(|| "{}".into()),
+            data: body
+                .get("data")
+                .map(Value::to_string)
+                .unwrap_or_else(|| "{}".into()),
             seconds: field("seconds"),
             microseconds: field("microseconds"),
         };
         let mut rewritten = None;
         for plugin in &self.plugins {
             let (client, wit_event) = (client.clone(), event.clone());
-            match plugin.call(move |g, s| g.call_on_event(s, &client, &wit_event)).await {
+            match plugin
+                .call(move |g, s| g.call_on_event(s, &client, &wit_event))
+                .await
+            {
                 Ok(EventVerdict::Deliver) => {}
                 Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
                 Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {

@@ -375,7 +375,12 @@ impl Session {
 
     async fn deliver(&mut self, out: Outgoing) -> std::io::Result<()> {
         let body = match &out.command {
-            Some(command) => self.ctx.chain.on_response(&self.client, command, out.body).await,
+            Some(command) => {
+                self.ctx
+                    .chain
+                    .on_response(&self.client, command, out.body)
+                    .await
+            }
             None => out.body,
         };
         self.write(&qmp::with_id(Value::Object(body), out.id)).await

@@ -285,6 +285,15 @@ pub enum Outcome {
     Lost(String),
 }
 
+/// A command QEMU has not answered yet.
+struct InFlight {
+    reply: oneshot::Sender<Map<String, Value>>,
+    /// In-band commands count against `MAX_IN_FLIGHT`; OOB ones do not.
+    in_band: bool,
+    /// For the error message if the link drops first.
+    name: String,
+}
+
 /// The upstream task's state.
 struct Upstream {
     spec: ChardevSpec,
@@ -295,9 +304,8 @@ struct Upstream {
     info: watch::Sender<UpstreamInfo>,
     /// Next gateway id; ids are never reused, so a late reply cannot be misrouted.
     next_id: u64,
-    /// Commands sent and not yet answered, by gateway id: the reply channel and
-    /// whether it was in-band (which counts against `MAX_IN_FLIGHT`).
-    pending: HashMap<u64, (oneshot::Sender<Map<String, Value>>, bool, String)>,
+    /// Commands sent and not yet answered, by gateway id.
+    pending: HashMap<u64, InFlight>,
     in_flight: usize,
     shutdown: CancellationToken,
 }
@@ -311,7 +319,7 @@ impl Upstream {
                 Err(reason) => reason,
             };
             self.fail_pending(&reason);
-            let _ = self.info.send_modify(|i| i.connected = false);
+            self.info.send_modify(|i| i.connected = false);
             let _ = self.events.send(gateway_event(
                 "QMPGATE_UPSTREAM_LOST",
                 json!({ "reason": reason }),
@@ -415,7 +423,14 @@ impl Upstream {
         if !oob {
             self.in_flight += 1;
         }
-        self.pending.insert(id, (submit.reply, !oob, name));
+        self.pending.insert(
+            id,
+            InFlight {
+                reply: submit.reply,
+                in_band: !oob,
+                name,
+            },
+        );
         link.writer
             .write_all(&qmp::encode(&Value::Object(message)))
             .await
@@ -437,12 +452,12 @@ impl Upstream {
                     return;
                 };
                 match self.pending.remove(&id) {
-                    Some((reply, in_band, _)) => {
-                        if in_band {
+                    Some(in_flight) => {
+                        if in_flight.in_band {
                             self.in_flight -= 1;
                         }
                         // The client may have left; its reply is then dropped, nobody else's.
-                        let _ = reply.send(body);
+                        let _ = in_flight.reply.send(body);
                     }
                     None => tracing::warn!(id, "reply to an unknown command id; dropped"),
                 }
@@ -461,9 +476,10 @@ impl Upstream {
     }
 
     fn fail_pending(&mut self, reason: &str) {
-        for (_, (reply, _, name)) in self.pending.drain() {
-            let _ = reply.send(lost(&format!(
-                "qmpgate lost the connection to QEMU before '{name}' was answered ({reason})"
+        for (_, in_flight) in self.pending.drain() {
+            let _ = in_flight.reply.send(lost(&format!(
+                "qmpgate lost the connection to QEMU before '{}' was answered ({reason})",
+                in_flight.name
             )));
         }
         self.in_flight = 0;

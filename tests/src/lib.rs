@@ -24,12 +24,10 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 /// The `qmpgate` binary of the same profile as this test.
 pub fn qmpgate_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/qmpgate
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test lives in target/<profile>/deps")
-        .join("qmpgate");
+    // Tests live in target/<profile>/deps, binaries (the bench) in target/<profile>.
+    let dir = exe.parent().expect("executable has a directory");
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let bin = dir.join("qmpgate");
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build --release -p qmpgate)",
@@ -47,7 +45,10 @@ pub fn guest(name: &str) -> PathBuf {
 
 /// A fresh private directory.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("qmpgate-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("qmpgate-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// A real QEMU with its QMP monitor on a socket created by the test.
@@ -150,7 +151,10 @@ impl GatewayBuilder {
             args: vec![
                 "--cache-dir".into(),
                 // Shared between tests: compiling each plugin once is enough.
-                std::env::temp_dir().join("qmpgate-test-cache").display().to_string(),
+                std::env::temp_dir()
+                    .join("qmpgate-test-cache")
+                    .display()
+                    .to_string(),
             ],
             fds: Vec::new(),
             dir: tempdir(),
@@ -231,7 +235,10 @@ impl Gateway {
     /// Connects, reads the greeting and negotiates.
     pub fn negotiated(&self) -> QmpClient {
         let mut c = self.client();
-        assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
+        assert_eq!(
+            c.execute("qmp_capabilities", json!({})),
+            json!({"return": {}})
+        );
         c
     }
 
@@ -242,7 +249,11 @@ impl Gateway {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return (status.code(), self.stderr());
             }
-            assert!(Instant::now() < deadline, "qmpgate did not exit; stderr:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "qmpgate did not exit; stderr:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -286,7 +297,8 @@ pub struct QmpClient {
 impl QmpClient {
     /// Connects and reads the greeting.
     pub fn connect(path: &Path) -> QmpClient {
-        let stream = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let stream =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
         QmpClient::from_stream(stream)
     }
 
@@ -300,7 +312,11 @@ impl QmpClient {
             greeting: Value::Null,
         };
         client.greeting = client.read();
-        assert!(client.greeting.get("QMP").is_some(), "expected a greeting, got {}", client.greeting);
+        assert!(
+            client.greeting.get("QMP").is_some(),
+            "expected a greeting, got {}",
+            client.greeting
+        );
         client
     }
 
@@ -316,7 +332,9 @@ impl QmpClient {
 
     /// Reads one message; panics on timeout or EOF.
     pub fn read(&mut self) -> Value {
-        let line = self.read_line().expect("connection closed while waiting for a message");
+        let line = self
+            .read_line()
+            .expect("connection closed while waiting for a message");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
     }
 
@@ -384,16 +402,24 @@ impl FakeQemu {
         let path = dir.path().join("fake.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let handle = std::thread::spawn(move || {
-            let Ok((stream, _)) = listener.accept() else { return };
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
             let mut writer = stream.try_clone().unwrap();
             let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99}, "package": "fake"}, "capabilities": []}});
-            writer.write_all(format!("{greeting}\r\n").as_bytes()).unwrap();
+            writer
+                .write_all(format!("{greeting}\r\n").as_bytes())
+                .unwrap();
             let reader = BufReader::new(stream);
             let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
             while let Some(Ok(message)) = de.next() {
                 let name = message["execute"].as_str().unwrap_or("").to_string();
                 let id = message.get("id").cloned().unwrap_or(Value::Null);
-                let action = if name == "qmp_capabilities" { FakeAction::Return } else { script(&name) };
+                let action = if name == "qmp_capabilities" {
+                    FakeAction::Return
+                } else {
+                    script(&name)
+                };
                 match action {
                     FakeAction::Return => {
                         let reply = json!({"return": {}, "id": id});
@@ -428,7 +454,9 @@ impl Drop for FakeQemu {
 
 /// Runs `python3 tests/py/<script>` with arguments; returns stdout (asserting exit 0).
 pub fn python(script: &str, args: &[&str]) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(script);
     let output = Command::new("python3")
         .arg(&path)
         .args(args)

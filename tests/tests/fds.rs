@@ -19,8 +19,14 @@ fn a_preopened_listener_is_connected_exactly_once_without_waiting() {
     // No retry loop and no sleep: the socket is listening before qmpgate even runs.
     let stream = UnixStream::connect(&path).expect("one connect() suffices");
     let mut c = QmpClient::from_stream(stream);
-    assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
-    assert_eq!(c.execute("query-status", json!({}))["return"]["running"], false);
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["running"],
+        false
+    );
 }
 
 #[test]
@@ -43,9 +49,14 @@ fn the_upstream_can_be_an_inherited_connected_socket_with_no_path_at_all() {
     let mut qemu = cmd.spawn().unwrap();
     drop(cmd);
 
-    let gateway = GatewayBuilder::new("socket,id=qemu,fd=4").fd(ours, 4).spawn();
+    let gateway = GatewayBuilder::new("socket,id=qemu,fd=4")
+        .fd(ours, 4)
+        .spawn();
     let mut c = gateway.negotiated();
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
     drop(gateway);
     qemu.kill().unwrap();
     qemu.wait().unwrap();
@@ -55,7 +66,10 @@ fn fails_with(builder: GatewayBuilder, expected: &str) {
     let mut gateway = builder.spawn_raw();
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains(expected), "expected {expected:?} in:\n{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in:\n{stderr}"
+    );
 }
 
 #[test]
@@ -87,9 +101,12 @@ fn bad_fds_and_specs_are_refused_with_clear_errors() {
     let dir = tempdir();
     let listener = UnixListener::bind(dir.path().join("l.sock")).unwrap();
     fails_with(
-        GatewayBuilder::base()
-            .fd(listener, 3)
-            .args(["--upstream", "socket,id=qemu,fd=3", "--listen", "socket,id=qmp,path=/tmp/x.sock,server=on"]),
+        GatewayBuilder::base().fd(listener, 3).args([
+            "--upstream",
+            "socket,id=qemu,fd=3",
+            "--listen",
+            "socket,id=qmp,path=/tmp/x.sock,server=on",
+        ]),
         "chardev 'qemu': fd 3 is a listening socket, but the spec says server=off",
     );
 
@@ -140,20 +157,33 @@ fn systemd_socket_activation_by_name() {
         std::env::temp_dir().join("qmpgate-test-cache").display()
     );
     let mut cmd = std::process::Command::new("sh");
-    cmd.args(["-c", &script]).stderr(std::process::Stdio::null());
+    cmd.args(["-c", &script])
+        .stderr(std::process::Stdio::null());
     command_fds::CommandFdExt::fd_mappings(
         &mut cmd,
         vec![
-            FdMapping { parent_fd: status_listener.into(), child_fd: 3 },
-            FdMapping { parent_fd: listener.into(), child_fd: 4 },
+            FdMapping {
+                parent_fd: status_listener.into(),
+                child_fd: 3,
+            },
+            FdMapping {
+                parent_fd: listener.into(),
+                child_fd: 4,
+            },
         ],
     )
     .unwrap();
     let mut child = cmd.spawn().unwrap();
     drop(cmd);
     let mut c = QmpClient::connect(&path);
-    assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -167,18 +197,44 @@ fn adopted_fds_are_not_leaked_into_qemu() {
     // fd 5, not 3: QEMU's own monitor fd is 3 and would hide a leak of ours.
     let mut gateway = GatewayBuilder::base()
         .fd(listener, 5)
-        .args(["--listen", "socket,id=qmp,fd=5,server=on", "--profile", "permissive"])
-        .spawn_run(&["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none", "-S"]);
+        .args([
+            "--listen",
+            "socket,id=qmp,fd=5,server=on",
+            "--profile",
+            "permissive",
+        ])
+        .spawn_run(&[
+            "qemu-system-x86_64",
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+        ]);
     let mut c = QmpClient::connect(&dir.path().join("gate.sock"));
-    assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
     // Find QEMU: the gateway's only child.
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gateway.pid())).unwrap();
-    let qemu_pid: u32 = children.split_whitespace().next().expect("QEMU is running").parse().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gateway.pid())).unwrap();
+    let qemu_pid: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("QEMU is running")
+        .parse()
+        .unwrap();
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{qemu_pid}/fd"))
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            format!("{}:{}", e.file_name().to_string_lossy(), std::fs::read_link(e.path()).unwrap().display())
+            format!(
+                "{}:{}",
+                e.file_name().to_string_lossy(),
+                std::fs::read_link(e.path()).unwrap().display()
+            )
         })
         .collect();
     let sockets = fds.iter().filter(|f| f.contains(":socket:")).count();

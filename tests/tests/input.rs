@@ -5,7 +5,9 @@ use qmpgate_tests::{GatewayBuilder, Qemu};
 use serde_json::json;
 
 fn gateway(qemu: &Qemu, extra: &[&str]) -> qmpgate_tests::Gateway {
-    GatewayBuilder::new(&qemu.upstream_spec()).args(extra.iter().copied()).spawn()
+    GatewayBuilder::new(&qemu.upstream_spec())
+        .args(extra.iter().copied())
+        .spawn()
 }
 
 #[test]
@@ -14,27 +16,74 @@ fn malformed_messages_get_qemus_errors_and_the_session_survives() {
     let gateway = gateway(&qemu, &[]);
     let mut c = gateway.negotiated();
     let cases: &[(&[u8], serde_json::Value)] = &[
-        (b"[1, 2]", json!({"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}})),
-        (b"42 ", json!({"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}})),
-        (br#"{"id": 7}"#, json!({"error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}, "id": 7})),
-        (br#"{"execute": 5, "id": 8}"#, json!({"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}, "id": 8})),
-        (br#"{"execute": "query-status", "arguments": [], "id": 9}"#, json!({"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}, "id": 9})),
-        (br#"{"execute": "query-status", "bogus": 1, "id": 10}"#, json!({"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}, "id": 10})),
-        (br#"{"exec-oob": "query-status", "id": 11}"#, json!({"error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}, "id": 11})),
+        (
+            b"[1, 2]",
+            json!({"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}),
+        ),
+        (
+            b"42 ",
+            json!({"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}),
+        ),
+        (
+            br#"{"id": 7}"#,
+            json!({"error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}, "id": 7}),
+        ),
+        (
+            br#"{"execute": 5, "id": 8}"#,
+            json!({"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}, "id": 8}),
+        ),
+        (
+            br#"{"execute": "query-status", "arguments": [], "id": 9}"#,
+            json!({"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}, "id": 9}),
+        ),
+        (
+            br#"{"execute": "query-status", "bogus": 1, "id": 10}"#,
+            json!({"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}, "id": 10}),
+        ),
+        (
+            br#"{"exec-oob": "query-status", "id": 11}"#,
+            json!({"error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}, "id": 11}),
+        ),
     ];
     for (input, expected) in cases {
         c.send_raw(input);
-        assert_eq!(&c.read_reply(), expected, "input {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            &c.read_reply(),
+            expected,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
     }
     c.send_raw(br#"{"execute": , "id": 12}"#);
     let reply = c.read_reply();
-    assert!(reply.get("id").is_none(), "parse errors carry no id, as in QEMU: {reply}");
-    assert!(reply["error"]["desc"].as_str().unwrap().starts_with("JSON parse error, expecting value"), "{reply}");
+    assert!(
+        reply.get("id").is_none(),
+        "parse errors carry no id, as in QEMU: {reply}"
+    );
+    assert!(
+        reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error, expecting value"),
+        "{reply}"
+    );
     // Garbage outside any object is one error, and the `{}` after it another.
     c.send_raw(b"\xff\xfe{}");
-    assert!(c.read_reply()["error"]["desc"].as_str().unwrap().starts_with("JSON parse error"));
-    assert_eq!(c.read_reply()["error"]["desc"], "QMP input lacks member 'execute'");
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch", "still usable");
+    assert!(
+        c.read_reply()["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error")
+    );
+    assert_eq!(
+        c.read_reply()["error"]["desc"],
+        "QMP input lacks member 'execute'"
+    );
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch",
+        "still usable"
+    );
 }
 
 #[test]
@@ -45,7 +94,10 @@ fn oversized_and_deeply_nested_messages_are_refused_with_bounded_memory() {
     let mut c = gateway.negotiated();
 
     // 8 MiB of one string: refused without being buffered (the limit is 64 KiB).
-    let big = format!(r#"{{"execute": "query-status", "arguments": {{"x": "{}"}}, "id": 1}}"#, "a".repeat(8 << 20));
+    let big = format!(
+        r#"{{"execute": "query-status", "arguments": {{"x": "{}"}}, "id": 1}}"#,
+        "a".repeat(8 << 20)
+    );
     c.send_raw(big.as_bytes());
     assert_eq!(
         c.read_reply(),
@@ -57,8 +109,14 @@ fn oversized_and_deeply_nested_messages_are_refused_with_bounded_memory() {
         c.read_reply(),
         json!({"error": {"class": "GenericError", "desc": "JSON nesting exceeds the limit of 16 levels"}})
     );
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
-    assert_eq!(other.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    assert_eq!(
+        other.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
 }
 
 #[test]
@@ -105,7 +163,10 @@ fn oob_commands_are_relayed_to_clients_that_negotiated_oob() {
     c.send(&json!({"exec-oob": "query-status", "id": "o1"}));
     let reply = c.read_reply();
     assert_eq!(reply["id"], "o1");
-    assert_eq!(reply["error"]["desc"], "The command query-status does not support OOB");
+    assert_eq!(
+        reply["error"]["desc"],
+        "The command query-status does not support OOB"
+    );
     // An unknown capability is refused as QEMU refuses it.
     let mut d = gateway.client();
     assert_eq!(

@@ -6,12 +6,18 @@ use serde_json::json;
 
 fn gateway_with(qemu: &Qemu, fixture: &str) -> qmpgate_tests::Gateway {
     GatewayBuilder::new(&qemu.upstream_spec())
-        .args(["--plugin", &format!("{fixture}={}", guest(fixture).display())])
+        .args([
+            "--plugin",
+            &format!("{fixture}={}", guest(fixture).display()),
+        ])
         .spawn()
 }
 
 fn desc(reply: &serde_json::Value) -> String {
-    reply["error"]["desc"].as_str().unwrap_or_default().to_string()
+    reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -27,7 +33,10 @@ fn a_plugin_that_loops_forever_is_stopped_by_its_cpu_deadline() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     // The instance was recreated: the next command works.
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
     assert!(gateway.is_running());
 }
 
@@ -41,8 +50,14 @@ fn a_plugin_that_allocates_without_bound_is_stopped_by_its_memory_cap() {
         desc(&c.execute("hog", json!({}))),
         "qmpgate plugin 'fixture_hog' exceeded its memory limit (32 MiB); the command was not executed"
     );
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
-    assert_eq!(other.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    assert_eq!(
+        other.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
 }
 
 #[test]
@@ -51,13 +66,25 @@ fn a_plugin_that_panics_or_lies_fails_closed() {
     let gateway = gateway_with(&qemu, "fixture_trap");
     let mut c = gateway.negotiated();
     let reply = c.execute("boom", json!({}));
-    assert!(desc(&reply).starts_with("qmpgate plugin 'fixture_trap' trapped"), "{reply}");
-    assert!(gateway.stderr().contains("plugin panicked: panicked at"), "the panic message reaches the log");
+    assert!(
+        desc(&reply).starts_with("qmpgate plugin 'fixture_trap' trapped"),
+        "{reply}"
+    );
+    assert!(
+        gateway.stderr().contains("plugin panicked: panicked at"),
+        "the panic message reaches the log"
+    );
     let reply = c.execute("garbage", json!({}));
-    assert!(desc(&reply).starts_with("qmpgate plugin 'fixture_trap' returned an invalid result"), "{reply}");
+    assert!(
+        desc(&reply).starts_with("qmpgate plugin 'fixture_trap' returned an invalid result"),
+        "{reply}"
+    );
     for _ in 0..5 {
         assert!(desc(&c.execute("boom", json!({}))).contains("trapped"));
-        assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+        assert_eq!(
+            c.execute("query-status", json!({}))["return"]["status"],
+            "prelaunch"
+        );
     }
 }
 
@@ -72,12 +99,19 @@ fn a_bad_plugin_configuration_stops_start_up_with_the_reason() {
     )
     .unwrap();
     let mut gateway = builder
-        .args(["--config", config.to_str().unwrap(), "--listen", "socket,id=l,path=/tmp/qmpgate-never.sock,server=on"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
+        ])
         .spawn_raw();
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
     assert!(
-        stderr.contains("plugin 'policy': init failed: invalid plugin configuration: unknown variant `lax`"),
+        stderr.contains(
+            "plugin 'policy': init failed: invalid plugin configuration: unknown variant `lax`"
+        ),
         "{stderr}"
     );
 }
@@ -90,9 +124,15 @@ fn a_file_that_is_not_a_component_is_refused() {
     std::fs::write(&bogus, b"\0asm this is not a component").unwrap();
     let mut gateway = builder
         .args(["--plugin", &format!("bogus={}", bogus.display())])
-        .args(["--listen", "socket,id=l,path=/tmp/qmpgate-never.sock,server=on"])
+        .args([
+            "--listen",
+            "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
+        ])
         .spawn_raw();
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("plugin 'bogus': not a loadable component"), "{stderr}");
+    assert!(
+        stderr.contains("plugin 'bogus': not a loadable component"),
+        "{stderr}"
+    );
 }

@@ -8,7 +8,10 @@ fn greeting_negotiation_and_commands_match_qemu() {
     let qemu = Qemu::start();
     let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
     let mut c = gateway.client();
-    assert_eq!(c.greeting["QMP"]["version"]["qemu"]["major"], 7, "QEMU's own version is relayed");
+    assert_eq!(
+        c.greeting["QMP"]["version"]["qemu"]["major"], 7,
+        "QEMU's own version is relayed"
+    );
     assert_eq!(c.greeting["QMP"]["capabilities"], json!(["oob"]));
 
     // Before negotiation, QEMU's exact error.
@@ -16,14 +19,23 @@ fn greeting_negotiation_and_commands_match_qemu() {
         c.execute("query-status", json!({})),
         json!({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})
     );
-    assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
     assert_eq!(
         c.execute("qmp_capabilities", json!({})),
         json!({"error": {"class": "CommandNotFound", "desc": "Capabilities negotiation is already complete, command ignored"}})
     );
 
     // Any JSON value is a valid id and comes back verbatim.
-    for id in [json!(1), json!("abc"), json!({"nested": [1, {"x": null}]}), json!([true]), json!(null)] {
+    for id in [
+        json!(1),
+        json!("abc"),
+        json!({"nested": [1, {"x": null}]}),
+        json!([true]),
+        json!(null),
+    ] {
         c.send(&json!({"execute": "query-status", "id": id}));
         let reply = c.read_reply();
         assert_eq!(reply["return"]["status"], "prelaunch");
@@ -33,7 +45,10 @@ fn greeting_negotiation_and_commands_match_qemu() {
     // QEMU's own errors pass through.
     let reply = c.execute("no-such-command", json!({}));
     assert_eq!(reply["error"]["class"], "CommandNotFound");
-    assert_eq!(reply["error"]["desc"], "The command no-such-command has not been found");
+    assert_eq!(
+        reply["error"]["desc"],
+        "The command no-such-command has not been found"
+    );
 }
 
 #[test]
@@ -98,7 +113,11 @@ fn twenty_python_clients_at_once_get_their_own_replies_and_all_events() {
     assert_eq!(out["checked"], 20 * 25);
     assert_eq!(out["misrouted"], 0);
     for i in 0..20 {
-        assert_eq!(out["events"][i.to_string()], json!(["RESUME", "STOP"]), "client {i}: {out}");
+        assert_eq!(
+            out["events"][i.to_string()],
+            json!(["RESUME", "STOP"]),
+            "client {i}: {out}"
+        );
     }
 }
 
@@ -109,7 +128,10 @@ fn operator_rules_deny_by_name_and_readonly_profile_allows_only_queries() {
         .args(["--profile", "readonly"])
         .spawn();
     let mut c = gateway.negotiated();
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
     assert_eq!(
         c.execute("cont", json!({}))["error"]["desc"],
         "Command 'cont' is denied by policy"
@@ -134,7 +156,10 @@ fn operator_rules_deny_by_name_and_readonly_profile_allows_only_queries() {
         c.execute("quit", json!({})),
         json!({"error": {"class": "GenericError", "desc": "Command 'quit' is denied by policy: ask the operator"}})
     );
-    assert_eq!(c.execute("system_reset", json!({}))["error"]["class"], "GenericError");
+    assert_eq!(
+        c.execute("system_reset", json!({}))["error"]["class"],
+        "GenericError"
+    );
     assert_eq!(c.execute("cont", json!({})), json!({"return": {}}));
 }
 
@@ -169,11 +194,30 @@ fn run_launches_qemu_on_a_preopened_socket_and_passes_its_exit_status() {
     let listener = std::os::unix::net::UnixListener::bind(dir.path().join("gate.sock")).unwrap();
     let mut gateway = GatewayBuilder::base()
         .fd(listener, 3)
-        .args(["--listen", "socket,id=qmp,fd=3,server=on", "--profile", "permissive"])
-        .spawn_run(&["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none", "-S"]);
+        .args([
+            "--listen",
+            "socket,id=qmp,fd=3,server=on",
+            "--profile",
+            "permissive",
+        ])
+        .spawn_run(&[
+            "qemu-system-x86_64",
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+        ]);
     let mut c = QmpClient::connect(&dir.path().join("gate.sock"));
-    assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
-    assert_eq!(c.execute("query-status", json!({}))["return"]["status"], "prelaunch");
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
     c.send(&json!({"execute": "quit"}));
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(0), "{stderr}");
@@ -190,6 +234,12 @@ fn run_reports_a_qemu_that_fails_at_start_up_at_once() {
         .spawn_run(&["qemu-system-x86_64", "-M", "no-such-machine"]);
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("QEMU exited at start-up (exit status 1)"), "{stderr}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(10), "no hang");
+    assert!(
+        stderr.contains("QEMU exited at start-up (exit status 1)"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "no hang"
+    );
 }

@@ -33,17 +33,29 @@ fn losing_qemu_mid_command_answers_every_pending_command_and_tells_clients() {
         }
         assert!(lost_event, "clients are told the upstream is gone");
         assert_eq!(replies.len(), 1, "{replies:?}");
-        assert!(replies[0]["error"]["desc"].as_str().unwrap().contains("qmpgate lost the connection to QEMU"));
+        assert!(
+            replies[0]["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("qmpgate lost the connection to QEMU")
+        );
     }
     let (code, stderr) = gateway.wait();
-    assert_eq!(code, Some(1), "no reconnect-ms: the gateway exits with an error\n{stderr}");
+    assert_eq!(
+        code,
+        Some(1),
+        "no reconnect-ms: the gateway exits with an error\n{stderr}"
+    );
 }
 
 #[test]
 fn an_unreachable_upstream_is_one_clear_error_not_a_retry_loop() {
     let dir = qmpgate_tests::tempdir();
-    let mut gateway = GatewayBuilder::new(&format!("socket,id=qemu,path={}", dir.path().join("nothing.sock").display()))
-        .spawn();
+    let mut gateway = GatewayBuilder::new(&format!(
+        "socket,id=qemu,path={}",
+        dir.path().join("nothing.sock").display()
+    ))
+    .spawn();
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
     assert!(stderr.contains("chardev 'qemu': connect to"), "{stderr}");
@@ -57,8 +69,14 @@ fn a_qemu_monitor_busy_with_another_client_is_reported_not_waited_on_forever() {
     let dir = qmpgate_tests::tempdir();
     let path = dir.path().join("busy.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut gateway = GatewayBuilder::new(&format!("socket,id=qemu,path={}", path.display())).spawn();
+    let mut gateway =
+        GatewayBuilder::new(&format!("socket,id=qemu,path={}", path.display())).spawn();
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("sent no QMP greeting within 10s: is another client connected to its monitor?"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "sent no QMP greeting within 10s: is another client connected to its monitor?"
+        ),
+        "{stderr}"
+    );
 }

@@ -235,9 +235,9 @@ macro_rules! export_plugin {
                 }
                 fn translate_hmp(line: String) -> $crate::HmpTranslation {
                     __SLOT.with(|p| $crate::Plugin::translate_hmp(p, &line))
-        }
+                }
             }
-            $crate::bindings::__export_guest!(__Exports with_types_in $crate::bindings);
+    $crate::bindings::__export_guest!(__Exports with_types_in $crate::bindings);
         };
     };
 }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what building and testing qmpgate needs on a Debian machine with the
+# Rust toolchain. Idempotent: each step is skipped when already done.
+set -euo pipefail
+
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v socat >/dev/null; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 socat
+fi
+
+if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+    python3 -m pip install -q qemu.qmp 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages qemu.qmp
+fi
