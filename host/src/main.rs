@@ -190,7 +190,7 @@ async fn run(cli: Cli, inherited: Inherited) -> anyhow::Result<u8> {
     let settings = Settings {
         upstream: resolved.upstream,
         listeners: resolved.listeners,
-        chain: PluginChain::new(plugins),
+        chain: PluginChain::start(plugins)?,
         max_message: resolved.max_message,
         max_depth: resolved.max_depth,
     };

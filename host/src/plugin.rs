@@ -154,15 +154,15 @@ impl Runtime {
         })
     }
 
-    /// Loads a plugin: compiles (or loads from cache), checks the WIT version,
-    /// instantiates and calls `init(config)` so that a bad configuration fails now.
+    /// Loads a plugin: compiles (or loads from cache), checks the WIT version and
+    /// links it. [`PluginChain::start`] then instantiates it and calls `init`.
     pub fn load(
         &self,
         name: &str,
         path: &Path,
         config: &Value,
         limits: Limits,
-    ) -> Result<Arc<Plugin>, PluginError> {
+    ) -> Result<Loaded, PluginError> {
         let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
             name: name.into(),
             path: path.to_path_buf(),
@@ -178,7 +178,7 @@ impl Runtime {
         bytes: &[u8],
         config: &Value,
         limits: Limits,
-    ) -> Result<Arc<Plugin>, PluginError> {
+    ) -> Result<Loaded, PluginError> {
         let started = Instant::now();
         let component = self.compile(name, bytes)?;
         check_version(name, &component, &self.engine)?;
@@ -193,8 +193,12 @@ impl Runtime {
             name: name.into(),
             reason: format!("{e:#}"),
         })?;
-        let stats = Arc::new(PluginStats::default());
-        let worker = Worker {
+        tracing::debug!(
+            plugin = name,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "plugin compiled"
+        );
+        Ok(Loaded(Worker {
             name: name.into(),
             engine: self.engine.clone(),
             pre,
@@ -202,18 +206,8 @@ impl Runtime {
             limits,
             audit: self.audit.clone(),
             live: None,
-            stats: stats.clone(),
-        };
-        let plugin = Plugin::spawn(worker, stats).map_err(|reason| PluginError::Init {
-            name: name.into(),
-            reason,
-        })?;
-        tracing::info!(
-            plugin = name,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "plugin loaded"
-        );
-        Ok(plugin)
+            stats: Arc::new(PluginStats::default()),
+        }))
     }
 
     fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, PluginError> {
@@ -437,10 +431,7 @@ pub enum Fault {
     Invalid(String),
 }
 
-/// Owns a plugin's compiled component and its live instance, on the plugin's own
-/// OS thread. Wasm never runs on a tokio worker: a plugin spinning up to its deadline
-/// does not stall other connections, and WASI's synchronous stdio (a guest's panic
-/// message goes to stderr) may block without tripping over the async runtime.
+/// One plugin's compiled component and live instance. Lives on its chain's thread.
 struct Worker {
     name: Arc<str>,
     engine: Engine,
@@ -541,68 +532,16 @@ impl Worker {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+/// A compiled, linked plugin, not instantiated yet.
+pub struct Loaded(Worker);
 
-/// One loaded plugin. Hook calls are sent to its worker thread and awaited; calls
-/// from all clients take turns on the one instance (hooks take microseconds).
-pub struct Plugin {
-    name: Arc<str>,
-    jobs: std::sync::mpsc::Sender<Job>,
-    /// Counters.
-    pub stats: Arc<PluginStats>,
-}
-
-impl Plugin {
-    /// Starts the worker thread and instantiates (calling `init`) there.
-    fn spawn(mut worker: Worker, stats: Arc<PluginStats>) -> Result<Arc<Plugin>, String> {
-        let name = worker.name.clone();
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("plugin-{name}"))
-            .spawn(move || {
-                match worker.instantiate() {
-                    Ok(live) => {
-                        worker.live = Some(live);
-                        let _ = ready_tx.send(Ok(()));
-                    }
-                    Err(reason) => {
-                        let _ = ready_tx.send(Err(reason));
-                        return;
-                    }
-                }
-                // Ends when the Plugin (the only sender) is dropped.
-                while let Ok(job) = queue.recv() {
-                    job(&mut worker);
-                }
-            })
-            .map_err(|e| format!("cannot start its thread: {e}"))?;
-        match ready.recv() {
-            Ok(Ok(())) => Ok(Arc::new(Plugin { name, jobs, stats })),
-            Ok(Err(reason)) => Err(reason),
-            Err(_) => Err("its thread stopped during init".into()),
-        }
-    }
-
+/// A plugin in a running chain, as status reports it.
+#[derive(Clone)]
+pub struct PluginInfo {
     /// The configured name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn call<R: Send + 'static>(
-        &self,
-        hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R> + Send + 'static,
-    ) -> Result<R, Fault> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |worker| {
-            let _ = tx.send(worker.call(hook));
-        });
-        if self.jobs.send(job).is_err() {
-            return Err(Fault::Restart("its worker thread has stopped".into()));
-        }
-        rx.await
-            .unwrap_or_else(|_| Err(Fault::Restart("its worker thread has stopped".into())))
-    }
+    pub name: Arc<str>,
+    /// Its counters.
+    pub stats: Arc<PluginStats>,
 }
 
 /// A command as plugins see it, with its arguments as a JSON object.
@@ -665,49 +604,141 @@ pub enum EventDecision {
     Drop,
 }
 
-fn fault_error(plugin: &Plugin, fault: &Fault, what: &str) -> QmpError {
-    QmpError::generic(format!(
-        "qmpgate plugin '{}' {fault}; {what}",
-        plugin.name()
-    ))
+fn fault_error(plugin: &Worker, fault: &Fault, what: &str) -> QmpError {
+    QmpError::generic(format!("qmpgate plugin '{}' {fault}; {what}", plugin.name))
 }
 
-/// The plugins configured for a listener, run in order on every hook.
-#[derive(Clone, Default)]
+type Job = Box<dyn FnOnce(&mut [Worker]) + Send>;
+
+/// The plugins of a chain, run in order on every hook.
+///
+/// All of a chain's instances live on one OS thread of its own, and a hook runs the
+/// whole chain in one trip to that thread: wasm never runs on a tokio worker (a
+/// plugin spinning to its deadline stalls no connection), WASI's synchronous stdio
+/// (a guest's panic message) may block freely, and the cost of a thread hop is paid
+/// once per hook, not once per plugin. Calls from all clients take turns; hooks
+/// take microseconds.
+#[derive(Clone)]
 pub struct PluginChain {
-    plugins: Vec<Arc<Plugin>>,
+    /// Sends work to the chain's thread; `None` for an empty chain.
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    plugins: Vec<PluginInfo>,
 }
 
 impl PluginChain {
-    /// A chain of these plugins, in this order.
-    pub fn new(plugins: Vec<Arc<Plugin>>) -> Self {
-        PluginChain { plugins }
+    /// A chain that lets everything through.
+    pub fn empty() -> Self {
+        PluginChain {
+            jobs: None,
+            plugins: Vec::new(),
+        }
+    }
+
+    /// Starts the chain's thread, instantiates every plugin there and calls its
+    /// `init`; the first refusal or trap is returned.
+    pub fn start(loaded: Vec<Loaded>) -> Result<Self, PluginError> {
+        if loaded.is_empty() {
+            return Ok(PluginChain::empty());
+        }
+        let mut workers: Vec<Worker> = loaded.into_iter().map(|l| l.0).collect();
+        let plugins = workers
+            .iter()
+            .map(|w| PluginInfo {
+                name: w.name.clone(),
+                stats: w.stats.clone(),
+            })
+            .collect();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("qmpgate-plugins".into())
+            .spawn(move || {
+                for worker in workers.iter_mut() {
+                    match worker.instantiate() {
+                        Ok(live) => worker.live = Some(live),
+                        Err(reason) => {
+                            let _ = ready_tx.send(Err(PluginError::Init {
+                                name: worker.name.to_string(),
+                                reason,
+                            }));
+                            return;
+                        }
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                // Ends when the last PluginChain clone (the senders) is dropped.
+                while let Ok(job) = queue.recv() {
+                    job(&mut workers);
+                }
+            })
+            .map_err(|e| PluginError::Init {
+                name: "(chain)".into(),
+                reason: format!("cannot start its thread: {e}"),
+            })?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(PluginChain {
+                jobs: Some(jobs),
+                plugins,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PluginError::Init {
+                name: "(chain)".into(),
+                reason: "its thread stopped".into(),
+            }),
+        }
     }
 
     /// The plugins, in order.
-    pub fn plugins(&self) -> &[Arc<Plugin>] {
+    pub fn plugins(&self) -> &[PluginInfo] {
         &self.plugins
+    }
+
+    /// Runs `job` on the chain's thread and waits for its result; `fallback` if the
+    /// thread is gone (callers handle the empty chain before calling).
+    async fn run<R: Send + 'static>(
+        &self,
+        fallback: R,
+        job: impl FnOnce(&mut [Worker]) -> R + Send + 'static,
+    ) -> R {
+        let Some(jobs) = &self.jobs else {
+            return fallback;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |workers| {
+            let _ = tx.send(job(workers));
+        });
+        if jobs.send(job).is_err() {
+            return fallback;
+        }
+        rx.await.unwrap_or(fallback)
     }
 
     /// A client connected: any plugin may refuse it.
     pub async fn on_connect(&self, client: &Client) -> Result<(), QmpError> {
-        for plugin in &self.plugins {
-            let client = client.clone();
-            match plugin.call(move |g, s| g.call_on_connect(s, &client)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    plugin.stats.denials.fetch_add(1, Ordering::Relaxed);
-                    return Err(QmpError {
-                        class: e.class,
-                        desc: e.desc,
-                    });
-                }
-                Err(fault) => {
-                    return Err(fault_error(plugin, &fault, "the connection was refused"));
+        if self.jobs.is_none() {
+            return Ok(());
+        }
+        let client = client.clone();
+        let stopped = Err(QmpError::generic("qmpgate's plugin thread has stopped"));
+        self.run(stopped, move |workers| {
+            for worker in workers {
+                match worker.call(|g, s| g.call_on_connect(s, &client)) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        worker.stats.denials.fetch_add(1, Ordering::Relaxed);
+                        return Err(QmpError {
+                            class: e.class,
+                            desc: e.desc,
+                        });
+                    }
+                    Err(fault) => {
+                        return Err(fault_error(worker, &fault, "the connection was refused"));
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// A command: each plugin may forward, rewrite, deny or answer it; the first
@@ -715,46 +746,18 @@ impl PluginChain {
     pub async fn on_command(
         &self,
         client: &Client,
-        mut command: Command,
+        command: Command,
         hmp_line: Option<&str>,
     ) -> Decision {
-        for plugin in &self.plugins {
-            let (client, wit_command, hmp_line) = (
-                client.clone(),
-                command.to_wit(),
-                hmp_line.map(str::to_string),
-            );
-            let verdict = plugin
-                .call(move |g, s| g.call_on_command(s, &client, &wit_command, hmp_line.as_deref()))
-                .await;
-            let not_run = "the command was not executed";
-            match verdict {
-                Ok(Verdict::Forward) => {}
-                Ok(Verdict::Rewrite(new)) => match Command::from_wit(new) {
-                    Ok(new) => command = new,
-                    Err(fault) => return Decision::Deny(fault_error(plugin, &fault, not_run)),
-                },
-                Ok(Verdict::Deny(e)) => {
-                    plugin.stats.denials.fetch_add(1, Ordering::Relaxed);
-                    return Decision::Deny(QmpError {
-                        class: e.class,
-                        desc: e.desc,
-                    });
-                }
-                Ok(Verdict::Reply(text)) => {
-                    return match serde_json::from_str(&text) {
-                        Ok(value) => Decision::Reply(value),
-                        Err(e) => {
-                            plugin.stats.traps.fetch_add(1, Ordering::Relaxed);
-                            let fault = Fault::Invalid(format!("reply is not JSON: {e}"));
-                            Decision::Deny(fault_error(plugin, &fault, not_run))
-                        }
-                    };
-                }
-                Err(fault) => return Decision::Deny(fault_error(plugin, &fault, not_run)),
-            }
+        if self.jobs.is_none() {
+            return Decision::Forward(command);
         }
-        Decision::Forward(command)
+        let (client, hmp_line) = (client.clone(), hmp_line.map(str::to_string));
+        let stopped = Decision::Deny(QmpError::generic("qmpgate's plugin thread has stopped"));
+        self.run(stopped, move |workers| {
+            decide(workers, &client, command, hmp_line.as_deref())
+        })
+        .await
     }
 
     /// QEMU's reply to `command`: plugins may replace it. A faulting plugin turns it
@@ -764,58 +767,19 @@ impl PluginChain {
         &self,
         client: &Client,
         command: &Command,
-        mut reply: Map<String, Value>,
+        reply: Map<String, Value>,
     ) -> Map<String, Value> {
-        let withheld = "the result was withheld";
-        for plugin in &self.plugins {
-            let response = match (reply.get("return"), reply.get("error")) {
-                (Some(value), _) => WitResponse::Ok(value.to_string()),
-                (None, Some(error)) => WitResponse::Error(WitError {
-                    class: error
-                        .get("class")
-                        .and_then(Value::as_str)
-                        .unwrap_or("GenericError")
-                        .into(),
-                    desc: error
-                        .get("desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .into(),
-                }),
-                (None, None) => return reply,
-            };
-            let (client, wit_command) = (client.clone(), command.to_wit());
-            let verdict = plugin
-                .call(move |g, s| g.call_on_response(s, &client, &wit_command, &response))
-                .await;
-            let replacement = match verdict {
-                Ok(ResponseVerdict::Deliver) => continue,
-                Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
-                    match serde_json::from_str::<Value>(&text) {
-                        Ok(value) => crate::qmp::return_response(value, None),
-                        Err(e) => {
-                            let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
-                            crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None)
-                        }
-                    }
-                }
-                Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => crate::qmp::error_response(
-                    &QmpError {
-                        class: e.class,
-                        desc: e.desc,
-                    },
-                    None,
-                ),
-                Err(fault) => {
-                    crate::qmp::error_response(&fault_error(plugin, &fault, withheld), None)
-                }
-            };
-            let Value::Object(map) = replacement else {
-                unreachable!("replies are built as objects")
-            };
-            reply = map;
+        if self.jobs.is_none() {
+            return reply;
         }
-        reply
+        let (client, command) = (client.clone(), command.to_wit());
+        let mut stopped = reply.clone();
+        stopped.remove("return");
+        stopped.insert("error".into(), serde_json::json!({"class": "GenericError", "desc": "qmpgate's plugin thread has stopped; the result was withheld"}));
+        self.run(stopped, move |workers| {
+            respond(workers, &client, &command, reply)
+        })
+        .await
     }
 
     /// An event for one client: plugins may drop or rewrite its data. A faulting
@@ -826,7 +790,7 @@ impl PluginChain {
         name: &str,
         body: &Map<String, Value>,
     ) -> EventDecision {
-        if self.plugins.is_empty() {
+        if self.jobs.is_none() {
             return EventDecision::Deliver;
         }
         let timestamp = body.get("timestamp");
@@ -836,7 +800,7 @@ impl PluginChain {
                 .and_then(Value::as_i64)
                 .unwrap_or(0)
         };
-        let mut event = WitEvent {
+        let event = WitEvent {
             name: name.to_string(),
             data: body
                 .get("data")
@@ -845,30 +809,126 @@ impl PluginChain {
             seconds: field("seconds"),
             microseconds: field("microseconds"),
         };
-        let mut rewritten = None;
-        for plugin in &self.plugins {
-            let (client, wit_event) = (client.clone(), event.clone());
-            match plugin
-                .call(move |g, s| g.call_on_event(s, &client, &wit_event))
-                .await
-            {
-                Ok(EventVerdict::Deliver) => {}
-                Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
-                Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {
-                    Ok(value @ Value::Object(_)) => {
-                        event.data = data;
-                        rewritten = Some(value);
-                    }
-                    _ => {
-                        plugin.stats.traps.fetch_add(1, Ordering::Relaxed);
-                        return EventDecision::Drop;
-                    }
-                },
+        let client = client.clone();
+        self.run(EventDecision::Drop, move |workers| {
+            filter_event(workers, &client, event)
+        })
+        .await
+    }
+}
+
+fn decide(
+    workers: &mut [Worker],
+    client: &Client,
+    mut command: Command,
+    hmp_line: Option<&str>,
+) -> Decision {
+    let not_run = "the command was not executed";
+    for worker in workers {
+        let wit_command = command.to_wit();
+        match worker.call(|g, s| g.call_on_command(s, client, &wit_command, hmp_line)) {
+            Ok(Verdict::Forward) => {}
+            Ok(Verdict::Rewrite(new)) => match Command::from_wit(new) {
+                Ok(new) => command = new,
+                Err(fault) => return Decision::Deny(fault_error(worker, &fault, not_run)),
+            },
+            Ok(Verdict::Deny(e)) => {
+                worker.stats.denials.fetch_add(1, Ordering::Relaxed);
+                return Decision::Deny(QmpError {
+                    class: e.class,
+                    desc: e.desc,
+                });
             }
+            Ok(Verdict::Reply(text)) => {
+                return match serde_json::from_str(&text) {
+                    Ok(value) => Decision::Reply(value),
+                    Err(e) => {
+                        worker.stats.traps.fetch_add(1, Ordering::Relaxed);
+                        let fault = Fault::Invalid(format!("reply is not JSON: {e}"));
+                        Decision::Deny(fault_error(worker, &fault, not_run))
+                    }
+                };
+            }
+            Err(fault) => return Decision::Deny(fault_error(worker, &fault, not_run)),
         }
-        match rewritten {
-            Some(data) => EventDecision::Rewrite(data),
-            None => EventDecision::Deliver,
+    }
+    Decision::Forward(command)
+}
+
+fn respond(
+    workers: &mut [Worker],
+    client: &Client,
+    command: &WitCommand,
+    mut reply: Map<String, Value>,
+) -> Map<String, Value> {
+    let withheld = "the result was withheld";
+    for worker in workers {
+        let response = match (reply.get("return"), reply.get("error")) {
+            (Some(value), _) => WitResponse::Ok(value.to_string()),
+            (None, Some(error)) => WitResponse::Error(WitError {
+                class: error
+                    .get("class")
+                    .and_then(Value::as_str)
+                    .unwrap_or("GenericError")
+                    .into(),
+                desc: error
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .into(),
+            }),
+            (None, None) => return reply,
+        };
+        let replacement = match worker
+            .call(|g, s| g.call_on_response(s, client, command, &response))
+        {
+            Ok(ResponseVerdict::Deliver) => continue,
+            Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(value) => crate::qmp::return_response(value, None),
+                    Err(e) => {
+                        let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
+                        crate::qmp::error_response(&fault_error(worker, &fault, withheld), None)
+                    }
+                }
+            }
+            Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => crate::qmp::error_response(
+                &QmpError {
+                    class: e.class,
+                    desc: e.desc,
+                },
+                None,
+            ),
+            Err(fault) => crate::qmp::error_response(&fault_error(worker, &fault, withheld), None),
+        };
+        let Value::Object(map) = replacement else {
+            unreachable!("replies are built as objects")
+        };
+        reply = map;
+    }
+    reply
+}
+
+fn filter_event(workers: &mut [Worker], client: &Client, mut event: WitEvent) -> EventDecision {
+    let mut rewritten = None;
+    for worker in workers {
+        match worker.call(|g, s| g.call_on_event(s, client, &event)) {
+            Ok(EventVerdict::Deliver) => {}
+            Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
+            Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {
+                Ok(value @ Value::Object(_)) => {
+                    event.data = data;
+                    rewritten = Some(value);
+                }
+                _ => {
+                    worker.stats.traps.fetch_add(1, Ordering::Relaxed);
+                    return EventDecision::Drop;
+                }
+            },
         }
+    }
+    match rewritten {
+        Some(data) => EventDecision::Rewrite(data),
+        None => EventDecision::Deliver,
     }
 }

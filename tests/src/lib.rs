@@ -26,7 +26,11 @@ pub fn qmpgate_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // Tests live in target/<profile>/deps, binaries (the bench) in target/<profile>.
     let dir = exe.parent().expect("executable has a directory");
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let bin = dir.join("qmpgate");
     assert!(
         bin.exists(),

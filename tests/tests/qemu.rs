@@ -243,3 +243,23 @@ fn run_reports_a_qemu_that_fails_at_start_up_at_once() {
         "no hang"
     );
 }
+
+#[test]
+fn without_the_default_policy_everything_passes() {
+    let qemu = Qemu::start();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--no-default-policy"])
+        .spawn();
+    let mut c = gateway.negotiated();
+    // `screendump` reaches QEMU, which refuses it for its own reason (no console).
+    let reply = c.execute("screendump", json!({"filename": "/dev/null"}));
+    assert_eq!(reply["error"]["class"], "GenericError");
+    assert!(
+        !reply["error"]["desc"].as_str().unwrap().contains("policy"),
+        "{reply}"
+    );
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}

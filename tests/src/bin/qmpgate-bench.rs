@@ -29,7 +29,10 @@ struct Measurement {
 
 fn measure(name: &'static str, path: &Path, rounds: usize) -> Measurement {
     let mut c = QmpClient::connect(path);
-    assert_eq!(c.execute("qmp_capabilities", json!({})), json!({"return": {}}));
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
     for _ in 0..200 {
         c.execute("query-status", json!({}));
     }
@@ -41,7 +44,9 @@ fn measure(name: &'static str, path: &Path, rounds: usize) -> Measurement {
         assert!(reply.get("return").is_some(), "{reply}");
     }
     samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
+    let pct = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
+    };
 
     let total = rounds * 5;
     let window = 16;
@@ -68,7 +73,11 @@ fn measure(name: &'static str, path: &Path, rounds: usize) -> Measurement {
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(path).is_err() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -84,7 +93,10 @@ impl Drop for Socat {
 }
 
 fn main() {
-    let rounds: usize = std::env::args().nth(1).map(|n| n.parse().expect("ROUNDS is a number")).unwrap_or(5000);
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse().expect("ROUNDS is a number"))
+        .unwrap_or(5000);
     let mut results = Vec::new();
 
     let qemu = Qemu::start();
@@ -108,7 +120,9 @@ fn main() {
     drop(qemu);
 
     let qemu = Qemu::start();
-    let gateway = GatewayBuilder::new(&qemu.upstream_spec()).args(["--no-default-policy"]).spawn();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--no-default-policy"])
+        .spawn();
     results.push(measure("qmpgate, 0 plugins", &gateway.path, rounds));
     drop(gateway);
     drop(qemu);
@@ -143,7 +157,10 @@ fn main() {
     drop(qemu);
 
     let base = &results[0];
-    println!("query-status, {rounds} sequential round trips; throughput with 16 in flight ({} commands)", rounds * 5);
+    println!(
+        "query-status, {rounds} sequential round trips; throughput with 16 in flight ({} commands)",
+        rounds * 5
+    );
     println!(
         "| path | p50 latency | p99 latency | throughput | p50 vs direct | throughput vs direct |"
     );
