@@ -82,7 +82,7 @@ pub enum ChardevError {
     #[error("chardev '{id}': {path} exists and is not a socket")]
     PathNotSocket { id: String, path: PathBuf },
     /// A system call failed.
-    #[error("chardev '{id}': {action}: {source}")]
+    #[error("chardev '{id}': {action}")]
     Io {
         id: String,
         action: String,

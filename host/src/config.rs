@@ -40,7 +40,7 @@ pub const BUILTIN_POLICY: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_POLICY"))
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]

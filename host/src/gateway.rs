@@ -72,7 +72,7 @@ pub struct Settings {
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
 pub enum StartError {
     /// The upstream could not be reached or negotiated.
-    #[error("upstream '{id}': {source}")]
+    #[error("upstream '{id}'")]
     Upstream {
         id: String,
         #[source]

@@ -24,10 +24,10 @@ const QEMU_MONITOR_FD: i32 = 3;
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
 pub enum LaunchError {
     /// Creating the private directory or socket failed.
-    #[error("cannot create the monitor socket: {0}")]
+    #[error("cannot create the monitor socket")]
     Socket(#[source] std::io::Error),
     /// The program could not be started.
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         program: String,
         #[source]

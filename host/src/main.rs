@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -198,8 +199,11 @@ async fn run(cli: Cli, inherited: Inherited) -> anyhow::Result<u8> {
         Ok(gateway) => gateway,
         Err(e) => {
             if let Some(launched) = &mut launched {
-                // The likeliest reason is that QEMU did not start: say how it ended.
-                if let Ok(Some(status)) = launched.child.try_wait() {
+                // The likeliest reason is that QEMU did not start: say how it ended. The
+                // link may fail a moment before QEMU's exit is visible, so wait briefly.
+                let exited =
+                    tokio::time::timeout(Duration::from_secs(2), launched.child.wait()).await;
+                if let Ok(Ok(status)) = exited {
                     anyhow::bail!(
                         "QEMU exited at start-up ({})",
                         qmpgate::launcher::describe_exit(status)

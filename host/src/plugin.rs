@@ -56,7 +56,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
 pub enum PluginError {
     /// The file could not be read.
-    #[error("plugin '{name}': cannot read {path}: {source}")]
+    #[error("plugin '{name}': cannot read {path}")]
     Read {
         name: String,
         path: PathBuf,

@@ -36,9 +36,14 @@ use crate::framing::{Frame, Framer};
 use crate::gateway::ListenerContext;
 use crate::plugin::{self, Command, Decision, EventDecision};
 use crate::qmp::{self, ErrorClass, QmpError, Request};
+use crate::upstream::UpstreamEvent;
 
 /// Outstanding in-band commands per client before the session stops reading.
 pub const MAX_CLIENT_QUEUE: usize = 32;
+
+/// Commands one client may have inside QEMU at once: half of QEMU's queue, so a
+/// client that floods QEMU with slow commands leaves room for everyone else.
+pub const MAX_CLIENT_UPSTREAM: usize = crate::upstream::MAX_IN_FLIGHT / 2;
 
 /// A client that cannot take a write for this long is disconnected.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +63,8 @@ struct Outgoing {
     command: Option<Command>,
     /// `{"return": ...}` or `{"error": ...}`, without id.
     body: Map<String, Value>,
+    /// Where QEMU's reply stood among QEMU's messages; `None` for gateway answers.
+    seq: Option<u64>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
@@ -94,6 +101,8 @@ pub async fn serve(
         in_band: FuturesOrdered::new(),
         oob: FuturesUnordered::new(),
         events: None,
+        held_event: None,
+        upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
     };
     ctx_metrics(&session.ctx)
         .clients_connected
@@ -121,7 +130,12 @@ struct Session {
     /// OOB replies, in the order QEMU sends them.
     oob: FuturesUnordered<Pending>,
     /// QEMU's events, from negotiation on.
-    events: Option<broadcast::Receiver<Arc<Map<String, Value>>>>,
+    events: Option<broadcast::Receiver<Arc<UpstreamEvent>>>,
+    /// An event taken from the channel early (while ordering a reply) and not yet
+    /// delivered.
+    held_event: Option<Arc<UpstreamEvent>>,
+    /// Limits this client's in-band commands inside QEMU to `MAX_CLIENT_UPSTREAM`.
+    upstream_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Session {
@@ -158,6 +172,11 @@ impl Session {
             if eof && frames.is_empty() && self.in_band.is_empty() && self.oob.is_empty() {
                 return "end of input";
             }
+            if let Some(event) = self.held_event.take()
+                && let Err(e) = self.deliver_event(&event.body).await
+            {
+                return write_failed(e);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -165,14 +184,14 @@ impl Session {
                     return "gateway shutting down";
                 }
                 Some(out) = self.oob.next() => {
-                    if self.deliver(out).await.is_err() { return "write failed"; }
+                    if let Err(e) = self.deliver(out).await { return write_failed(e); }
                 }
                 Some(out) = self.in_band.next() => {
-                    if self.deliver(out).await.is_err() { return "write failed"; }
+                    if let Err(e) = self.deliver(out).await { return write_failed(e); }
                 }
                 event = recv_event(&mut self.events) => match event {
                     Ok(event) => {
-                        if self.deliver_event(&event).await.is_err() { return "write failed"; }
+                        if let Err(e) = self.deliver_event(&event.body).await { return write_failed(e); }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         self.ctx.metrics.slow_clients.fetch_add(1, Ordering::Relaxed);
@@ -209,11 +228,7 @@ impl Session {
                 return;
             }
         }
-        while let Some(Ok(event)) = self.events.as_mut().map(|rx| rx.try_recv()) {
-            if self.deliver_event(&event).await.is_err() {
-                return;
-            }
-        }
+        let _ = self.deliver_events_before(u64::MAX).await;
     }
 
     /// Decides what to do with one framed message.
@@ -284,7 +299,7 @@ impl Session {
                     oob,
                 };
                 match self.ctx.chain.on_command(&self.client, command, None).await {
-                    Decision::Forward(command) => self.forward(id, command),
+                    Decision::Forward(command) => self.forward(id, command).await,
                     Decision::Deny(e) => {
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
                         self.answer_as(id, qmp::error_response(&e, None), oob)
@@ -333,15 +348,24 @@ impl Session {
         json!({ "return": {} })
     }
 
-    fn forward(&mut self, id: Option<Value>, command: Command) {
-        let upstream = self.ctx.upstream.clone();
+    /// Submits the command now, so that one client's commands reach QEMU in the
+    /// order it sent them; the reply is awaited in the session's FIFO.
+    async fn forward(&mut self, id: Option<Value>, command: Command) {
         let oob = command.oob;
+        // OOB commands bypass QEMU's queue, so they bypass the client's share too.
+        let permit = if oob {
+            None
+        } else {
+            self.upstream_slots.clone().acquire_owned().await.ok()
+        };
+        let pending = self.ctx.upstream.submit(command.clone(), permit).await;
         let pending: Pending = Box::pin(async move {
-            let body = upstream.execute(command.clone()).await;
+            let reply = pending.reply().await;
             Outgoing {
                 id,
                 command: Some(command),
-                body,
+                body: reply.body,
+                seq: Some(reply.seq),
             }
         });
         if oob {
@@ -364,6 +388,7 @@ impl Session {
             id,
             command: None,
             body,
+            seq: None,
         };
         let ready: Pending = Box::pin(std::future::ready(out));
         if oob {
@@ -374,6 +399,9 @@ impl Session {
     }
 
     async fn deliver(&mut self, out: Outgoing) -> std::io::Result<()> {
+        if let Some(seq) = out.seq {
+            self.deliver_events_before(seq).await?;
+        }
         let body = match &out.command {
             Some(command) => {
                 self.ctx
@@ -384,6 +412,33 @@ impl Session {
             None => out.body,
         };
         self.write(&qmp::with_id(Value::Object(body), out.id)).await
+    }
+
+    /// Delivers the queued events QEMU sent before the message numbered `seq`, so
+    /// that a reply never overtakes an event QEMU sent first; keeps the first later
+    /// event for the main loop.
+    async fn deliver_events_before(&mut self, seq: u64) -> std::io::Result<()> {
+        loop {
+            let event = match self.held_event.take() {
+                Some(event) => event,
+                None => match self.events.as_mut().map(|rx| rx.try_recv()) {
+                    Some(Ok(event)) => event,
+                    Some(Err(broadcast::error::TryRecvError::Lagged(_))) => {
+                        self.ctx
+                            .metrics
+                            .slow_clients
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(std::io::Error::other("client fell behind the event stream"));
+                    }
+                    _ => return Ok(()),
+                },
+            };
+            if event.seq >= seq {
+                self.held_event = Some(event);
+                return Ok(());
+            }
+            self.deliver_event(&event.body).await?;
+        }
     }
 
     async fn deliver_event(&mut self, event: &Map<String, Value>) -> std::io::Result<()> {
@@ -408,6 +463,7 @@ impl Session {
                     .metrics
                     .slow_clients
                     .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = self.client.id, timeout = ?WRITE_TIMEOUT, "client does not read; disconnecting it");
                 Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "client does not read",
@@ -417,13 +473,22 @@ impl Session {
     }
 }
 
+fn write_failed(e: std::io::Error) -> &'static str {
+    tracing::debug!(error = %e, "write to client failed");
+    match e.kind() {
+        std::io::ErrorKind::TimedOut => "does not read",
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => "went away",
+        _ => "write failed",
+    }
+}
+
 fn error(desc: String) -> Value {
     qmp::error_response(&QmpError::generic(desc), None)
 }
 
 async fn recv_event(
-    events: &mut Option<broadcast::Receiver<Arc<Map<String, Value>>>>,
-) -> Result<Arc<Map<String, Value>>, broadcast::error::RecvError> {
+    events: &mut Option<broadcast::Receiver<Arc<UpstreamEvent>>>,
+) -> Result<Arc<UpstreamEvent>, broadcast::error::RecvError> {
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

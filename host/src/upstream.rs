@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value, json};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::chardev::{ChardevError, ChardevSpec, Inherited};
@@ -68,7 +68,7 @@ pub enum UpstreamError {
     #[error("QEMU refused qmp_capabilities: {0}")]
     Negotiation(String),
     /// Reading or writing the socket failed.
-    #[error("monitor socket: {0}")]
+    #[error("monitor socket")]
     Io(#[from] std::io::Error),
 }
 
@@ -83,11 +83,46 @@ pub struct UpstreamInfo {
     pub connected: bool,
 }
 
+/// An event from QEMU (or qmpgate's own `QMPGATE_*` events), in arrival order.
+#[derive(Debug)]
+pub struct UpstreamEvent {
+    /// Position in the stream of everything QEMU sent (see [`Reply::seq`]).
+    pub seq: u64,
+    /// The event object (`event`, `data`, `timestamp`).
+    pub body: Map<String, Value>,
+}
+
+/// QEMU's reply to one command.
+#[derive(Debug)]
+pub struct Reply {
+    /// Position in the stream of everything QEMU sent. Sessions use it to keep
+    /// QEMU's order between a reply and the events around it (QEMU sends
+    /// `SHUTDOWN` before the reply to `quit`), which travel on different channels.
+    pub seq: u64,
+    /// `{"return": ...}` or `{"error": ...}`, without `id`.
+    pub body: Map<String, Value>,
+}
+
 /// A submitted command, waiting for QEMU's reply.
 struct Submit {
     command: Command,
-    /// Receives the reply object (`return` or `error`), without `id`.
-    reply: oneshot::Sender<Map<String, Value>>,
+    /// Receives the reply.
+    reply: oneshot::Sender<Reply>,
+    /// The submitting client's share of QEMU's queue, held until QEMU answers.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// QEMU's answer to a submitted command, once it comes.
+pub struct PendingReply(oneshot::Receiver<Reply>);
+
+impl PendingReply {
+    /// Waits for the reply; a lost link becomes a QMP error reply.
+    pub async fn reply(self) -> Reply {
+        self.0.await.unwrap_or_else(|_| Reply {
+            seq: 0,
+            body: lost("qmpgate lost the connection to QEMU before it replied"),
+        })
+    }
 }
 
 /// The sessions' side of the upstream. Cheap to clone.
@@ -95,29 +130,43 @@ struct Submit {
 pub struct UpstreamHandle {
     in_band: mpsc::Sender<Submit>,
     oob: mpsc::Sender<Submit>,
-    events: broadcast::Sender<Arc<Map<String, Value>>>,
+    events: broadcast::Sender<Arc<UpstreamEvent>>,
     info: watch::Receiver<UpstreamInfo>,
 }
 
 impl UpstreamHandle {
-    /// Sends a command and waits for QEMU's reply. Never fails: a lost link becomes
-    /// a QMP error reply, as the client would expect.
-    pub async fn execute(&self, command: Command) -> Map<String, Value> {
+    /// Queues a command for QEMU. Commands one caller submits reach QEMU in the
+    /// order submitted. `permit` is released when QEMU answers.
+    pub async fn submit(
+        &self,
+        command: Command,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> PendingReply {
         let (tx, rx) = oneshot::channel();
         let queue = if command.oob {
             &self.oob
         } else {
             &self.in_band
         };
-        if queue.send(Submit { command, reply: tx }).await.is_err() {
-            return lost("qmpgate is shutting down");
-        }
-        rx.await
-            .unwrap_or_else(|_| lost("qmpgate lost the connection to QEMU before it replied"))
+        // If the task is gone, `tx` is dropped with the message and the reply says so.
+        let _ = queue
+            .send(Submit {
+                command,
+                reply: tx,
+                permit,
+            })
+            .await;
+        PendingReply(rx)
+    }
+
+    /// Sends a command and waits for QEMU's reply. Never fails: a lost link becomes
+    /// a QMP error reply, as the client would expect.
+    pub async fn execute(&self, command: Command) -> Map<String, Value> {
+        self.submit(command, None).await.reply().await.body
     }
 
     /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Map<String, Value>>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<UpstreamEvent>> {
         self.events.subscribe()
     }
 
@@ -135,7 +184,7 @@ fn lost(desc: &str) -> Map<String, Value> {
 }
 
 /// A gateway event in QEMU's format.
-fn gateway_event(name: &str, data: Value) -> Arc<Map<String, Value>> {
+fn gateway_event(name: &str, data: Value) -> Map<String, Value> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -146,7 +195,7 @@ fn gateway_event(name: &str, data: Value) -> Arc<Map<String, Value>> {
     }) else {
         unreachable!()
     };
-    Arc::new(map)
+    map
 }
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -267,6 +316,7 @@ pub async fn connect(
         events,
         info: info_tx,
         next_id: 1,
+        seq: 0,
         pending: HashMap::new(),
         in_flight: 0,
         shutdown,
@@ -287,7 +337,9 @@ pub enum Outcome {
 
 /// A command QEMU has not answered yet.
 struct InFlight {
-    reply: oneshot::Sender<Map<String, Value>>,
+    reply: oneshot::Sender<Reply>,
+    /// Released when this entry is dropped, i.e. when QEMU has answered.
+    _permit: Option<OwnedSemaphorePermit>,
     /// In-band commands count against `MAX_IN_FLIGHT`; OOB ones do not.
     in_band: bool,
     /// For the error message if the link drops first.
@@ -300,8 +352,10 @@ struct Upstream {
     inherited: Inherited,
     in_band: mpsc::Receiver<Submit>,
     oob: mpsc::Receiver<Submit>,
-    events: broadcast::Sender<Arc<Map<String, Value>>>,
+    events: broadcast::Sender<Arc<UpstreamEvent>>,
     info: watch::Sender<UpstreamInfo>,
+    /// Counts everything received from QEMU (see [`Reply::seq`]).
+    seq: u64,
     /// Next gateway id; ids are never reused, so a late reply cannot be misrouted.
     next_id: u64,
     /// Commands sent and not yet answered, by gateway id.
@@ -320,10 +374,11 @@ impl Upstream {
             };
             self.fail_pending(&reason);
             self.info.send_modify(|i| i.connected = false);
-            let _ = self.events.send(gateway_event(
+            let lost_event = self.stamp(gateway_event(
                 "QMPGATE_UPSTREAM_LOST",
                 json!({ "reason": reason }),
             ));
+            let _ = self.events.send(lost_event);
             let Some(delay) = self.spec.reconnect_ms.map(Duration::from_millis) else {
                 tracing::error!(%reason, "lost the connection to QEMU; reconnect-ms is not set, stopping");
                 return Outcome::Lost(reason);
@@ -334,10 +389,17 @@ impl Upstream {
                 None => return Outcome::Shutdown,
             };
             let _ = self.info.send(link.info.clone());
-            let _ = self
-                .events
-                .send(gateway_event("QMPGATE_UPSTREAM_RESTORED", json!({})));
+            let restored = self.stamp(gateway_event("QMPGATE_UPSTREAM_RESTORED", json!({})));
+            let _ = self.events.send(restored);
         }
+    }
+
+    fn stamp(&mut self, body: Map<String, Value>) -> Arc<UpstreamEvent> {
+        self.seq += 1;
+        Arc::new(UpstreamEvent {
+            seq: self.seq,
+            body,
+        })
     }
 
     /// Retries every `delay` until connected; meanwhile commands get an error at once.
@@ -350,10 +412,10 @@ impl Upstream {
                     _ = &mut sleep => break,
                     _ = self.shutdown.cancelled() => return None,
                     Some(submit) = self.in_band.recv() => {
-                        let _ = submit.reply.send(lost("QEMU is not connected; qmpgate is reconnecting"));
+                        let _ = submit.reply.send(Reply { seq: 0, body: lost("QEMU is not connected; qmpgate is reconnecting") });
                     }
                     Some(submit) = self.oob.recv() => {
-                        let _ = submit.reply.send(lost("QEMU is not connected; qmpgate is reconnecting"));
+                        let _ = submit.reply.send(Reply { seq: 0, body: lost("QEMU is not connected; qmpgate is reconnecting") });
                     }
                 }
             }
@@ -427,6 +489,7 @@ impl Upstream {
             id,
             InFlight {
                 reply: submit.reply,
+                _permit: submit.permit,
                 in_band: !oob,
                 name,
             },
@@ -445,6 +508,7 @@ impl Upstream {
                 return;
             }
         };
+        self.seq += 1;
         match qmp::parse_upstream(&bytes) {
             Ok(Message::Reply { id: Some(id), body }) => {
                 let Some(id) = id.as_u64() else {
@@ -457,7 +521,10 @@ impl Upstream {
                             self.in_flight -= 1;
                         }
                         // The client may have left; its reply is then dropped, nobody else's.
-                        let _ = in_flight.reply.send(body);
+                        let _ = in_flight.reply.send(Reply {
+                            seq: self.seq,
+                            body,
+                        });
                     }
                     None => tracing::warn!(id, "reply to an unknown command id; dropped"),
                 }
@@ -468,7 +535,10 @@ impl Upstream {
             }
             Ok(Message::Event { name, body }) => {
                 tracing::debug!(event = %name, "event");
-                let _ = self.events.send(Arc::new(body));
+                let _ = self.events.send(Arc::new(UpstreamEvent {
+                    seq: self.seq,
+                    body,
+                }));
             }
             Ok(other) => tracing::warn!(message = ?other, "unexpected message from QEMU"),
             Err(e) => tracing::warn!(error = %e, "QEMU sent invalid JSON"),
@@ -477,10 +547,15 @@ impl Upstream {
 
     fn fail_pending(&mut self, reason: &str) {
         for (_, in_flight) in self.pending.drain() {
-            let _ = in_flight.reply.send(lost(&format!(
+            self.seq += 1;
+            let body = lost(&format!(
                 "qmpgate lost the connection to QEMU before '{}' was answered ({reason})",
                 in_flight.name
-            )));
+            ));
+            let _ = in_flight.reply.send(Reply {
+                seq: self.seq,
+                body,
+            });
         }
         self.in_flight = 0;
     }

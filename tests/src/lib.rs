@@ -73,33 +73,28 @@ impl Qemu {
     pub fn start_with(extra: &[&str]) -> Qemu {
         let dir = tempdir();
         let monitor = dir.path().join("qemu.sock");
-        let listener = UnixListener::bind(&monitor).expect("bind QEMU monitor");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "none", "-nodefaults", "-display", "none", "-S"])
-            .args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
-            .args(["-mon", "chardev=mon,mode=control"])
-            .args(extra)
-            .stdin(Stdio::null());
-        cmd.fd_mappings(vec![FdMapping {
-            parent_fd: OwnedFd::from(listener),
-            child_fd: 3,
-        }])
-        .unwrap();
-        let child = cmd
-            .spawn()
-            .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
-        // `cmd` holds our copy of the listener; drop it so QEMU holds the only one.
-        drop(cmd);
         Qemu {
-            child,
+            child: spawn_qemu(&monitor, extra),
             monitor,
             _dir: dir,
         }
     }
-
     /// The gateway's `--upstream` spec for this QEMU.
     pub fn upstream_spec(&self) -> String {
         format!("socket,id=qemu,path={}", self.monitor.display())
+    }
+
+    /// Kills QEMU (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new QEMU on the same monitor path (after [`Qemu::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.monitor);
+        self.child = spawn_qemu(&self.monitor, &[]);
     }
 
     /// Whether QEMU is still running.
@@ -125,6 +120,29 @@ impl Drop for Qemu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts QEMU with its monitor on a listening socket bound at `monitor` by us and
+/// passed as fd 3, so the monitor exists before QEMU runs.
+fn spawn_qemu(monitor: &Path, extra: &[&str]) -> Child {
+    let listener = UnixListener::bind(monitor).expect("bind QEMU monitor");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "none", "-nodefaults", "-display", "none", "-S"])
+        .args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
+        .args(["-mon", "chardev=mon,mode=control"])
+        .args(extra)
+        .stdin(Stdio::null());
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: OwnedFd::from(listener),
+        child_fd: 3,
+    }])
+    .unwrap();
+    let child = cmd
+        .spawn()
+        .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
+    // `cmd` holds our copy of the listener; drop it so QEMU holds the only one.
+    drop(cmd);
+    child
 }
 
 /// Builds a `qmpgate` invocation.
@@ -183,6 +201,18 @@ impl GatewayBuilder {
     /// A private directory that lives as long as the gateway.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Adds a listener with this id on an inherited listening socket (as fd `fd`);
+    /// returns the path clients connect to.
+    pub fn listener(self, id: &str, fd: i32) -> (Self, PathBuf) {
+        let path = self.dir.path().join(format!("{id}.sock"));
+        let listener = UnixListener::bind(&path).unwrap();
+        let builder = self.fd(listener, fd).args([
+            "--listen".to_string(),
+            format!("socket,id={id},fd={fd},server=on"),
+        ]);
+        (builder, path)
     }
 
     /// Spawns qmpgate with a QMP listener on an inherited listening socket (fd 3)
@@ -350,6 +380,15 @@ impl QmpClient {
             Ok(_) => Some(line),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
             Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Reads one raw line; `None` at EOF or when the read timeout passes.
+    pub fn read_line_or_timeout(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line),
         }
     }
 

@@ -25,6 +25,11 @@
 //!   any present value;
 //! - `uids`, `listeners`: the client's unix uid or listener id is one of these.
 //!
+//! Events: `"events": [{ "action": "drop", "events": ["BLOCK_*"], "listeners": ["dashboard"] },
+//! { "action": "deliver", "events": ["DEVICE_DELETED"], "redact": ["path"] }]` decides
+//! per client which events it sees (first match; default deliver), and can replace
+//! values in `data` by `"<redacted>"`.
+//!
 //! Profiles: `safe` (allow, but deny what spawns processes, touches host files, opens
 //! listeners, injects fds or cuts the gateway's link), `readonly` (queries only) and
 //! `permissive` (no built-in rules).
@@ -35,7 +40,9 @@
 
 #![forbid(unsafe_code)]
 
-use qmpgate_plugin_sdk::{Client, Command, Peer, Plugin, QmpError, Verdict, export_plugin};
+use qmpgate_plugin_sdk::{
+    Client, Command, Event, EventVerdict, Peer, Plugin, QmpError, Verdict, export_plugin,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -52,6 +59,79 @@ struct Config {
     /// The operator's rules, tried before the profile's.
     #[serde(default)]
     rules: Vec<Rule>,
+    /// Which events each client sees; the first matching rule decides, and an event
+    /// no rule matches is delivered.
+    #[serde(default)]
+    events: Vec<EventRule>,
+}
+
+/// What an event rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EventAction {
+    Deliver,
+    Drop,
+}
+
+/// One event rule: every condition that is present must hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventRule {
+    action: EventAction,
+    /// Glob patterns on the event name; absent means every event.
+    events: Option<Vec<String>>,
+    uids: Option<Vec<u32>>,
+    listeners: Option<Vec<String>>,
+    /// Dotted paths in `data` whose values are replaced by `"<redacted>"` when the
+    /// rule delivers.
+    #[serde(default)]
+    redact: Vec<String>,
+}
+
+impl EventRule {
+    fn matches(&self, client: &Client, event: &Event) -> bool {
+        if let Some(patterns) = &self.events
+            && !patterns.iter().any(|p| glob(p, &event.name))
+        {
+            return false;
+        }
+        identity_matches(self.uids.as_deref(), self.listeners.as_deref(), client)
+    }
+}
+
+/// Whether the client is one of `uids` (unix peers only) and came through one of
+/// `listeners`; an absent list does not constrain.
+fn identity_matches(uids: Option<&[u32]>, listeners: Option<&[String]>, client: &Client) -> bool {
+    if let Some(uids) = uids {
+        match &client.peer {
+            Peer::Unix(peer) if uids.contains(&peer.uid) => {}
+            _ => return false,
+        }
+    }
+    match listeners {
+        Some(listeners) => listeners.contains(&client.listener),
+        None => true,
+    }
+}
+
+/// Replaces the value at a dotted path, if present.
+fn redact(data: &mut Value, path: &str) -> bool {
+    let mut node = data;
+    let mut segments = path.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let Value::Object(map) = node else {
+            return false;
+        };
+        let Some(child) = map.get_mut(segment) else {
+            return false;
+        };
+        if segments.peek().is_none() {
+            *child = Value::from("<redacted>");
+            return true;
+        }
+        node = child;
+    }
+    false
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -120,15 +200,7 @@ impl Rule {
         {
             return false;
         }
-        if let Some(uids) = &self.uids {
-            match &client.peer {
-                Peer::Unix(peer) if uids.contains(&peer.uid) => {}
-                _ => return false,
-            }
-        }
-        if let Some(listeners) = &self.listeners
-            && !listeners.contains(&client.listener)
-        {
+        if !identity_matches(self.uids.as_deref(), self.listeners.as_deref(), client) {
             return false;
         }
         self.arguments.iter().all(|(path, pattern)| {
@@ -259,6 +331,7 @@ fn safe_rules() -> Vec<Rule> {
 struct Policy {
     rules: Vec<Rule>,
     default: Action,
+    events: Vec<EventRule>,
 }
 
 impl Policy {
@@ -269,6 +342,7 @@ impl Policy {
         Policy {
             rules,
             default: config.default.unwrap_or(profile_default),
+            events: config.events,
         }
     }
 
@@ -321,6 +395,28 @@ impl Plugin for Policy {
         _hmp_line: Option<&str>,
     ) -> Verdict {
         self.decide(client, command)
+    }
+
+    fn on_event(&mut self, client: &Client, event: &Event) -> EventVerdict {
+        let Some(rule) = self.events.iter().find(|r| r.matches(client, event)) else {
+            return EventVerdict::Deliver;
+        };
+        match rule.action {
+            EventAction::Drop => EventVerdict::Drop,
+            EventAction::Deliver if rule.redact.is_empty() => EventVerdict::Deliver,
+            EventAction::Deliver => {
+                let mut data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                let mut changed = false;
+                for path in &rule.redact {
+                    changed |= redact(&mut data, path);
+                }
+                if changed {
+                    EventVerdict::Rewrite(data.to_string())
+                } else {
+                    EventVerdict::Deliver
+                }
+            }
+        }
     }
 }
 
@@ -483,6 +579,45 @@ mod tests {
         assert!(!denied(&p, "query-block", json!({})));
         assert!(denied(&p, "stop", json!({})));
         assert!(denied(&p, "cont", json!({})));
+    }
+
+    #[test]
+    fn event_rules_drop_and_redact_per_client() {
+        let mut p = policy(json!({
+            "events": [
+                {"action": "drop", "events": ["STOP"], "listeners": ["dashboard"]},
+                {"action": "deliver", "events": ["DEVICE_*"], "redact": ["path", "missing.key"]}
+            ]
+        }));
+        let event = |name: &str, data: Value| Event {
+            name: name.into(),
+            data: data.to_string(),
+            seconds: 0,
+            microseconds: 0,
+        };
+        assert_eq!(
+            p.on_event(&client(0, "dashboard"), &event("STOP", json!({}))),
+            EventVerdict::Drop
+        );
+        assert_eq!(
+            p.on_event(&client(0, "qmp"), &event("STOP", json!({}))),
+            EventVerdict::Deliver
+        );
+        match p.on_event(
+            &client(0, "qmp"),
+            &event(
+                "DEVICE_DELETED",
+                json!({"device": "d", "path": "/machine/x"}),
+            ),
+        ) {
+            EventVerdict::Rewrite(data) => {
+                assert_eq!(
+                    serde_json::from_str::<Value>(&data).unwrap(),
+                    json!({"device": "d", "path": "<redacted>"})
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_guest",
         default_bindings_module: "qmpgate_plugin_sdk::bindings",
+        additional_derives: [PartialEq],
     });
 }
 

@@ -1,0 +1,169 @@
+//! Many clients on one QEMU: per-client event filtering, slow clients, reconnects
+//! and the commands that would cut the gateway's own link.
+
+use std::time::{Duration, Instant};
+
+use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient};
+use serde_json::{Value, json};
+
+/// Reads messages until an event named `name` arrives or `within` passes.
+fn wait_event(c: &mut QmpClient, name: &str, within: Duration) -> Option<Value> {
+    c.stream().set_read_timeout(Some(within)).unwrap();
+    let found = loop {
+        let Some(line) = c.read_line_or_timeout() else {
+            break None;
+        };
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["event"] == name {
+            break Some(message);
+        }
+    };
+    c.stream()
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    found
+}
+
+#[test]
+fn events_pass_the_plugin_chain_per_client() {
+    let qemu = Qemu::start();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let config = builder.dir().join("events.toml");
+    std::fs::write(
+        &config,
+        r#"
+        [[plugin]]
+        name = "policy"
+        builtin = "qmp-policy"
+        config = { profile = "permissive", events = [
+            { action = "drop", events = ["STOP"], listeners = ["dashboard"] },
+        ] }
+        "#,
+    )
+    .unwrap();
+    let (builder, dashboard_path) = builder
+        .args(["--config", config.to_str().unwrap()])
+        .listener("dashboard", 4);
+    let gateway = builder.spawn();
+    let mut admin = gateway.negotiated();
+    let mut watcher = gateway.negotiated();
+    let mut dashboard = QmpClient::connect(&dashboard_path);
+    assert_eq!(
+        dashboard.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+
+    assert_eq!(admin.execute("cont", json!({})), json!({"return": {}}));
+    assert_eq!(admin.execute("stop", json!({})), json!({"return": {}}));
+    assert!(
+        wait_event(&mut watcher, "STOP", Duration::from_secs(5)).is_some(),
+        "the qmp listener sees STOP"
+    );
+    assert!(
+        wait_event(&mut dashboard, "RESUME", Duration::from_secs(5)).is_some(),
+        "dashboard sees RESUME"
+    );
+    assert!(
+        wait_event(&mut dashboard, "STOP", Duration::from_millis(500)).is_none(),
+        "the dashboard listener's policy drops STOP"
+    );
+}
+
+#[test]
+fn a_client_that_does_not_read_is_cut_off_and_blocks_nobody() {
+    let qemu = Qemu::start();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
+    let mut stuck = gateway.negotiated();
+    let mut fine = gateway.negotiated();
+    // Big replies, never read: the socket buffers fill and qmpgate's writes block.
+    for i in 0..200 {
+        stuck.send(&json!({"execute": "query-qmp-schema", "id": i}));
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        let t = Instant::now();
+        assert_eq!(
+            fine.execute("query-status", json!({}))["return"]["status"],
+            "prelaunch"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "another client's command waited {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The stuck client was disconnected (write timeout, 10 s): draining what the
+    // kernel buffered ends in EOF well before all 200 replies.
+    let mut replies = 0;
+    while stuck.read_line().is_some() {
+        replies += 1;
+    }
+    assert!(
+        replies < 200,
+        "got all {replies} replies: the stuck client was never cut off"
+    );
+    assert!(
+        gateway.stderr().contains("client does not read"),
+        "{}",
+        gateway.stderr()
+    );
+}
+
+#[test]
+fn with_reconnect_ms_clients_survive_a_qemu_restart() {
+    let mut qemu = Qemu::start();
+    let upstream = format!("{},reconnect-ms=100", qemu.upstream_spec());
+    let gateway = GatewayBuilder::new(&upstream).spawn();
+    let mut c = gateway.negotiated();
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+
+    qemu.kill();
+    let lost = wait_event(&mut c, "QMPGATE_UPSTREAM_LOST", Duration::from_secs(5))
+        .expect("told of the loss");
+    assert_eq!(lost["data"]["reason"], "QEMU closed the monitor connection");
+    // While QEMU is away, commands fail at once with a clear error.
+    let reply = c.execute("query-status", json!({}));
+    assert_eq!(
+        reply["error"]["desc"],
+        "QEMU is not connected; qmpgate is reconnecting"
+    );
+
+    qemu.restart();
+    assert!(wait_event(&mut c, "QMPGATE_UPSTREAM_RESTORED", Duration::from_secs(5)).is_some());
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}
+
+#[test]
+fn commands_that_would_cut_the_gateways_link_are_refused_by_default() {
+    let qemu = Qemu::start();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
+    let mut c = gateway.negotiated();
+    for (name, args) in [
+        ("add_client", json!({"protocol": "vnc", "fdname": "x"})),
+        (
+            "yank",
+            json!({"instances": [{"type": "chardev", "id": "mon"}]}),
+        ),
+        ("chardev-remove", json!({"id": "mon"})),
+        ("getfd", json!({"fdname": "x"})),
+    ] {
+        let reply = c.execute(name, args);
+        let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.starts_with(&format!("Command '{name}' is denied by policy")),
+            "{name}: {reply}"
+        );
+    }
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch",
+        "the link is intact"
+    );
+}
