@@ -78,6 +78,9 @@ pub enum ChardevError {
         name: String,
         available: String,
     },
+    /// `fd=NAME` at run time with no fd by that name (QEMU's message).
+    #[error("File descriptor named '{name}' has not been found")]
+    NoNamedFd { id: String, name: String },
     /// A path exists and is not a socket; qmpgate will not delete it.
     #[error("chardev '{id}': {path} exists and is not a socket")]
     PathNotSocket { id: String, path: PathBuf },
@@ -107,6 +110,8 @@ pub enum Address {
     Fd(RawFd),
     /// A socket from systemd socket activation, by its LISTEN_FDNAMES name.
     Systemd(String),
+    /// A named fd received at run time over SCM_RIGHTS (`getfd`), by name.
+    Named(String),
 }
 
 impl fmt::Display for Address {
@@ -116,6 +121,7 @@ impl fmt::Display for Address {
             Address::Tcp { host, port } => write!(f, "host={host},port={port}"),
             Address::Fd(fd) => write!(f, "fd={fd}"),
             Address::Systemd(name) => write!(f, "systemd={name}"),
+            Address::Named(name) => write!(f, "fd={name}"),
         }
     }
 }
@@ -148,8 +154,19 @@ pub struct ChardevSpec {
 }
 
 impl ChardevSpec {
-    /// Parses QEMU's `socket,key=value,...` form. `,,` is a literal comma in a value.
+    /// Parses QEMU's `socket,key=value,...` form, as on the command line: `fd=` is a
+    /// number. `,,` is a literal comma in a value.
     pub fn parse(spec: &str) -> Result<Self, ChardevError> {
+        ChardevSpec::parse_as(spec, false)
+    }
+
+    /// Parses a spec given at run time (on the control monitor): as in QEMU, `fd=`
+    /// is then the *name* of an fd received with `getfd`, never a number.
+    pub fn parse_runtime(spec: &str) -> Result<Self, ChardevError> {
+        ChardevSpec::parse_as(spec, true)
+    }
+
+    fn parse_as(spec: &str, runtime: bool) -> Result<Self, ChardevError> {
         let fail = |reason: String| ChardevError::Syntax {
             spec: spec.to_string(),
             reason,
@@ -170,7 +187,8 @@ impl ChardevSpec {
             }
         }
 
-        let (mut id, mut path, mut host, mut port, mut fd, mut systemd) =
+        // `named` is a socket found by name: systemd's, or (at run time) a getfd name.
+        let (mut id, mut path, mut host, mut port, mut fd, mut named) =
             (None, None, None, None, None, None);
         let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
         let mut seen = HashSet::new();
@@ -193,9 +211,10 @@ impl ChardevSpec {
                         ))
                     })?)
                 }
+                // QEMU's rule: on the command line an fd is a number; names exist only
+                // at run time (getfd).
+                "fd" if runtime => named = Some(Address::Named(value)),
                 "fd" => {
-                    // QEMU's rule: on the command line an fd is a number; names exist
-                    // only at run time (getfd).
                     fd = Some(
                         value
                             .parse::<RawFd>()
@@ -204,7 +223,7 @@ impl ChardevSpec {
                             .ok_or_else(|| fail(format!("Unable to parse FD number '{value}'")))?,
                     )
                 }
-                "systemd" => systemd = Some(value),
+                "systemd" => named = Some(Address::Systemd(value)),
                 "server" => server = Some(parse_bool(key, &value).map_err(fail)?),
                 // A listener never blocks start-up waiting for a client: qmpgate
                 // accepts `wait=` for compatibility with QEMU specs and ignores it.
@@ -241,7 +260,7 @@ impl ChardevSpec {
                 "Parameter 'id' expects an identifier (letters, digits, '-', '_', '.'), got '{id}'"
             )));
         }
-        let address = match (path, host, port, fd, systemd) {
+        let address = match (path, host, port, fd, named) {
             (Some(p), None, None, None, None) => Address::Path(p),
             (None, Some(host), Some(port), None, None) => Address::Tcp { host, port },
             (None, None, Some(port), None, None) => Address::Tcp {
@@ -252,7 +271,7 @@ impl ChardevSpec {
                 return Err(fail("'host' needs 'port'".into()));
             }
             (None, None, None, Some(fd), None) => Address::Fd(fd),
-            (None, None, None, None, Some(name)) => Address::Systemd(name),
+            (None, None, None, None, Some(address)) => address,
             (None, None, None, None, None) => {
                 return Err(fail(
                     "one of 'path', 'host'/'port', 'fd' or 'systemd' is required".into(),
@@ -293,7 +312,7 @@ impl ChardevSpec {
                     UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
                 Ok(Listener::Unix {
                     listener,
-                    unlink_on_drop: Some(path.clone()),
+                    unlink: Some(UnlinkOnDrop(path.clone())),
                 })
             }
             Address::Tcp { host, port } => {
@@ -305,7 +324,7 @@ impl ChardevSpec {
                     TcpListener::from_std(std).map_err(io("register with tokio".into()))?,
                 ))
             }
-            Address::Fd(_) | Address::Systemd(_) => {
+            Address::Fd(_) | Address::Systemd(_) | Address::Named(_) => {
                 let (fd, socket) = inherited.take(self)?;
                 let socket = adopt::validate(&self.id, fd, socket, true)?;
                 socket
@@ -333,7 +352,7 @@ impl ChardevSpec {
                     .await
                     .map_err(io(format!("connect to {host}:{port}")))?,
             )),
-            Address::Fd(_) | Address::Systemd(_) => {
+            Address::Fd(_) | Address::Systemd(_) | Address::Named(_) => {
                 let (fd, socket) = inherited.take(self)?;
                 let socket = adopt::validate(&self.id, fd, socket, false)?;
                 socket
@@ -401,13 +420,13 @@ fn remove_stale_socket(id: &str, path: &Path) -> Result<(), ChardevError> {
 /// A listening socket, ready to accept.
 #[derive(Debug)]
 pub enum Listener {
-    /// A unix socket; `unlink_on_drop` is the path qmpgate bound (not an inherited
-    /// one: the parent owns that path).
+    /// A unix socket.
     Unix {
         /// The socket.
         listener: UnixListener,
-        /// The path to remove at drop.
-        unlink_on_drop: Option<PathBuf>,
+        /// Removes the path qmpgate bound when dropped (not an inherited socket's
+        /// path: the parent owns that).
+        unlink: Option<UnlinkOnDrop>,
     },
     /// A TCP socket.
     Tcp(TcpListener),
@@ -456,15 +475,15 @@ impl Listener {
     }
 }
 
-impl Drop for Listener {
+pub(crate) use adopt::recv_with_fds;
+
+/// Removes a socket path when dropped.
+#[derive(Debug)]
+pub struct UnlinkOnDrop(PathBuf);
+
+impl Drop for UnlinkOnDrop {
     fn drop(&mut self) {
-        if let Listener::Unix {
-            unlink_on_drop: Some(path),
-            ..
-        } = self
-        {
-            let _ = std::fs::remove_file(path);
-        }
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -528,6 +547,8 @@ pub struct Inherited {
     systemd: Vec<(String, RawFd)>,
     /// Every fd claimed so far, with the chardev that claimed it.
     claimed: Vec<(RawFd, String)>,
+    /// Fds received at run time with `getfd`, by name.
+    named: HashMap<String, OwnedFd>,
 }
 
 impl Inherited {
@@ -552,6 +573,24 @@ impl Inherited {
             fds: fds.into_iter().map(|fd| (fd.as_raw_fd(), fd)).collect(),
             ..Default::default()
         }
+    }
+
+    /// Stores an fd under a name (`getfd`); an fd already under that name is closed,
+    /// as QEMU does.
+    pub fn add_named(&mut self, name: &str, fd: OwnedFd) {
+        self.named.insert(name.to_string(), fd);
+    }
+
+    /// Closes a named fd (`closefd`); false if there is none by that name.
+    pub fn close_named(&mut self, name: &str) -> bool {
+        self.named.remove(name).is_some()
+    }
+
+    /// The names of the fds held, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.named.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     fn from_vars(pid: Option<&str>, fds: Option<&str>, names: Option<&str>, our_pid: u32) -> Self {
@@ -589,6 +628,16 @@ impl Inherited {
                     });
                 };
                 self.systemd.remove(pos).1
+            }
+            Address::Named(name) => {
+                let fd = self
+                    .named
+                    .remove(name)
+                    .ok_or_else(|| ChardevError::NoNamedFd {
+                        id: spec.id.clone(),
+                        name: name.clone(),
+                    })?;
+                return Ok((fd.as_raw_fd(), fd));
             }
             _ => unreachable!("only fd= and systemd= chardevs claim inherited fds"),
         };
@@ -731,12 +780,51 @@ mod adopt {
         }
     }
 
+    /// Reads bytes and any fds passed with them (SCM_RIGHTS). Received fds are
+    /// close-on-exec from the start (MSG_CMSG_CLOEXEC).
+    pub(crate) async fn recv_with_fds(
+        stream: &UnixStream,
+        buf: &mut [u8],
+    ) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
+        use std::io::IoSliceMut;
+        loop {
+            stream.readable().await?;
+            let result = stream.try_io(tokio::io::Interest::READABLE, || {
+                let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+                let mut iov = [IoSliceMut::new(buf)];
+                let msg = recvmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)?;
+                let mut fds = Vec::new();
+                for message in msg.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(raw) = message {
+                        for fd in raw {
+                            // SAFETY: the kernel just installed this fd in our table for this
+                            // message; nothing else in the process knows its number.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match result {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
     impl Socket {
         pub(super) fn into_listener(self) -> std::io::Result<Listener> {
             match self {
                 Socket::Unix(fd) => Ok(Listener::Unix {
                     listener: UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))?,
-                    unlink_on_drop: None,
+                    unlink: None,
                 }),
                 Socket::Inet(fd) => Ok(Listener::Tcp(TcpListener::from_std(
                     std::net::TcpListener::from(fd),

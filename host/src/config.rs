@@ -77,6 +77,10 @@ pub struct FileConfig {
     pub cache_dir: Option<PathBuf>,
     /// JSON-lines file for audit records.
     pub audit_log: Option<PathBuf>,
+    /// The HTTP status endpoint's chardev (spec or id).
+    pub status: Option<String>,
+    /// The control monitor's chardev (spec or id; a unix socket).
+    pub control: Option<String>,
     /// Plugins, run in this order.
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
@@ -162,6 +166,10 @@ pub struct Resolved {
     pub cache_dir: Option<PathBuf>,
     /// Audit log file.
     pub audit_log: Option<PathBuf>,
+    /// The status endpoint.
+    pub status: Option<ChardevSpec>,
+    /// The control monitor.
+    pub control: Option<ChardevSpec>,
 }
 
 /// Command-line additions and overrides, already parsed by the CLI.
@@ -189,6 +197,10 @@ pub struct Overrides {
     pub no_cache: bool,
     /// `--audit-log`.
     pub audit_log: Option<PathBuf>,
+    /// `--status`.
+    pub status: Option<String>,
+    /// `--control`.
+    pub control: Option<String>,
 }
 
 /// Merges the file (if any) and the command line.
@@ -304,6 +316,39 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         ));
     }
 
+    let server_chardev =
+        |text: Option<String>, what: &str| -> Result<Option<ChardevSpec>, ConfigError> {
+            let Some(text) = text else { return Ok(None) };
+            let mut spec = lookup(&text)?;
+            if !text.contains("server=") {
+                // The status endpoint and the control monitor always listen.
+                spec.server = true;
+            }
+            if !spec.server {
+                return Err(ConfigError::Invalid(format!(
+                    "{what} '{}' must listen (server=on)",
+                    spec.id
+                )));
+            }
+            if listeners.iter().any(|l| l.id == spec.id) || spec.id == upstream.id {
+                return Err(ConfigError::Invalid(format!(
+                    "chardev id '{}' is used twice",
+                    spec.id
+                )));
+            }
+            Ok(Some(spec))
+        };
+    let status = server_chardev(cli.status.or(file.status), "status endpoint")?;
+    let control = server_chardev(cli.control.or(file.control), "control monitor")?;
+    if let (Some(s), Some(c)) = (&status, &control)
+        && s.id == c.id
+    {
+        return Err(ConfigError::Invalid(format!(
+            "chardev id '{}' is used twice",
+            s.id
+        )));
+    }
+
     let cache_dir = if cli.no_cache {
         None
     } else {
@@ -323,6 +368,8 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             .unwrap_or(DEFAULT_MAX_DEPTH),
         cache_dir,
         audit_log: cli.audit_log.or(file.audit_log),
+        status,
+        control,
     })
 }
 

@@ -1,15 +1,18 @@
 //! The gateway: listeners bound to one upstream, their plugin chain, and shutdown.
 //!
-//! [`Gateway::start`] connects to QEMU once, opens every listener and spawns one
-//! accept loop per listener; [`Gateway::run`] waits for a signal or for the upstream
-//! to end, then drains sessions under a grace deadline (one cancellation token, a
-//! task tracker, then force).
+//! [`Gateway::start`] opens every listener, connects to QEMU once and spawns one
+//! accept loop per listener; listeners can be added and removed later (the control
+//! monitor does). [`Gateway::run`] waits for a stop request or for the upstream to
+//! end, then drains sessions under a grace deadline (one cancellation token, a task
+//! tracker, then force).
 //!
-//! Layout: [`Metrics`] (counters shown by status and metrics), [`ListenerContext`]
-//! (what a session needs), [`Gateway`].
+//! Layout: [`Metrics`] (counters), [`Shared`] (what every listener and session
+//! shares, including the set of listeners), [`ListenerContext`] (one listener's
+//! view), [`Gateway`].
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -17,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::chardev::{ChardevSpec, Inherited, Listener, MonitorMode};
 use crate::plugin::PluginChain;
+use crate::status::Registry;
 use crate::upstream::{self, Outcome, UpstreamError, UpstreamHandle};
 
 /// How long sessions get to finish at shutdown before they are dropped.
@@ -37,20 +41,138 @@ pub struct Metrics {
     pub slow_clients: AtomicU64,
 }
 
-/// What every session on one listener shares.
-pub struct ListenerContext {
-    /// The listener chardev's id (shown to plugins as the client's `listener`).
-    pub id: String,
-    /// Plugins run on this listener's traffic.
-    pub chain: PluginChain,
-    /// The QEMU this listener leads to.
+/// One listener's entry in [`Shared::listeners`].
+struct ListenerEntry {
+    /// Stops this listener's accept loop (sessions already accepted go on).
+    stop: CancellationToken,
+    /// The spec's address, e.g. `path=/run/vm1.sock` or `fd=3`.
+    address: String,
+    /// What it is bound to, e.g. `unix:/run/vm1.sock`.
+    bound: String,
+}
+
+/// What all listeners and sessions share.
+pub struct Shared {
+    /// The QEMU behind this gateway.
     pub upstream: UpstreamHandle,
+    /// The upstream chardev's id and address, for status.
+    pub upstream_spec: ChardevSpec,
+    /// Plugins run on every listener's traffic.
+    pub chain: PluginChain,
     /// Framing limit on one client message, in bytes.
     pub max_message: usize,
     /// Framing limit on nesting depth.
     pub max_depth: usize,
-    /// Gateway-wide counters.
+    /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Connected clients, QEMU's exit, for status.
+    pub registry: Arc<Registry>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    next_client: AtomicU64,
+    listeners: Mutex<BTreeMap<String, ListenerEntry>>,
+}
+
+/// A listener's view: its id and everything shared.
+pub struct ListenerContext {
+    /// The listener chardev's id (shown to plugins as the client's `listener`).
+    pub id: String,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+impl std::ops::Deref for ListenerContext {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// A listener as status reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// The chardev id.
+    pub id: String,
+    /// The spec's address (`path=...`, `fd=3`, `systemd=qmp`, `fd=NAME` for named fds).
+    pub address: String,
+    /// What it is bound to.
+    pub bound: String,
+}
+
+impl Shared {
+    /// Starts accepting on `listener` as chardev `spec.id`.
+    pub fn add_listener(
+        self: &Arc<Self>,
+        spec: &ChardevSpec,
+        listener: Listener,
+    ) -> Result<(), String> {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if listeners.contains_key(&spec.id) || spec.id == self.upstream_spec.id {
+            return Err(format!("Chardev '{}' already exists", spec.id));
+        }
+        let bound = listener.local_description();
+        tracing::info!(listener = %spec.id, address = %bound, "listening");
+        let stop = self.shutdown.child_token();
+        listeners.insert(
+            spec.id.clone(),
+            ListenerEntry {
+                stop: stop.clone(),
+                address: spec.address.to_string(),
+                bound,
+            },
+        );
+        let ctx = Arc::new(ListenerContext {
+            id: spec.id.clone(),
+            shared: self.clone(),
+        });
+        self.tracker.spawn(accept_loop(listener, ctx, stop));
+        Ok(())
+    }
+
+    /// Stops accepting on listener `id` (its clients stay connected); false if
+    /// there is no such listener.
+    pub fn remove_listener(&self, id: &str) -> bool {
+        let removed = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        match removed {
+            Some(entry) => {
+                entry.stop.cancel();
+                tracing::info!(listener = id, "listener removed");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The listeners, by id.
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, entry)| ListenerInfo {
+                id: id.clone(),
+                address: entry.address.clone(),
+                bound: entry.bound.clone(),
+            })
+            .collect()
+    }
+
+    /// Runs `task` under the gateway's shutdown tracking.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task);
+    }
+
+    /// A token cancelled when the gateway shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
 }
 
 /// Settings for [`Gateway::start`].
@@ -86,39 +208,35 @@ pub enum StartError {
     Invalid(String, String),
 }
 
+/// Checks that a spec can be a QMP listener.
+pub fn check_listener(spec: &ChardevSpec) -> Result<(), String> {
+    if !spec.server {
+        return Err("a listener needs server=on".into());
+    }
+    if spec.mode == MonitorMode::Readline {
+        return Err("mode=readline (HMP) listeners are not supported yet; use mode=control".into());
+    }
+    Ok(())
+}
+
 /// A running gateway.
 pub struct Gateway {
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    shared: Arc<Shared>,
     upstream_task: tokio::task::JoinHandle<Outcome>,
-    /// Counters, for status.
-    pub metrics: Arc<Metrics>,
-    /// The bound listeners, as (`id`, address) for logs and tests.
-    pub bound: Vec<(String, String)>,
 }
 
 impl Gateway {
     /// Opens listeners first (so fd and path errors show before touching QEMU), then
-    /// connects to QEMU once, then starts accepting.
+    /// connects to QEMU once, then starts accepting. `inherited` keeps the fds no
+    /// chardev claimed.
     pub async fn start(
         settings: Settings,
-        mut inherited: Inherited,
+        inherited: &mut Inherited,
     ) -> Result<Gateway, StartError> {
         let mut listeners = Vec::new();
         for spec in &settings.listeners {
-            if !spec.server {
-                return Err(StartError::Invalid(
-                    spec.id.clone(),
-                    "a listener needs server=on".into(),
-                ));
-            }
-            if spec.mode == MonitorMode::Readline {
-                return Err(StartError::Invalid(
-                    spec.id.clone(),
-                    "mode=readline (HMP) listeners are not supported yet; use mode=control".into(),
-                ));
-            }
-            listeners.push((spec.id.clone(), spec.listen(&mut inherited)?));
+            check_listener(spec).map_err(|e| StartError::Invalid(spec.id.clone(), e))?;
+            listeners.push((spec, spec.listen(inherited)?));
         }
         if settings.upstream.server {
             return Err(StartError::Invalid(
@@ -130,49 +248,40 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let upstream_id = settings.upstream.id.clone();
         let (upstream, upstream_task) =
-            upstream::connect(settings.upstream, inherited, shutdown.clone())
+            upstream::connect(settings.upstream.clone(), inherited, shutdown.clone())
                 .await
                 .map_err(|source| StartError::Upstream {
                     id: upstream_id,
                     source,
                 })?;
 
-        let metrics = Arc::new(Metrics::default());
-        let tracker = TaskTracker::new();
-        let next_client = Arc::new(AtomicU64::new(1));
-        let mut bound = Vec::new();
-        for (id, listener) in listeners {
-            let address = listener.local_description();
-            tracing::info!(listener = %id, %address, "listening");
-            bound.push((id.clone(), address));
-            let ctx = Arc::new(ListenerContext {
-                id,
-                chain: settings.chain.clone(),
-                upstream: upstream.clone(),
-                max_message: settings.max_message,
-                max_depth: settings.max_depth,
-                metrics: metrics.clone(),
-            });
-            tracker.spawn(accept_loop(
-                listener,
-                ctx,
-                next_client.clone(),
-                shutdown.clone(),
-                tracker.clone(),
-            ));
+        let shared = Arc::new(Shared {
+            upstream,
+            upstream_spec: settings.upstream,
+            chain: settings.chain,
+            max_message: settings.max_message,
+            max_depth: settings.max_depth,
+            metrics: Arc::new(Metrics::default()),
+            registry: Arc::new(Registry::default()),
+            tracker: TaskTracker::new(),
+            shutdown,
+            next_client: AtomicU64::new(1),
+            listeners: Mutex::new(BTreeMap::new()),
+        });
+        for (spec, listener) in listeners {
+            shared
+                .add_listener(spec, listener)
+                .map_err(|e| StartError::Invalid(spec.id.clone(), e))?;
         }
         Ok(Gateway {
-            shutdown,
-            tracker,
+            shared,
             upstream_task,
-            metrics,
-            bound,
         })
     }
 
-    /// A token that stops the gateway when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+    /// What listeners, sessions, the status endpoint and the control monitor share.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Runs until `stop` is cancelled or the upstream ends; then drains.
@@ -181,9 +290,9 @@ impl Gateway {
             _ = stop.cancelled() => Outcome::Shutdown,
             outcome = &mut self.upstream_task => outcome.unwrap_or_else(|e| Outcome::Lost(format!("upstream task failed: {e}"))),
         };
-        self.shutdown.cancel();
-        self.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait())
             .await
             .is_err()
         {
@@ -193,28 +302,23 @@ impl Gateway {
     }
 }
 
-async fn accept_loop(
-    listener: Listener,
-    ctx: Arc<ListenerContext>,
-    next_client: Arc<AtomicU64>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
+async fn accept_loop(listener: Listener, ctx: Arc<ListenerContext>, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let id = next_client.fetch_add(1, Ordering::Relaxed);
+                let id = ctx.next_client.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
-                tracker.spawn(crate::session::serve(
+                let shutdown = ctx.shutdown.clone();
+                ctx.tracker.spawn(crate::session::serve(
                     stream,
                     peer,
                     id,
                     ctx.clone(),
-                    shutdown.clone(),
+                    shutdown,
                 ));
             }
             Err(e) => {

@@ -13,6 +13,8 @@
 //! - [`session`]: one client's session: negotiation, ordering, back-pressure;
 //! - [`gateway`]: listeners, accept loops, shutdown;
 //! - [`launcher`]: `qmpgate run`, which starts QEMU on a pre-opened monitor socket;
+//! - [`status`]: the read-only HTTP status endpoint (axum);
+//! - [`control`]: the control monitor: named fds over SCM_RIGHTS, run-time listeners;
 //! - [`config`]: the TOML file and command-line merging;
 //! - [`audit`]: the JSON-lines audit sink.
 
@@ -22,10 +24,12 @@
 pub mod audit;
 pub mod chardev;
 pub mod config;
+pub mod control;
 pub mod framing;
 pub mod gateway;
 pub mod launcher;
 pub mod plugin;
 pub mod qmp;
 pub mod session;
+pub mod status;
 pub mod upstream;

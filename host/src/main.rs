@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use qmpgate::chardev::Inherited;
 use qmpgate::config::{self, FileConfig, Overrides, PluginSource};
-use qmpgate::gateway::{Gateway, Settings};
+use qmpgate::gateway::{Gateway, SHUTDOWN_GRACE, Settings};
 use qmpgate::plugin::{PluginChain, Runtime};
 use qmpgate::upstream::Outcome;
 
@@ -93,6 +93,12 @@ struct GatewayArgs {
     /// Write plugins' audit records to this JSON-lines file.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Serve read-only HTTP status (/healthz, /status, /metrics, /events) on this chardev.
+    #[arg(long, value_name = "SPEC|ID")]
+    status: Option<String>,
+    /// Serve the control monitor (QMP: getfd, chardev-add, ...) on this unix chardev.
+    #[arg(long, value_name = "SPEC|ID")]
+    control: Option<String>,
 }
 
 impl GatewayArgs {
@@ -109,6 +115,8 @@ impl GatewayArgs {
             cache_dir: self.cache_dir.clone(),
             no_cache: self.no_cache,
             audit_log: self.audit_log.clone(),
+            status: self.status.clone(),
+            control: self.control.clone(),
         }
     }
 }
@@ -144,7 +152,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, inherited: Inherited) -> anyhow::Result<u8> {
+async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let (args, qemu) = match &cli.command {
         Some(Command::Run { gateway, qemu }) => (gateway, Some(qemu.clone())),
         None => (&cli.gateway, None),
@@ -195,7 +203,18 @@ async fn run(cli: Cli, inherited: Inherited) -> anyhow::Result<u8> {
         max_message: resolved.max_message,
         max_depth: resolved.max_depth,
     };
-    let gateway = match Gateway::start(settings, inherited).await {
+    // Open the status and control sockets first: their errors are start-up errors.
+    let status_listener = resolved
+        .status
+        .as_ref()
+        .map(|spec| spec.listen(&mut inherited))
+        .transpose()?;
+    let control_listener = resolved
+        .control
+        .as_ref()
+        .map(|spec| spec.listen(&mut inherited))
+        .transpose()?;
+    let gateway = match Gateway::start(settings, &mut inherited).await {
         Ok(gateway) => gateway,
         Err(e) => {
             if let Some(launched) = &mut launched {
@@ -215,36 +234,74 @@ async fn run(cli: Cli, inherited: Inherited) -> anyhow::Result<u8> {
         }
     };
 
-    let stop = CancellationToken::new();
-    tokio::spawn(stop_on_signal(stop.clone()));
-    match launched {
-        None => Ok(match gateway.run(stop).await {
+    let shared = gateway.shared().clone();
+    if let Some(listener) = status_listener {
+        tracing::info!(address = %listener.local_description(), "status endpoint");
+        shared.spawn(qmpgate::status::serve(listener, shared.clone()));
+    }
+    if let Some(listener) = control_listener {
+        tracing::info!(address = %listener.local_description(), "control monitor");
+        shared.spawn(qmpgate::control::serve(listener, shared.clone()));
+    }
+    notify_systemd("READY=1");
+
+    let signalled = CancellationToken::new();
+    tokio::spawn(stop_on_signal(signalled.clone()));
+    let Some(mut launched) = launched else {
+        return Ok(match gateway.run(signalled).await {
             Outcome::Shutdown | Outcome::QemuQuit => 0,
             Outcome::Lost(_) => 1,
-        }),
-        Some(mut launched) => {
-            let gateway_stop = stop.clone();
-            let gateway_task = tokio::spawn(gateway.run(gateway_stop));
-            let status = tokio::select! {
-                status = launched.child.wait() => status?,
-                _ = stop.cancelled() => {
-                    // Give QEMU the grace period to exit on its own (SIGTERM makes it
-                    // shut down cleanly), then kill it.
-                    let _ = launched.child.id().map(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM));
-                    match tokio::time::timeout(qmpgate::gateway::SHUTDOWN_GRACE, launched.child.wait()).await {
-                        Ok(status) => status?,
-                        Err(_) => {
-                            launched.child.kill().await?;
-                            launched.child.wait().await?
-                        }
-                    }
+        });
+    };
+
+    // `qmpgate run`: the gateway lives as long as QEMU.
+    let gateway_stop = CancellationToken::new();
+    let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone()));
+    let status = tokio::select! {
+        status = launched.child.wait() => status?,
+        _ = signalled.cancelled() => {
+            // Ask QEMU to quit through its monitor, so clients see its SHUTDOWN event,
+            // then give it the grace period, then kill it.
+            let quit = qmpgate::plugin::Command { name: "quit".into(), arguments: Default::default(), oob: false };
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, shared.upstream.execute(quit)).await;
+            match tokio::time::timeout(SHUTDOWN_GRACE, launched.child.wait()).await {
+                Ok(status) => status?,
+                Err(_) => {
+                    tracing::warn!("QEMU did not quit within {SHUTDOWN_GRACE:?}; killing it");
+                    launched.child.kill().await?;
+                    launched.child.wait().await?
                 }
-            };
-            tracing::info!(status = %qmpgate::launcher::describe_exit(status), "QEMU exited");
-            stop.cancel();
-            let _ = gateway_task.await;
-            Ok(qmpgate::launcher::exit_code(status).clamp(0, 255) as u8)
+            }
         }
+    };
+    let description = qmpgate::launcher::describe_exit(status);
+    tracing::info!(status = %description, "QEMU exited");
+    shared.registry.set_qemu_exit(description);
+    gateway_stop.cancel();
+    let _ = gateway_task.await;
+    Ok(qmpgate::launcher::exit_code(status).clamp(0, 255) as u8)
+}
+
+/// Tells systemd (Type=notify) about our state, if it is listening.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(socket) => socket,
+        Err(e) => return tracing::warn!(error = %e, "sd_notify: cannot create a socket"),
+    };
+    let bytes = path.as_encoded_bytes();
+    // A leading '@' names a socket in the abstract namespace.
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        socket.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 

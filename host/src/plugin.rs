@@ -409,6 +409,43 @@ pub struct PluginStats {
     pub memory_high_water: AtomicU64,
     /// Total time in hooks, in nanoseconds.
     pub busy_ns: AtomicU64,
+    /// Hook latency histogram: bucket `i` counts calls that took less than 2^i µs
+    /// (and at least 2^(i-1)); the last bucket takes everything slower.
+    pub latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Buckets of [`PluginStats::latency`]: up to 2^23 µs (8 s), far past any deadline.
+pub const LATENCY_BUCKETS: usize = 24;
+
+impl PluginStats {
+    fn record_latency(&self, elapsed: Duration) {
+        let micros = elapsed.as_micros().max(1) as u64;
+        let bucket = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The latency below which fraction `q` of calls completed, in µs (a bucket's
+    /// upper bound, so within a factor of two); `None` before the first call.
+    pub fn latency_quantile_us(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let target = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= target {
+                return Some(1 << i);
+            }
+        }
+        Some(1 << (LATENCY_BUCKETS - 1))
+    }
 }
 
 /// How a hook call failed. Every fault fails closed.
@@ -525,9 +562,11 @@ impl Worker {
                 Err(fault)
             }
         };
+        let elapsed = started.elapsed();
         self.stats
             .busy_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.stats.record_latency(elapsed);
         result
     }
 }

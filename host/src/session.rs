@@ -104,6 +104,10 @@ pub async fn serve(
         held_event: None,
         upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
     };
+    let _registered = session
+        .ctx
+        .registry
+        .client(client_id, &session.ctx.id, &peer);
     ctx_metrics(&session.ctx)
         .clients_connected
         .fetch_add(1, Ordering::Relaxed);

@@ -81,6 +81,8 @@ pub struct UpstreamInfo {
     pub oob: bool,
     /// Whether the link is up.
     pub connected: bool,
+    /// QEMU's run state (`query-status`'s `status`), kept current from events.
+    pub run_state: String,
 }
 
 /// An event from QEMU (or qmpgate's own `QMPGATE_*` events), in arrival order.
@@ -242,6 +244,19 @@ async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, Ups
             _ => continue,
         }
     }
+    writer
+        .write_all(&qmp::encode(&json!({"execute": "query-status", "id": 0})))
+        .await?;
+    let run_state = loop {
+        if let Message::Reply { body, .. } = next_message(&mut reader, &mut framer).await? {
+            break body
+                .get("return")
+                .and_then(|r| r.get("status"))
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string();
+        }
+    };
     Ok(Link {
         reader,
         writer,
@@ -250,6 +265,7 @@ async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, Ups
             version,
             oob,
             connected: true,
+            run_state,
         },
     })
 }
@@ -281,10 +297,10 @@ async fn next_message(reader: &mut Reader, framer: &mut Framer) -> Result<Messag
 /// task, which ends when the link is lost for good (or at shutdown).
 pub async fn connect(
     spec: ChardevSpec,
-    mut inherited: Inherited,
+    inherited: &mut Inherited,
     shutdown: CancellationToken,
 ) -> Result<(UpstreamHandle, tokio::task::JoinHandle<Outcome>), UpstreamError> {
-    let link = open(&spec, &mut inherited).await?;
+    let link = open(&spec, inherited).await?;
     let qemu = link
         .info
         .version
@@ -310,7 +326,8 @@ pub async fn connect(
     };
     let upstream = Upstream {
         spec,
-        inherited,
+        // An inherited fd is used once: reconnecting needs a path or an address.
+        inherited: Inherited::default(),
         in_band,
         oob,
         events,
@@ -535,6 +552,17 @@ impl Upstream {
             }
             Ok(Message::Event { name, body }) => {
                 tracing::debug!(event = %name, "event");
+                let run_state = match name.as_str() {
+                    "STOP" => Some("paused"),
+                    "RESUME" => Some("running"),
+                    "SHUTDOWN" => Some("shutdown"),
+                    "SUSPEND" => Some("suspended"),
+                    "GUEST_PANICKED" => Some("guest-panicked"),
+                    _ => None,
+                };
+                if let Some(state) = run_state {
+                    self.info.send_modify(|i| i.run_state = state.to_string());
+                }
                 let _ = self.events.send(Arc::new(UpstreamEvent {
                     seq: self.seq,
                     body,

@@ -149,6 +149,7 @@ fn spawn_qemu(monitor: &Path, extra: &[&str]) -> Child {
 pub struct GatewayBuilder {
     args: Vec<String>,
     fds: Vec<FdMapping>,
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -179,6 +180,7 @@ impl GatewayBuilder {
                     .to_string(),
             ],
             fds: Vec::new(),
+            env: Vec::new(),
             dir: tempdir(),
         }
     }
@@ -186,6 +188,12 @@ impl GatewayBuilder {
     /// Adds command-line arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the gateway.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -244,6 +252,7 @@ impl GatewayBuilder {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(qmpgate_bin());
         cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("QMPGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

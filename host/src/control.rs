@@ -1,0 +1,356 @@
+//! The control monitor: a QMP socket for managing qmpgate itself.
+//!
+//! It speaks QMP (greeting, `qmp_capabilities`) and follows QEMU's rules for fds:
+//! - `getfd fdname=NAME` takes an fd passed with SCM_RIGHTS *in the same message*
+//!   (as in QEMU, only the fds of the latest `recvmsg` are kept); `closefd` drops it;
+//! - `chardev-add` (QAPI form, or its HMP form through `human-monitor-command`)
+//!   adds a listener; at run time `fd=` names a `getfd` fd, never a number;
+//! - `chardev-remove` stops a listener (its clients stay connected);
+//! - `query-chardev` lists the upstream and the listeners.
+//!
+//! Named fds belong to the connection that received them, like a QEMU monitor's,
+//! and are closed when it ends.
+//!
+//! Layout: [`serve`] accepts; `ControlSession` handles one connection; the
+//! `chardev_add_*` functions turn QAPI and HMP forms into [`ChardevSpec`]s.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+use crate::chardev::{
+    Address, ChardevSpec, Inherited, Listener, MonitorMode, Stream, recv_with_fds,
+};
+use crate::framing::{Frame, Framer};
+use crate::gateway::{Shared, check_listener};
+use crate::qmp::{self, ErrorClass, QmpError};
+
+/// Serves the control monitor until shutdown. Only unix sockets can carry fds.
+pub async fn serve(listener: Listener, shared: Arc<Shared>) {
+    let shutdown = shared.shutdown_token();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((Stream::Unix(stream), peer)) => {
+                tracing::info!(?peer, "control client connected");
+                let session = ControlSession {
+                    shared: shared.clone(),
+                    named: Inherited::default(),
+                    received: Vec::new(),
+                    negotiated: false,
+                };
+                shared.spawn(session.run(stream));
+            }
+            Ok((Stream::Tcp(_), _)) => tracing::warn!("control connections must be unix sockets"),
+            Err(e) => {
+                tracing::error!(error = %e, "control accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct ControlSession {
+    shared: Arc<Shared>,
+    /// Fds named with `getfd` on this connection.
+    named: Inherited,
+    /// Fds that came with the latest message that carried any.
+    received: Vec<OwnedFd>,
+    negotiated: bool,
+}
+
+type Reply = Result<Value, QmpError>;
+
+impl ControlSession {
+    async fn run(mut self, mut stream: UnixStream) {
+        let greeting = qmp::greeting(
+            &json!({"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": format!("qmpgate {}", env!("CARGO_PKG_VERSION"))}),
+            &[],
+        );
+        if stream.write_all(&qmp::encode(&greeting)).await.is_err() {
+            return;
+        }
+        let mut framer = Framer::default();
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let shutdown = self.shared.shutdown_token();
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = recv_with_fds(&stream, &mut buf) => received,
+            };
+            let (n, fds) = match received {
+                Ok((0, _)) | Err(_) => return,
+                Ok(read) => read,
+            };
+            if !fds.is_empty() {
+                // QEMU keeps only the fds of the latest message; older unclaimed ones close.
+                self.received = fds;
+            }
+            framer.push(&buf[..n], &mut frames);
+            for frame in frames.drain(..) {
+                let reply = self.handle(frame);
+                if stream.write_all(&qmp::encode(&reply)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, frame: Frame) -> Value {
+        let bytes = match frame {
+            Frame::Message(bytes) => bytes,
+            Frame::TooLarge | Frame::TooDeep => {
+                return qmp::error_response(
+                    &QmpError::generic("JSON message exceeds qmpgate's limits"),
+                    None,
+                );
+            }
+        };
+        let request = match qmp::parse_request(&bytes, false) {
+            Ok(request) => request,
+            Err(e) => return qmp::error_response(&e.error, e.id),
+        };
+        let result = match (self.negotiated, request.name.as_str()) {
+            (false, "qmp_capabilities") => {
+                self.negotiated = true;
+                Ok(json!({}))
+            }
+            (false, _) => Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            )),
+            (true, "qmp_capabilities") => Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Capabilities negotiation is already complete, command ignored",
+            )),
+            (true, name) => self.execute(name, &request.arguments),
+        };
+        match result {
+            Ok(value) => qmp::return_response(value, request.id),
+            Err(error) => qmp::error_response(&error, request.id),
+        }
+    }
+
+    fn execute(&mut self, name: &str, args: &Map<String, Value>) -> Reply {
+        match name {
+            "getfd" => self.getfd(string_arg(args, "fdname")?),
+            "closefd" => self.closefd(string_arg(args, "fdname")?),
+            "chardev-add" => {
+                let id = string_arg(args, "id")?;
+                let backend = args
+                    .get("backend")
+                    .ok_or_else(|| QmpError::generic("Parameter 'backend' is missing"))?;
+                let spec = chardev_add_spec(id, backend)?;
+                self.chardev_add(spec)
+            }
+            "chardev-remove" => self.chardev_remove(string_arg(args, "id")?),
+            "query-chardev" => Ok(self.query_chardev()),
+            "human-monitor-command" => Ok(Value::from(self.hmp(string_arg(args, "command-line")?))),
+            other => Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                format!("The command {other} has not been found"),
+            )),
+        }
+    }
+
+    fn getfd(&mut self, name: &str) -> Reply {
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(QmpError::generic(
+                "Parameter 'fdname' expects a name not starting with a digit",
+            ));
+        }
+        if self.received.is_empty() {
+            return Err(QmpError::generic(
+                "No file descriptor supplied via SCM_RIGHTS",
+            ));
+        }
+        let fd = self.received.remove(0);
+        self.named.add_named(name, fd);
+        Ok(json!({}))
+    }
+
+    fn closefd(&mut self, name: &str) -> Reply {
+        if self.named.close_named(name) {
+            Ok(json!({}))
+        } else {
+            Err(QmpError::generic(format!(
+                "File descriptor named '{name}' not found"
+            )))
+        }
+    }
+
+    fn chardev_add(&mut self, spec: ChardevSpec) -> Reply {
+        check_listener(&spec)
+            .map_err(|e| QmpError::generic(format!("chardev '{}': {e}", spec.id)))?;
+        let listener = spec
+            .listen(&mut self.named)
+            .map_err(|e| QmpError::generic(error_chain(&e)))?;
+        self.shared
+            .add_listener(&spec, listener)
+            .map_err(QmpError::generic)?;
+        Ok(json!({}))
+    }
+
+    fn chardev_remove(&mut self, id: &str) -> Reply {
+        if id == self.shared.upstream_spec.id {
+            return Err(QmpError::generic(format!(
+                "Chardev '{id}' is qmpgate's link to QEMU and cannot be removed"
+            )));
+        }
+        if self.shared.remove_listener(id) {
+            Ok(json!({}))
+        } else {
+            Err(QmpError::generic(format!("Chardev '{id}' not found")))
+        }
+    }
+
+    fn query_chardev(&self) -> Value {
+        let mut list = vec![json!({
+            "label": self.shared.upstream_spec.id,
+            "filename": format!("socket:{},server=off", self.shared.upstream_spec.address),
+            "frontend-open": self.shared.upstream.info().connected,
+        })];
+        for l in self.shared.listeners() {
+            list.push(json!({"label": l.id, "filename": format!("socket:{},server=on", l.address), "frontend-open": true}));
+        }
+        Value::Array(list)
+    }
+
+    /// HMP forms, as QEMU's HMP prints them: errors come back as text, not QMP errors.
+    fn hmp(&mut self, line: &str) -> String {
+        let line = line.trim();
+        let (command, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let rest = rest.trim();
+        let result = match command {
+            "getfd" if !rest.is_empty() => self.getfd(rest).map(|_| String::new()),
+            "closefd" if !rest.is_empty() => self.closefd(rest).map(|_| String::new()),
+            "chardev-add" if !rest.is_empty() => ChardevSpec::parse_runtime(rest)
+                .map_err(|e| QmpError::generic(e.to_string()))
+                .and_then(|spec| self.chardev_add(spec))
+                .map(|_| String::new()),
+            "chardev-remove" if !rest.is_empty() => {
+                self.chardev_remove(rest).map(|_| String::new())
+            }
+            "info" if rest == "chardev" => Ok(self
+                .query_chardev()
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|c| {
+                            format!(
+                                "{}: filename={}\r\n",
+                                c["label"].as_str().unwrap_or(""),
+                                c["filename"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()),
+            "getfd" | "closefd" | "chardev-add" | "chardev-remove" => {
+                Err(QmpError::generic(format!("{command}: missing argument")))
+            }
+            _ => Err(QmpError::generic(format!(
+                "unknown command: '{command}' (the control monitor knows getfd, closefd, chardev-add, chardev-remove, info chardev)"
+            ))),
+        };
+        match result {
+            Ok(text) => text,
+            Err(e) => format!("Error: {}\r\n", e.desc),
+        }
+    }
+}
+
+fn string_arg<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, QmpError> {
+    match args.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(QmpError::generic(format!(
+            "Invalid parameter type for '{key}', expected: string"
+        ))),
+        None => Err(QmpError::generic(format!("Parameter '{key}' is missing"))),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Turns QAPI's `ChardevBackend` (socket only) into a spec.
+fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> {
+    let kind = backend.get("type").and_then(Value::as_str).unwrap_or("");
+    if kind != "socket" {
+        return Err(QmpError::generic(format!(
+            "chardev backend '{kind}' is not supported by qmpgate (only 'socket')"
+        )));
+    }
+    let data = backend.get("data").cloned().unwrap_or(Value::Null);
+    let server = data.get("server").and_then(Value::as_bool).unwrap_or(false);
+    let addr = data.get("addr").cloned().unwrap_or(Value::Null);
+    let addr_type = addr.get("type").and_then(Value::as_str).unwrap_or("");
+    let addr_data = addr.get("data").cloned().unwrap_or(Value::Null);
+    let field = |k: &str| {
+        addr_data
+            .get(k)
+            .and_then(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .or_else(|| v.as_u64().map(|n| n.to_string()))
+            })
+            .ok_or_else(|| QmpError::generic(format!("Parameter 'addr.data.{k}' is missing")))
+    };
+    let address = match addr_type {
+        "unix" => Address::Path(field("path")?.into()),
+        "inet" => Address::Tcp {
+            host: field("host")?,
+            port: field("port")?.parse().map_err(|_| {
+                QmpError::generic("Parameter 'addr.data.port' expects a port number")
+            })?,
+        },
+        "fd" => Address::Named(field("str")?),
+        other => {
+            return Err(QmpError::generic(format!(
+                "socket address type '{other}' is not supported"
+            )));
+        }
+    };
+    if data.get("tls-creds").is_some() {
+        // QEMU allows TLS on a server socket given as an fd but not on a client one
+        // (there is no host name to check a certificate against).
+        return Err(QmpError::generic(
+            if matches!(address, Address::Named(_)) && !server {
+                "TLS is not allowed on a client socket given as an fd: there is no host name to verify"
+            } else {
+                "TLS listeners are not supported by this qmpgate yet"
+            },
+        ));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || id.is_empty()
+    {
+        return Err(QmpError::generic(format!(
+            "Parameter 'id' expects an identifier, got '{id}'"
+        )));
+    }
+    Ok(ChardevSpec {
+        id: id.to_string(),
+        address,
+        server,
+        reconnect_ms: None,
+        mode: MonitorMode::Control,
+    })
+}

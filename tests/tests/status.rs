@@ -1,0 +1,413 @@
+//! The HTTP status endpoint (checked with a real HTTP client), the control monitor
+//! with fds passed over SCM_RIGHTS, sd_notify, and `qmpgate run`'s shutdown.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, python, tempdir};
+use serde_json::{Value, json};
+
+/// A gateway with its status endpoint on an inherited TCP listener; returns its base URL.
+fn with_status(builder: GatewayBuilder) -> (GatewayBuilder, String) {
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", http.local_addr().unwrap());
+    (
+        builder
+            .fd(http, 5)
+            .args(["--status", "socket,id=http,fd=5,server=on"]),
+        url,
+    )
+}
+
+fn get(url: &str) -> (u16, String, String) {
+    let out: Value = serde_json::from_str(&python("http_get.py", &[url])).unwrap();
+    (
+        out["status"].as_u64().unwrap() as u16,
+        out["content_type"].as_str().unwrap_or_default().to_string(),
+        out["body"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
+    let qemu = Qemu::start();
+    let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()));
+    let gateway = builder.spawn();
+    let mut c = gateway.negotiated();
+    assert_eq!(
+        c.execute("screendump", json!({"filename": "/tmp/x"}))["error"]["class"],
+        "GenericError"
+    );
+
+    assert_eq!(
+        get(&format!("{url}/healthz")),
+        (200, "text/plain; charset=utf-8".into(), "ok\n".into())
+    );
+
+    let (code, ctype, body) = get(&format!("{url}/status"));
+    assert_eq!((code, ctype.as_str()), (200, "application/json"));
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["upstream"]["connected"], true);
+    assert_eq!(status["upstream"]["run_state"], "prelaunch");
+    assert_eq!(status["upstream"]["qemu"]["qemu"]["major"], 7);
+    let listener = status["chardevs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "qmp")
+        .unwrap();
+    assert_eq!(listener["origin"], "inherited-fd");
+    assert_eq!(listener["address"], "fd=3");
+    let upstream = status["chardevs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["role"] == "upstream")
+        .unwrap();
+    assert_eq!(upstream["origin"], "path");
+    let clients = status["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0]["listener"], "qmp");
+    assert_eq!(clients[0]["peer"]["unix"]["pid"], std::process::id());
+    assert_eq!(
+        clients[0]["peer"]["unix"]["uid"],
+        nix::unistd::getuid().as_raw()
+    );
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["name"], "policy");
+    assert_eq!(plugin["denials"], 1);
+    assert!(plugin["calls"].as_u64().unwrap() >= 1);
+    assert!(plugin["latency_us"]["p99"].as_u64().unwrap() >= 1);
+
+    let (code, ctype, metrics) = get(&format!("{url}/metrics"));
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    assert!(metrics.contains("\nqmpgate_denied_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("qmpgate_plugin_denials_total{plugin=\"policy\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qmpgate_clients_connected 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qmpgate_plugin_hook_seconds_bucket{plugin=\"policy\",le=\"+Inf\"}"),
+        "{metrics}"
+    );
+
+    // Read-only: nothing answers a POST.
+    let out: Value = serde_json::from_str(&python(
+        "http_get.py",
+        &[&format!("{url}/status"), "--method", "POST"],
+    ))
+    .unwrap();
+    assert_eq!(out["status"], 405);
+    assert_eq!(get(&format!("{url}/nope")).0, 404);
+}
+
+#[test]
+fn healthz_fails_while_qemu_is_away() {
+    let mut qemu = Qemu::start();
+    let upstream = format!("{},reconnect-ms=100000", qemu.upstream_spec());
+    let (builder, url) = with_status(GatewayBuilder::new(&upstream));
+    let gateway = builder.spawn();
+    let _c = gateway.negotiated();
+    qemu.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _, body) = get(&format!("{url}/healthz"));
+    assert_eq!((code, body.as_str()), (503, "QEMU is not connected\n"));
+}
+
+#[test]
+fn events_stream_as_server_sent_events() {
+    let qemu = Qemu::start();
+    let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()));
+    let gateway = builder.spawn();
+    let mut c = gateway.negotiated();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/http_get.py");
+    let mut reader = std::process::Command::new("python3")
+        .arg(script)
+        .args([&format!("{url}/events"), "--sse", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(reader.stdout.take().unwrap()).lines();
+    let head: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(head["content_type"], "text/event-stream");
+    assert_eq!(c.execute("cont", json!({})), json!({"return": {}}));
+    assert_eq!(c.execute("stop", json!({})), json!({"return": {}}));
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "RESUME");
+    assert_eq!(first["data"]["event"], "RESUME");
+    assert!(first["data"]["timestamp"]["seconds"].as_u64().is_some());
+    assert_eq!(second["event"], "STOP");
+    assert!(reader.wait().unwrap().success());
+}
+
+/// A control-monitor client that can pass fds with a command.
+struct Control {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Control {
+    fn connect(path: &std::path::Path) -> Control {
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+            .unwrap();
+        let mut control = Control {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        };
+        let greeting = control.read();
+        assert_eq!(greeting["QMP"]["version"]["package"], "qmpgate 0.1.0");
+        assert_eq!(
+            control.execute(json!({"execute": "qmp_capabilities"}), None::<&UnixStream>),
+            json!({"return": {}})
+        );
+        control
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// Sends a command, with `fd` attached to the same message when given.
+    fn execute(&mut self, command: Value, fd: Option<&impl AsRawFd>) -> Value {
+        let bytes = command.to_string();
+        match fd {
+            Some(fd) => {
+                let fds = [fd.as_raw_fd()];
+                let iov = [std::io::IoSlice::new(bytes.as_bytes())];
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                sendmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    MsgFlags::empty(),
+                    None,
+                )
+                .unwrap();
+            }
+            None => self.stream.write_all(bytes.as_bytes()).unwrap(),
+        }
+        self.read()
+    }
+
+    fn hmp(&mut self, line: &str) -> Value {
+        self.execute(
+            json!({"execute": "human-monitor-command", "arguments": {"command-line": line}}),
+            None::<&UnixStream>,
+        )
+    }
+}
+
+#[test]
+fn control_monitor_adds_listeners_from_fds_passed_at_run_time() {
+    let qemu = Qemu::start();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let control_path = builder.dir().join("control.sock");
+    let gateway = builder
+        .args([
+            "--control",
+            &format!("socket,id=control,path={}", control_path.display()),
+        ])
+        .spawn();
+    let _first = gateway.negotiated(); // the control socket exists once the gateway serves
+    let mut control = Control::connect(&control_path);
+    let none = None::<&UnixStream>;
+
+    // A listening socket made by this process, handed over with getfd.
+    let dir = tempdir();
+    let extra_path = dir.path().join("extra.sock");
+    let extra = UnixListener::bind(&extra_path).unwrap();
+    assert_eq!(
+        control.execute(
+            json!({"execute": "getfd", "arguments": {"fdname": "extra"}}),
+            Some(&extra)
+        ),
+        json!({"return": {}})
+    );
+    drop(extra);
+    let add = |id: &str, name: &str| {
+        json!({"execute": "chardev-add", "arguments": {"id": id, "backend": {"type": "socket", "data": {
+            "addr": {"type": "fd", "data": {"str": name}}, "server": true}}}})
+    };
+    assert_eq!(
+        control.execute(add("extra", "extra"), none),
+        json!({"return": {}})
+    );
+    let mut client = QmpClient::connect(&extra_path);
+    assert_eq!(
+        client.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        client.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+
+    let chardevs = control.execute(json!({"execute": "query-chardev"}), none);
+    let labels: Vec<&str> = chardevs["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["qemu", "extra", "qmp"]);
+
+    // QEMU's rules and messages.
+    let err = |v: Value| v["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        err(control.execute(
+            json!({"execute": "getfd", "arguments": {"fdname": "nofd"}}),
+            none
+        )),
+        "No file descriptor supplied via SCM_RIGHTS"
+    );
+    assert_eq!(
+        err(control.execute(add("again", "3"), none)),
+        "File descriptor named '3' has not been found"
+    );
+    assert_eq!(
+        err(control.execute(add("extra", "extra"), none)),
+        "File descriptor named 'extra' has not been found",
+        "a named fd is used once"
+    );
+    assert_eq!(
+        err(control.execute(
+            json!({"execute": "closefd", "arguments": {"fdname": "ghost"}}),
+            none
+        )),
+        "File descriptor named 'ghost' not found"
+    );
+    let tls = json!({"execute": "chardev-add", "arguments": {"id": "t", "backend": {"type": "socket", "data": {
+        "addr": {"type": "fd", "data": {"str": "x"}}, "server": false, "tls-creds": "tls0"}}}});
+    assert_eq!(
+        err(control.execute(tls, none)),
+        "TLS is not allowed on a client socket given as an fd: there is no host name to verify"
+    );
+    assert_eq!(
+        err(control.execute(
+            json!({"execute": "chardev-remove", "arguments": {"id": "qemu"}}),
+            none
+        )),
+        "Chardev 'qemu' is qmpgate's link to QEMU and cannot be removed"
+    );
+
+    // The HMP forms.
+    let hmp_dir = tempdir();
+    let hmp_path = hmp_dir.path().join("hmp-added.sock");
+    let hmp_listener = UnixListener::bind(&hmp_path).unwrap();
+    let sent = control.execute(
+        json!({"execute": "human-monitor-command", "arguments": {"command-line": "getfd viahmp"}}),
+        Some(&hmp_listener),
+    );
+    assert_eq!(sent, json!({"return": ""}));
+    drop(hmp_listener);
+    assert_eq!(
+        control.hmp("chardev-add socket,id=viahmp,fd=viahmp,server=on"),
+        json!({"return": ""})
+    );
+    let mut third = QmpClient::connect(&hmp_path);
+    assert_eq!(
+        third.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert!(
+        control.hmp("info chardev")["return"]
+            .as_str()
+            .unwrap()
+            .contains("viahmp: filename=socket:fd=viahmp,server=on")
+    );
+    assert_eq!(
+        control.hmp("chardev-add socket,id=bad,fd=7,server=on")["return"],
+        "Error: File descriptor named '7' has not been found\r\n"
+    );
+
+    // Removing a listener stops new connections; existing clients stay.
+    assert_eq!(
+        control.execute(
+            json!({"execute": "chardev-remove", "arguments": {"id": "extra"}}),
+            none
+        ),
+        json!({"return": {}})
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        UnixStream::connect(&extra_path).is_err(),
+        "the removed listener is closed"
+    );
+    assert_eq!(
+        client.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    assert_eq!(
+        err(control.execute(
+            json!({"execute": "chardev-remove", "arguments": {"id": "extra"}}),
+            none
+        )),
+        "Chardev 'extra' not found"
+    );
+}
+
+#[test]
+fn readiness_is_signalled_to_systemd() {
+    let qemu = Qemu::start();
+    let dir = tempdir();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    let _gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .env("NOTIFY_SOCKET", notify_path.to_str().unwrap())
+        .spawn();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 within the timeout");
+    assert_eq!(&buf[..n], b"READY=1");
+}
+
+#[test]
+fn sigterm_under_run_quits_qemu_through_its_monitor() {
+    let dir = tempdir();
+    let listener = UnixListener::bind(dir.path().join("gate.sock")).unwrap();
+    let mut gateway = GatewayBuilder::base()
+        .fd(listener, 3)
+        .args(["--listen", "socket,id=qmp,fd=3,server=on"])
+        .spawn_run(&[
+            "qemu-system-x86_64",
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+        ]);
+    let mut c = QmpClient::connect(&dir.path().join("gate.sock"));
+    assert_eq!(
+        c.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut saw_shutdown = false;
+    while let Some(line) = c.read_line() {
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["event"] == "SHUTDOWN" {
+            saw_shutdown = true;
+            assert_eq!(message["data"]["reason"], "host-qmp-quit");
+        }
+    }
+    assert!(saw_shutdown, "clients see QEMU's SHUTDOWN");
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(0), "QEMU quit cleanly\n{stderr}");
+}
