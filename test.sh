@@ -7,4 +7,4 @@ cd "$(dirname "$0")"
 scripts/setup.sh
 cargo build --release --locked --workspace --bins
 cargo test --release --locked --workspace
-(cd guest-plugins && cargo test --locked -p qmp-policy)
+(cd guest-plugins && cargo test --locked -p qmp-policy -p hmp)

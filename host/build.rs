@@ -1,4 +1,4 @@
-//! Builds the guest plugins so the binary can embed its default policy plugin.
+//! Builds the guest plugins so the binary can embed its default plugins.
 
 include!("../guest-plugins/build_support.rs");
 
@@ -7,5 +7,9 @@ fn main() {
     println!(
         "cargo:rustc-env=QMPGATE_BUILTIN_POLICY={}",
         out.join("qmp_policy.wasm").display()
+    );
+    println!(
+        "cargo:rustc-env=QMPGATE_BUILTIN_HMP={}",
+        out.join("hmp.wasm").display()
     );
 }

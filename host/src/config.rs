@@ -17,8 +17,9 @@
 //!
 //! Command-line options add to the file (`--listen`, `--chardev`, `--plugin`) or
 //! override it (`--upstream`, limits). With no plugin configured anywhere, the
-//! built-in policy plugin runs with `--profile` (default `safe`): the gateway never
-//! runs without a policy unless told to (`--no-default-policy`).
+//! built-in `hmp` and `qmp-policy` plugins run, the policy with `--profile` (default
+//! `safe`): the gateway never runs without a policy unless told to
+//! (`--no-default-policy`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ use crate::plugin::Limits;
 
 /// The qmp-policy plugin, built from `guest-plugins/qmp-policy` and embedded.
 pub const BUILTIN_POLICY: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_POLICY"));
+
+/// The hmp plugin (HMP command lines in QMP terms), built from `guest-plugins/hmp`.
+pub const BUILTIN_HMP: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_HMP"));
 
 /// Configuration errors.
 #[derive(Debug, Error)]
@@ -145,6 +149,7 @@ pub struct PluginSpec {
 pub fn builtin(name: &str) -> Option<&'static [u8]> {
     match name {
         "qmp-policy" => Some(BUILTIN_POLICY),
+        "hmp" => Some(BUILTIN_HMP),
         _ => None,
     }
 }
@@ -256,7 +261,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             (Some(path), None) => PluginSource::File(path.clone()),
             (None, Some(name)) => PluginSource::Builtin(builtin(name).ok_or_else(|| {
                 ConfigError::Invalid(format!(
-                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy)",
+                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy, hmp)",
                     p.name
                 ))
             })?),
@@ -304,6 +309,13 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
     }
     if plugins.is_empty() && !cli.no_default_policy {
         let profile = cli.profile.unwrap_or_else(|| "safe".into());
+        // The HMP interpreter first, so that the policy sees inside HMP lines.
+        plugins.push(PluginSpec {
+            name: "hmp".into(),
+            source: PluginSource::Builtin(BUILTIN_HMP),
+            config: serde_json::json!({}),
+            limits: Limits::default(),
+        });
         plugins.push(PluginSpec {
             name: "policy".into(),
             source: PluginSource::Builtin(BUILTIN_POLICY),
@@ -400,8 +412,9 @@ mod tests {
             cli("socket,id=q,path=/q", &["socket,id=l,path=/l,server=on"]),
         )
         .unwrap();
-        assert_eq!(r.plugins.len(), 1);
-        assert_eq!(r.plugins[0].config, serde_json::json!({"profile": "safe"}));
+        assert_eq!(r.plugins.len(), 2);
+        assert_eq!(r.plugins[0].name, "hmp");
+        assert_eq!(r.plugins[1].config, serde_json::json!({"profile": "safe"}));
         assert_eq!(r.max_message, DEFAULT_MAX_MESSAGE);
     }
 

@@ -77,6 +77,8 @@ pub struct Shared {
 pub struct ListenerContext {
     /// The listener chardev's id (shown to plugins as the client's `listener`).
     pub id: String,
+    /// QMP or HMP.
+    pub mode: MonitorMode,
     /// Shared state.
     pub shared: Arc<Shared>,
 }
@@ -123,6 +125,7 @@ impl Shared {
         );
         let ctx = Arc::new(ListenerContext {
             id: spec.id.clone(),
+            mode: spec.mode,
             shared: self.clone(),
         });
         self.tracker.spawn(accept_loop(listener, ctx, stop));
@@ -212,9 +215,6 @@ pub enum StartError {
 pub fn check_listener(spec: &ChardevSpec) -> Result<(), String> {
     if !spec.server {
         return Err("a listener needs server=on".into());
-    }
-    if spec.mode == MonitorMode::Readline {
-        return Err("mode=readline (HMP) listeners are not supported yet; use mode=control".into());
     }
     Ok(())
 }

@@ -10,7 +10,8 @@
 //! - [`qmp`]: QMP message shapes and QEMU's error messages;
 //! - [`plugin`]: the wasmtime runtime, limits and the plugin chain;
 //! - [`upstream`]: the one QMP session with QEMU: id rewriting, events, reconnects;
-//! - [`session`]: one client's session: negotiation, ordering, back-pressure;
+//! - [`session`]: one client's QMP session: negotiation, ordering, back-pressure;
+//! - [`hmp_session`]: one client's HMP session on a `mode=readline` listener;
 //! - [`gateway`]: listeners, accept loops, shutdown;
 //! - [`launcher`]: `qmpgate run`, which starts QEMU on a pre-opened monitor socket;
 //! - [`status`]: the read-only HTTP status endpoint (axum);
@@ -27,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod framing;
 pub mod gateway;
+pub mod hmp_session;
 pub mod launcher;
 pub mod plugin;
 pub mod qmp;

@@ -40,7 +40,7 @@ use bindings::exports::qmpgate::plugin::guest as wit;
 use bindings::qmpgate::plugin::host::Level;
 pub use bindings::qmpgate::plugin::types::{Client, Peer, Protocol, UnixPeer};
 use bindings::qmpgate::plugin::types::{
-    Command as WitCommand, Event as WitEvent, EventVerdict, QmpError as WitError,
+    Command as WitCommand, Event as WitEvent, EventVerdict, HmpTranslation, QmpError as WitError,
     Response as WitResponse, ResponseVerdict, Verdict,
 };
 
@@ -799,6 +799,60 @@ impl PluginChain {
         .await
     }
 
+    /// An HMP command line (typed on an HMP listener, or sent with QMP's
+    /// `human-monitor-command`): the first plugin that interprets HMP says what it
+    /// is in QMP terms, then the chain decides on that, with the line attached.
+    /// `Forward` carries the `human-monitor-command` to send: QEMU runs the line
+    /// itself, so its HMP output is what the user sees.
+    pub async fn on_hmp(&self, client: &Client, line: &str) -> Decision {
+        let passthrough = Command {
+            name: "human-monitor-command".into(),
+            arguments: serde_json::json!({ "command-line": line })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            oob: false,
+        };
+        if self.jobs.is_none() {
+            return Decision::Forward(passthrough);
+        }
+        let owned_line = line.to_string();
+        let translation = self
+            .run(
+                Err(QmpError::generic("qmpgate's plugin thread has stopped")),
+                move |workers| translate_hmp(workers, &owned_line),
+            )
+            .await;
+        let policy_command = match translation {
+            Err(error) => return Decision::Deny(error),
+            // Nobody interprets HMP: the policy decides on `human-monitor-command` itself.
+            Ok(None) => passthrough.clone(),
+            Ok(Some(HmpTranslation::Command(command))) => match Command::from_wit(command) {
+                Ok(command) => command,
+                Err(fault) => {
+                    return Decision::Deny(QmpError::generic(format!("HMP translation {fault}")));
+                }
+            },
+            Ok(Some(HmpTranslation::HmpOnly(name))) => Command {
+                name: format!("hmp:{name}"),
+                arguments: passthrough.arguments.clone(),
+                oob: false,
+            },
+            Ok(Some(HmpTranslation::Invalid(reason))) => {
+                // QEMU would answer an unknown command with *success* and a message;
+                // an unparsable line is refused instead, so nothing slips past policy.
+                return Decision::Deny(QmpError::generic(format!(
+                    "HMP command line refused: {reason}"
+                )));
+            }
+            Ok(Some(HmpTranslation::NotHandled)) => unreachable!("translate_hmp skips not-handled"),
+        };
+        match self.on_command(client, policy_command, Some(line)).await {
+            Decision::Forward(_) => Decision::Forward(passthrough),
+            other => other,
+        }
+    }
+
     /// QEMU's reply to `command`: plugins may replace it. A faulting plugin turns it
     /// into an error (QEMU did run the command; the client is told the result was
     /// withheld).
@@ -854,6 +908,24 @@ impl PluginChain {
         })
         .await
     }
+}
+
+/// The first interpretation any plugin offers (`None`: no plugin interprets HMP).
+fn translate_hmp(workers: &mut [Worker], line: &str) -> Result<Option<HmpTranslation>, QmpError> {
+    for worker in workers {
+        match worker.call(|g, s| g.call_translate_hmp(s, line)) {
+            Ok(HmpTranslation::NotHandled) => continue,
+            Ok(translation) => return Ok(Some(translation)),
+            Err(fault) => {
+                return Err(fault_error(
+                    worker,
+                    &fault,
+                    "the HMP command was not executed",
+                ));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn decide(

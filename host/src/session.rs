@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::chardev::{Peer, Stream};
+use crate::chardev::{MonitorMode, Peer, Stream};
 use crate::framing::{Frame, Framer};
 use crate::gateway::ListenerContext;
 use crate::plugin::{self, Command, Decision, EventDecision};
@@ -77,11 +77,14 @@ pub async fn serve(
     ctx: Arc<ListenerContext>,
     shutdown: CancellationToken,
 ) {
-    let (reader, writer) = stream.into_split();
+    let protocol = match ctx.mode {
+        MonitorMode::Control => plugin::Protocol::Qmp,
+        MonitorMode::Readline => plugin::Protocol::Hmp,
+    };
     let client = plugin::Client {
         id: client_id,
         listener: ctx.id.clone(),
-        protocol: plugin::Protocol::Qmp,
+        protocol,
         peer: match &peer {
             Peer::Unix { pid, uid, gid } => plugin::Peer::Unix(plugin::UnixPeer {
                 pid: *pid,
@@ -93,34 +96,36 @@ pub async fn serve(
         },
         capabilities: Vec::new(),
     };
-    let mut session = Session {
-        ctx,
-        client,
-        writer,
-        phase: Phase::Negotiating,
-        in_band: FuturesOrdered::new(),
-        oob: FuturesUnordered::new(),
-        events: None,
-        held_event: None,
-        upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
-    };
-    let _registered = session
-        .ctx
-        .registry
-        .client(client_id, &session.ctx.id, &peer);
-    ctx_metrics(&session.ctx)
+    let _registered = ctx.registry.client(client_id, &ctx.id, &peer);
+    ctx.metrics
         .clients_connected
         .fetch_add(1, Ordering::Relaxed);
-    tracing::info!(client = client_id, listener = %session.ctx.id, ?peer, "client connected");
-    let reason = session.run(reader, shutdown).await;
-    ctx_metrics(&session.ctx)
+    tracing::info!(client = client_id, listener = %ctx.id, ?peer, "client connected");
+    let reason = match ctx.mode {
+        MonitorMode::Readline => {
+            crate::hmp_session::serve(stream, client, ctx.clone(), shutdown).await;
+            "left"
+        }
+        MonitorMode::Control => {
+            let (reader, writer) = stream.into_split();
+            let mut session = Session {
+                ctx: ctx.clone(),
+                client,
+                writer,
+                phase: Phase::Negotiating,
+                in_band: FuturesOrdered::new(),
+                oob: FuturesUnordered::new(),
+                events: None,
+                held_event: None,
+                upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
+            };
+            session.run(reader, shutdown).await
+        }
+    };
+    ctx.metrics
         .clients_connected
         .fetch_sub(1, Ordering::Relaxed);
     tracing::info!(client = client_id, reason, "client disconnected");
-}
-
-fn ctx_metrics(ctx: &ListenerContext) -> &crate::gateway::Metrics {
-    &ctx.metrics
 }
 
 struct Session {
@@ -297,12 +302,24 @@ impl Session {
                 ),
             ),
             (Phase::Commands { .. }, _) => {
-                let command = Command {
-                    name,
-                    arguments,
-                    oob,
+                // HMP inside QMP gets the same interpretation and policy as an HMP
+                // listener's lines, so it is no way around the policy.
+                let hmp_line = match (name.as_str(), arguments.get("command-line")) {
+                    ("human-monitor-command", Some(Value::String(line))) => Some(line.clone()),
+                    _ => None,
                 };
-                match self.ctx.chain.on_command(&self.client, command, None).await {
+                let decision = match hmp_line {
+                    Some(line) => self.ctx.chain.on_hmp(&self.client, &line).await,
+                    None => {
+                        let command = Command {
+                            name,
+                            arguments,
+                            oob,
+                        };
+                        self.ctx.chain.on_command(&self.client, command, None).await
+                    }
+                };
+                match decision {
                     Decision::Forward(command) => self.forward(id, command).await,
                     Decision::Deny(e) => {
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);

@@ -214,11 +214,16 @@ impl GatewayBuilder {
     /// Adds a listener with this id on an inherited listening socket (as fd `fd`);
     /// returns the path clients connect to.
     pub fn listener(self, id: &str, fd: i32) -> (Self, PathBuf) {
+        self.listener_with(id, fd, "mode=control")
+    }
+
+    /// As [`GatewayBuilder::listener`], with extra spec options (`mode=readline`).
+    pub fn listener_with(self, id: &str, fd: i32, options: &str) -> (Self, PathBuf) {
         let path = self.dir.path().join(format!("{id}.sock"));
         let listener = UnixListener::bind(&path).unwrap();
         let builder = self.fd(listener, fd).args([
             "--listen".to_string(),
-            format!("socket,id={id},fd={fd},server=on"),
+            format!("socket,id={id},fd={fd},server=on,{options}"),
         ]);
         (builder, path)
     }

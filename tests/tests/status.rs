@@ -77,7 +77,8 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
         clients[0]["peer"]["unix"]["uid"],
         nix::unistd::getuid().as_raw()
     );
-    let plugin = &status["plugins"][0];
+    assert_eq!(status["plugins"][0]["name"], "hmp");
+    let plugin = &status["plugins"][1];
     assert_eq!(plugin["name"], "policy");
     assert_eq!(plugin["denials"], 1);
     assert!(plugin["calls"].as_u64().unwrap() >= 1);

@@ -224,6 +224,8 @@ fn profile_rules(profile: Profile) -> (Vec<Rule>, Action) {
                 "qom-list-types",
                 "qom-list-properties",
                 "device-list-properties",
+                "hmp:info *",
+                "hmp:help",
             ])],
             Action::Deny,
         ),
@@ -319,7 +321,37 @@ fn safe_rules() -> Vec<Rule> {
         Rule::deny_with(&["netdev_add"], &[("**.fds", "*")], FDS),
         Rule::deny_with(&["netdev_add"], &[("**.vhostfd", "*")], FDS),
         Rule::deny_with(&["netdev_add"], &[("**.vhostfds", "*")], FDS),
+        Rule::deny_with(&["blockdev-change-medium"], &[("filename", "*")], HOST_FILE),
+        Rule::deny(
+            &[
+                "blockdev-snapshot-sync",
+                "drive-mirror",
+                "drive-backup",
+                "dump-skeys",
+            ],
+            HOST_FILE,
+        ),
         Rule::deny(&["x-*"], "experimental commands are not allowed"),
+        // HMP commands with no QMP equivalent (see the hmp plugin).
+        Rule::deny(&["hmp:gdbserver", "hmp:hostfwd_add"], LISTENER),
+        Rule::deny(
+            &[
+                "hmp:logfile",
+                "hmp:wavcapture",
+                "hmp:drive_add",
+                "hmp:commit",
+            ],
+            HOST_FILE,
+        ),
+        Rule::deny(
+            &["hmp:qemu-io"],
+            "it runs qemu-io commands on block devices",
+        ),
+        Rule::deny(&["hmp:o", "hmp:i"], "it accesses I/O ports directly"),
+        Rule::deny(
+            &["hmp:gpa2hva", "hmp:gpa2hpa"],
+            "it reveals host memory addresses",
+        ),
         Rule::deny(
             &["human-monitor-command"],
             "HMP command lines are refused unless an HMP plugin interprets them",

@@ -1,0 +1,121 @@
+//! One client's HMP session on a `mode=readline` listener, like QEMU's
+//! `-mon mode=readline`: a banner, a `(qemu) ` prompt, one command per line.
+//!
+//! Every line goes through the plugin chain exactly as QMP's
+//! `human-monitor-command` does (the HMP plugin says what it means in QMP terms, the
+//! policy decides), and an allowed line runs in QEMU as `human-monitor-command`, so
+//! the output is QEMU's own. Refusals print as `Error: ...`, as HMP errors do.
+//!
+//! Layout: [`serve`] is the task; lines are read with a length limit (the
+//! listener's `max-message`) so a client cannot make the gateway buffer without end.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::chardev::Stream;
+use crate::gateway::ListenerContext;
+use crate::plugin::{self, Decision};
+
+const PROMPT: &[u8] = b"(qemu) ";
+
+/// Serves one HMP client until it leaves or the gateway stops.
+pub async fn serve(
+    stream: Stream,
+    client: plugin::Client,
+    ctx: Arc<ListenerContext>,
+    shutdown: CancellationToken,
+) {
+    let (reader, mut writer) = stream.into_split();
+    if let Err(error) = ctx.chain.on_connect(&client).await {
+        let _ = writer
+            .write_all(format!("Error: {}\r\n", error.desc).as_bytes())
+            .await;
+        return;
+    }
+    let version = ctx.upstream.info().version;
+    let qemu = &version["qemu"];
+    let banner = format!(
+        "QEMU {}.{}.{} monitor - type 'help' for more information\r\n",
+        qemu["major"], qemu["minor"], qemu["micro"]
+    );
+    if writer.write_all(banner.as_bytes()).await.is_err() || writer.write_all(PROMPT).await.is_err()
+    {
+        return;
+    }
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut reader).take(ctx.max_message as u64 + 1);
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            read = limited.read_until(b'\n', &mut line) => read,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let output = if line.len() > ctx.max_message {
+            // Skip the rest of the over-long line before answering.
+            let mut rest = Vec::new();
+            while !line.ends_with(b"\n") {
+                rest.clear();
+                match (&mut reader)
+                    .take(64 * 1024)
+                    .read_until(b'\n', &mut rest)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => line = rest.clone(),
+                }
+            }
+            format!(
+                "Error: command line exceeds the limit of {} bytes\r\n",
+                ctx.max_message
+            )
+        } else {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\r', '\n']).trim();
+            if text.is_empty() {
+                String::new()
+            } else {
+                ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
+                run_line(&ctx, &client, text).await
+            }
+        };
+        let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
+        if writer.write_all(output.as_bytes()).await.is_err()
+            || writer.write_all(PROMPT).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Decides on one line and, if allowed, runs it in QEMU; returns what to print.
+async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) -> String {
+    match ctx.chain.on_hmp(client, line).await {
+        Decision::Forward(command) => {
+            let reply = ctx.upstream.execute(command).await;
+            match (reply.get("return"), reply.get("error")) {
+                (Some(Value::String(text)), _) => text.clone(),
+                (Some(other), _) => format!("{other}\r\n"),
+                (None, Some(error)) => format!(
+                    "Error: {}\r\n",
+                    error["desc"].as_str().unwrap_or("unknown error")
+                ),
+                (None, None) => String::new(),
+            }
+        }
+        Decision::Deny(error) => {
+            ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
+            format!("Error: {}\r\n", error.desc)
+        }
+        Decision::Reply(Value::String(text)) => text,
+        Decision::Reply(value) => format!("{value}\r\n"),
+    }
+}
