@@ -13,7 +13,7 @@ fn build_guest_plugins() -> std::path::PathBuf {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let guests = manifest_dir.join("../guest-plugins").canonicalize().unwrap();
     let wit = manifest_dir.join("../wit").canonicalize().unwrap();
-    for dir in ["sdk", "qmp-policy", "hmp", "fixtures", "Cargo.toml", "Cargo.lock"] {
+    for dir in ["sdk", "qmp-policy", "hmp", "audit", "fixtures", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", guests.join(dir).display());
     }
     println!("cargo:rerun-if-changed={}", wit.display());

@@ -8,8 +8,10 @@ fn main() {
         "cargo:rustc-env=QMPGATE_BUILTIN_POLICY={}",
         out.join("qmp_policy.wasm").display()
     );
-    println!(
-        "cargo:rustc-env=QMPGATE_BUILTIN_HMP={}",
-        out.join("hmp.wasm").display()
-    );
+    for (var, file) in [
+        ("QMPGATE_BUILTIN_HMP", "hmp.wasm"),
+        ("QMPGATE_BUILTIN_AUDIT", "audit.wasm"),
+    ] {
+        println!("cargo:rustc-env={var}={}", out.join(file).display());
+    }
 }

@@ -39,6 +39,9 @@ pub const BUILTIN_POLICY: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_POLICY"))
 /// The hmp plugin (HMP command lines in QMP terms), built from `guest-plugins/hmp`.
 pub const BUILTIN_HMP: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_HMP"));
 
+/// The audit plugin (one record per decision), built from `guest-plugins/audit`.
+pub const BUILTIN_AUDIT: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_AUDIT"));
+
 /// Configuration errors.
 #[derive(Debug, Error)]
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
@@ -150,6 +153,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
     match name {
         "qmp-policy" => Some(BUILTIN_POLICY),
         "hmp" => Some(BUILTIN_HMP),
+        "audit" => Some(BUILTIN_AUDIT),
         _ => None,
     }
 }
@@ -261,7 +265,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             (Some(path), None) => PluginSource::File(path.clone()),
             (None, Some(name)) => PluginSource::Builtin(builtin(name).ok_or_else(|| {
                 ConfigError::Invalid(format!(
-                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy, hmp)",
+                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy, hmp, audit)",
                     p.name
                 ))
             })?),

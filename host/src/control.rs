@@ -6,7 +6,8 @@
 //! - `chardev-add` (QAPI form, or its HMP form through `human-monitor-command`)
 //!   adds a listener; at run time `fd=` names a `getfd` fd, never a number;
 //! - `chardev-remove` stops a listener (its clients stay connected);
-//! - `query-chardev` lists the upstream and the listeners.
+//! - `query-chardev` lists the upstream and the listeners;
+//! - `x-qmpgate-reload` reloads the configuration file and the plugins (as SIGHUP).
 //!
 //! Named fds belong to the connection that received them, like a QEMU monitor's,
 //! and are closed when it ends.
@@ -95,7 +96,7 @@ impl ControlSession {
             }
             framer.push(&buf[..n], &mut frames);
             for frame in frames.drain(..) {
-                let reply = self.handle(frame);
+                let reply = self.handle(frame).await;
                 if stream.write_all(&qmp::encode(&reply)).await.is_err() {
                     return;
                 }
@@ -103,7 +104,7 @@ impl ControlSession {
         }
     }
 
-    fn handle(&mut self, frame: Frame) -> Value {
+    async fn handle(&mut self, frame: Frame) -> Value {
         let bytes = match frame {
             Frame::Message(bytes) => bytes,
             Frame::TooLarge | Frame::TooDeep => {
@@ -130,6 +131,12 @@ impl ControlSession {
                 ErrorClass::CommandNotFound,
                 "Capabilities negotiation is already complete, command ignored",
             )),
+            (true, "x-qmpgate-reload") => self
+                .shared
+                .reload()
+                .await
+                .map(Value::from)
+                .map_err(QmpError::generic),
             (true, name) => self.execute(name, &request.arguments),
         };
         match result {

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,9 @@ pub struct Metrics {
     pub slow_clients: AtomicU64,
 }
 
+/// A reload request: the answer says what was loaded, or why nothing changed.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
 /// One listener's entry in [`Shared::listeners`].
 struct ListenerEntry {
     /// Stops this listener's accept loop (sessions already accepted go on).
@@ -57,8 +60,11 @@ pub struct Shared {
     pub upstream: UpstreamHandle,
     /// The upstream chardev's id and address, for status.
     pub upstream_spec: ChardevSpec,
-    /// Plugins run on every listener's traffic.
-    pub chain: PluginChain,
+    /// Plugins run on every listener's traffic; replaced whole on reload, while
+    /// commands already deciding finish on the chain they started with.
+    chain: RwLock<PluginChain>,
+    /// Where reload requests go (SIGHUP and the control monitor's `x-qmpgate-reload`).
+    reload: Mutex<Option<tokio::sync::mpsc::Sender<ReloadRequest>>>,
     /// Framing limit on one client message, in bytes.
     pub max_message: usize,
     /// Framing limit on nesting depth.
@@ -164,6 +170,40 @@ impl Shared {
             .collect()
     }
 
+    /// The current plugin chain.
+    pub fn chain(&self) -> PluginChain {
+        self.chain.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a new plugin chain in place for every command decided from now on.
+    pub fn replace_chain(&self, chain: PluginChain) {
+        *self.chain.write().unwrap_or_else(|e| e.into_inner()) = chain;
+    }
+
+    /// Routes reload requests to `handler` (set once at start-up by `main`).
+    pub fn set_reload_handler(&self, handler: tokio::sync::mpsc::Sender<ReloadRequest>) {
+        *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    /// Asks for configuration and plugins to be reloaded; returns what happened.
+    pub async fn reload(&self) -> Result<String, String> {
+        let handler = self
+            .reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(handler) = handler else {
+            return Err("reloading is not available".into());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        handler
+            .send(tx)
+            .await
+            .map_err(|_| "the reloader has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the reloader has stopped".to_string())?
+    }
+
     /// Runs `task` under the gateway's shutdown tracking.
     pub fn spawn<F>(&self, task: F)
     where
@@ -258,7 +298,8 @@ impl Gateway {
         let shared = Arc::new(Shared {
             upstream,
             upstream_spec: settings.upstream,
-            chain: settings.chain,
+            chain: RwLock::new(settings.chain),
+            reload: Mutex::new(None),
             max_message: settings.max_message,
             max_depth: settings.max_depth,
             metrics: Arc::new(Metrics::default()),

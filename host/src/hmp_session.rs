@@ -30,7 +30,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (reader, mut writer) = stream.into_split();
-    if let Err(error) = ctx.chain.on_connect(&client).await {
+    if let Err(error) = ctx.chain().on_connect(&client).await {
         let _ = writer
             .write_all(format!("Error: {}\r\n", error.desc).as_bytes())
             .await;
@@ -98,7 +98,7 @@ pub async fn serve(
 
 /// Decides on one line and, if allowed, runs it in QEMU; returns what to print.
 async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) -> String {
-    match ctx.chain.on_hmp(client, line).await {
+    match ctx.chain().on_hmp(client, line).await {
         Decision::Forward(command) => {
             let reply = ctx.upstream.execute(command).await;
             match (reply.get("return"), reply.get("error")) {

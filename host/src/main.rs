@@ -42,6 +42,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // Parsed once at start-up; boxing buys nothing.
 enum Command {
     /// Start QEMU on a monitor socket qmpgate creates, connect to it once, and gate it.
     ///
@@ -52,6 +53,33 @@ enum Command {
         /// QEMU's command line; qmpgate appends -chardev/-mon options for its monitor.
         #[arg(last = true, required = true, value_name = "QEMU")]
         qemu: Vec<String>,
+    },
+    /// Tools for plugin authors.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginAction {
+    /// Run a plugin's hooks over a transcript on stdin and print its verdicts.
+    ///
+    /// Each stdin line is one JSON object: a QMP command ({"execute": ..., "arguments": ...}),
+    /// an HMP line ({"hmp": "info status"}), or an event ({"event": "STOP", "data": {...}}).
+    /// Each output line is the input with the plugin's verdict.
+    Test {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// The plugin's configuration: a JSON file, or a TOML file (by extension).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The listener id the simulated client connected through.
+        #[arg(long, default_value = "qmp")]
+        listener: String,
+        /// The simulated client's unix uid.
+        #[arg(long, default_value_t = 1000)]
+        uid: u32,
     },
 }
 
@@ -155,6 +183,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let (args, qemu) = match &cli.command {
         Some(Command::Run { gateway, qemu }) => (gateway, Some(qemu.clone())),
+        Some(Command::Plugin {
+            action:
+                PluginAction::Test {
+                    plugin,
+                    config,
+                    listener,
+                    uid,
+                },
+        }) => return plugin_test(plugin, config.as_deref(), listener, *uid).await,
         None => (&cli.gateway, None),
     };
     let file = match &args.config {
@@ -175,7 +212,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         }
         None => None,
     };
-    let resolved = config::resolve(file, overrides)?;
+    let resolved = config::resolve(file, overrides.clone())?;
 
     let audit = match &resolved.audit_log {
         Some(path) => Some(Arc::new(
@@ -184,22 +221,11 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         )),
         None => None,
     };
-    let wasm = Runtime::new(resolved.cache_dir.clone(), audit)?;
-    let mut plugins = Vec::new();
-    for spec in &resolved.plugins {
-        let plugin = match &spec.source {
-            PluginSource::File(path) => wasm.load(&spec.name, path, &spec.config, spec.limits)?,
-            PluginSource::Builtin(bytes) => {
-                wasm.load_bytes(&spec.name, bytes, &spec.config, spec.limits)?
-            }
-        };
-        plugins.push(plugin);
-    }
-
+    let wasm = Arc::new(Runtime::new(resolved.cache_dir.clone(), audit)?);
     let settings = Settings {
         upstream: resolved.upstream,
         listeners: resolved.listeners,
-        chain: PluginChain::start(plugins)?,
+        chain: load_chain(&wasm, &resolved.plugins)?,
         max_message: resolved.max_message,
         max_depth: resolved.max_depth,
     };
@@ -243,6 +269,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         tracing::info!(address = %listener.local_description(), "control monitor");
         shared.spawn(qmpgate::control::serve(listener, shared.clone()));
     }
+    spawn_reloader(shared.clone(), wasm, args.config.clone(), overrides);
     notify_systemd("READY=1");
 
     let signalled = CancellationToken::new();
@@ -280,6 +307,184 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     gateway_stop.cancel();
     let _ = gateway_task.await;
     Ok(qmpgate::launcher::exit_code(status).clamp(0, 255) as u8)
+}
+
+/// `qmpgate plugin test`: a plugin's verdicts over a transcript, one JSON line each.
+async fn plugin_test(
+    path: &std::path::Path,
+    config: Option<&std::path::Path>,
+    listener: &str,
+    uid: u32,
+) -> anyhow::Result<u8> {
+    use qmpgate::plugin::{Client, Decision, EventDecision, Peer, Protocol, UnixPeer};
+    use serde_json::{Value, json};
+    use tokio::io::AsyncBufReadExt;
+
+    let config: Value = match config {
+        None => json!({}),
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            if file.extension().is_some_and(|e| e == "toml") {
+                serde_json::to_value(
+                    toml::from_str::<toml::Table>(&text)
+                        .with_context(|| format!("{}", file.display()))?,
+                )?
+            } else {
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", file.display()))?
+            }
+        }
+    };
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .to_string();
+    let wasm = Runtime::new(None, None)?;
+    let loaded = wasm.load(&name, path, &config, qmpgate::plugin::Limits::default())?;
+    let chain = PluginChain::start(vec![loaded])?;
+    let client = |protocol| Client {
+        id: 1,
+        listener: listener.to_string(),
+        protocol,
+        peer: Peer::Unix(UnixPeer {
+            pid: 0,
+            uid,
+            gid: uid,
+        }),
+        capabilities: vec![],
+    };
+    let verdict = |decision: Decision| match decision {
+        Decision::Forward(c) => {
+            json!({"verdict": "forward", "command": {"execute": c.name, "arguments": c.arguments}})
+        }
+        Decision::Deny(e) => {
+            json!({"verdict": "deny", "error": {"class": e.class, "desc": e.desc}})
+        }
+        Decision::Reply(v) => json!({"verdict": "reply", "return": v}),
+    };
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut number = 0;
+    let mut bad = 0;
+    while let Some(line) = lines.next_line().await? {
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input: Value = match serde_json::from_str(&line) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                bad += 1;
+                println!("{}", json!({"line": number, "error": "not a JSON object"}));
+                continue;
+            }
+        };
+        let mut out = if let Some(Value::String(hmp)) = input.get("hmp") {
+            verdict(chain.on_hmp(&client(Protocol::Hmp), hmp).await)
+        } else if let Some(Value::String(event)) = input.get("event") {
+            let body = input.as_object().cloned().unwrap_or_default();
+            match chain.on_event(&client(Protocol::Qmp), event, &body).await {
+                EventDecision::Deliver => json!({"verdict": "deliver"}),
+                EventDecision::Drop => json!({"verdict": "drop"}),
+                EventDecision::Rewrite(data) => json!({"verdict": "rewrite", "data": data}),
+            }
+        } else {
+            match qmpgate::qmp::parse_request(line.as_bytes(), true) {
+                Ok(request) => {
+                    let command = qmpgate::plugin::Command {
+                        name: request.name,
+                        arguments: request.arguments,
+                        oob: request.oob,
+                    };
+                    verdict(
+                        chain
+                            .on_command(&client(Protocol::Qmp), command, None)
+                            .await,
+                    )
+                }
+                Err(e) => {
+                    bad += 1;
+                    json!({"error": e.error.desc})
+                }
+            }
+        };
+        out["line"] = Value::from(number);
+        out["input"] = input;
+        println!("{out}");
+    }
+    Ok(if bad > 0 { 2 } else { 0 })
+}
+
+/// Loads and starts the configured plugins as one chain.
+fn load_chain(wasm: &Runtime, specs: &[config::PluginSpec]) -> anyhow::Result<PluginChain> {
+    let mut plugins = Vec::new();
+    for spec in specs {
+        plugins.push(match &spec.source {
+            PluginSource::File(path) => wasm.load(&spec.name, path, &spec.config, spec.limits)?,
+            PluginSource::Builtin(bytes) => {
+                wasm.load_bytes(&spec.name, bytes, &spec.config, spec.limits)?
+            }
+        });
+    }
+    Ok(PluginChain::start(plugins)?)
+}
+
+/// Reloads the configuration file and the plugins on SIGHUP and on the control
+/// monitor's `x-qmpgate-reload`. A new chain replaces the old one only once every
+/// plugin in it loaded; otherwise the old chain stays and the reason is reported.
+/// Listeners and the upstream are not reloaded.
+fn spawn_reloader(
+    shared: Arc<qmpgate::gateway::Shared>,
+    wasm: Arc<Runtime>,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+) {
+    let (requests, mut queue) = tokio::sync::mpsc::channel::<qmpgate::gateway::ReloadRequest>(4);
+    shared.set_reload_handler(requests.clone());
+    tokio::spawn(async move {
+        while let Some(reply) = queue.recv().await {
+            let (wasm, path, overrides) = (wasm.clone(), config_path.clone(), overrides.clone());
+            let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<PluginChain> {
+                let file = match &path {
+                    Some(path) => FileConfig::load(path)?,
+                    None => FileConfig::default(),
+                };
+                let resolved = config::resolve(file, overrides)?;
+                load_chain(&wasm, &resolved.plugins)
+            })
+            .await;
+            let result = match loaded {
+                Ok(Ok(chain)) => {
+                    let names: Vec<String> =
+                        chain.plugins().iter().map(|p| p.name.to_string()).collect();
+                    shared.replace_chain(chain);
+                    tracing::info!(plugins = ?names, "reloaded");
+                    Ok(format!("reloaded plugins: {}", names.join(", ")))
+                }
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("reload task failed: {e}")),
+            };
+            if let Err(reason) = &result {
+                tracing::error!(%reason, "reload failed; keeping the running plugins");
+            }
+            let _ = reply.send(result);
+        }
+    });
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading");
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if requests.send(tx).await.is_err() {
+                return;
+            }
+            let _ = rx.await;
+        }
+    });
 }
 
 /// Tells systemd (Type=notify) about our state, if it is listening.

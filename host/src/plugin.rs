@@ -40,8 +40,8 @@ use bindings::exports::qmpgate::plugin::guest as wit;
 use bindings::qmpgate::plugin::host::Level;
 pub use bindings::qmpgate::plugin::types::{Client, Peer, Protocol, UnixPeer};
 use bindings::qmpgate::plugin::types::{
-    Command as WitCommand, Event as WitEvent, EventVerdict, HmpTranslation, QmpError as WitError,
-    Response as WitResponse, ResponseVerdict, Verdict,
+    Command as WitCommand, Decision as WitDecision, Event as WitEvent, EventVerdict,
+    HmpTranslation, QmpError as WitError, Response as WitResponse, ResponseVerdict, Verdict,
 };
 
 /// The WIT package version this host implements. A plugin built against another
@@ -841,9 +841,20 @@ impl PluginChain {
             Ok(Some(HmpTranslation::Invalid(reason))) => {
                 // QEMU would answer an unknown command with *success* and a message;
                 // an unparsable line is refused instead, so nothing slips past policy.
-                return Decision::Deny(QmpError::generic(format!(
+                let denied = Decision::Deny(QmpError::generic(format!(
                     "HMP command line refused: {reason}"
                 )));
+                let (client, command, line, told) = (
+                    client.clone(),
+                    passthrough.to_wit(),
+                    line.to_string(),
+                    denied.clone(),
+                );
+                self.run((), move |workers| {
+                    notify_decision(workers, &client, &command, Some(&line), &told)
+                })
+                .await;
+                return denied;
             }
             Ok(Some(HmpTranslation::NotHandled)) => unreachable!("translate_hmp skips not-handled"),
         };
@@ -931,13 +942,50 @@ fn translate_hmp(workers: &mut [Worker], line: &str) -> Result<Option<HmpTransla
 fn decide(
     workers: &mut [Worker],
     client: &Client,
+    command: Command,
+    hmp_line: Option<&str>,
+) -> Decision {
+    let mut seen = command.to_wit();
+    let decision = run_chain(workers, client, command, hmp_line, &mut seen);
+    notify_decision(workers, client, &seen, hmp_line, &decision);
+    decision
+}
+
+/// Tells every plugin what was decided (for audit). Faults are counted and logged
+/// by `Worker::call` and change nothing: the decision stands.
+fn notify_decision(
+    workers: &mut [Worker],
+    client: &Client,
+    command: &WitCommand,
+    hmp_line: Option<&str>,
+    decision: &Decision,
+) {
+    let decision = match decision {
+        Decision::Forward(_) => WitDecision::Forwarded,
+        Decision::Deny(e) => WitDecision::Denied(WitError {
+            class: e.class.clone(),
+            desc: e.desc.clone(),
+        }),
+        Decision::Reply(_) => WitDecision::Answered,
+    };
+    for worker in workers {
+        let _ = worker.call(|g, s| g.call_on_decision(s, client, command, hmp_line, &decision));
+    }
+}
+
+/// Runs `on-command` through the chain; `seen` ends as the command the deciding
+/// plugin saw.
+fn run_chain(
+    workers: &mut [Worker],
+    client: &Client,
     mut command: Command,
     hmp_line: Option<&str>,
+    seen: &mut WitCommand,
 ) -> Decision {
     let not_run = "the command was not executed";
     for worker in workers {
-        let wit_command = command.to_wit();
-        match worker.call(|g, s| g.call_on_command(s, client, &wit_command, hmp_line)) {
+        *seen = command.to_wit();
+        match worker.call(|g, s| g.call_on_command(s, client, seen, hmp_line)) {
             Ok(Verdict::Forward) => {}
             Ok(Verdict::Rewrite(new)) => match Command::from_wit(new) {
                 Ok(new) => command = new,

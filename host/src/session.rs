@@ -153,7 +153,7 @@ impl Session {
         mut reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
         shutdown: CancellationToken,
     ) -> &'static str {
-        if let Err(error) = self.ctx.chain.on_connect(&self.client).await {
+        if let Err(error) = self.ctx.chain().on_connect(&self.client).await {
             let _ = self.write(&qmp::error_response(&error, None)).await;
             return "refused by a plugin";
         }
@@ -309,14 +309,17 @@ impl Session {
                     _ => None,
                 };
                 let decision = match hmp_line {
-                    Some(line) => self.ctx.chain.on_hmp(&self.client, &line).await,
+                    Some(line) => self.ctx.chain().on_hmp(&self.client, &line).await,
                     None => {
                         let command = Command {
                             name,
                             arguments,
                             oob,
                         };
-                        self.ctx.chain.on_command(&self.client, command, None).await
+                        self.ctx
+                            .chain()
+                            .on_command(&self.client, command, None)
+                            .await
                     }
                 };
                 match decision {
@@ -426,7 +429,7 @@ impl Session {
         let body = match &out.command {
             Some(command) => {
                 self.ctx
-                    .chain
+                    .chain()
                     .on_response(&self.client, command, out.body)
                     .await
             }
@@ -464,7 +467,7 @@ impl Session {
 
     async fn deliver_event(&mut self, event: &Map<String, Value>) -> std::io::Result<()> {
         let name = event.get("event").and_then(Value::as_str).unwrap_or("");
-        match self.ctx.chain.on_event(&self.client, name, event).await {
+        match self.ctx.chain().on_event(&self.client, name, event).await {
             EventDecision::Deliver => self.write(&Value::Object(event.clone())).await,
             EventDecision::Drop => Ok(()),
             EventDecision::Rewrite(data) => {

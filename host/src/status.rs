@@ -231,7 +231,7 @@ pub fn status_json(shared: &Shared) -> Value {
         .map(|(id, c)| json!({ "id": id, "listener": c.listener, "peer": peer_json(&c.peer), "connected_since": c.since }))
         .collect();
     let plugins: Vec<Value> = shared
-        .chain
+        .chain()
         .plugins()
         .iter()
         .map(|p| {
@@ -324,7 +324,8 @@ pub fn metrics_text(shared: &Shared) -> String {
         "Clients disconnected for not reading.",
         m.slow_clients.load(Ordering::Relaxed),
     );
-    let plugins = shared.chain.plugins();
+    let chain = shared.chain();
+    let plugins = chain.plugins();
     let per_plugin: [PerPlugin; 7] = [
         (
             "qmpgate_plugin_calls_total",

@@ -466,6 +466,10 @@ impl Upstream {
                         Ok(0) => return Err("QEMU closed the monitor connection".into()),
                         // QEMU sometimes resets instead of closing after `quit`.
                         Err(_) if quit_sent => return Ok(Outcome::QemuQuit),
+                        // A killed QEMU resets the connection as often as it closes it.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                            return Err("QEMU closed the monitor connection".into());
+                        }
                         Err(e) => return Err(format!("reading from QEMU: {e}")),
                         Ok(n) => n,
                     };

@@ -52,8 +52,8 @@ use std::sync::{Mutex, Once};
 
 pub use bindings::qmpgate::plugin::host::Level;
 pub use bindings::qmpgate::plugin::types::{
-    Client, Command, Event, EventVerdict, HmpTranslation, Peer, Protocol, QmpError, Response,
-    ResponseVerdict, UnixPeer, Verdict,
+    Client, Command, Decision, Event, EventVerdict, HmpTranslation, Peer, Protocol, QmpError,
+    Response, ResponseVerdict, UnixPeer, Verdict,
 };
 
 impl QmpError {
@@ -97,6 +97,17 @@ pub trait Plugin: Sized + Send + 'static {
         _hmp_line: Option<&str>,
     ) -> Verdict {
         Verdict::Forward
+    }
+
+    /// The chain decided about `command` (every plugin is told, in order); for
+    /// audit. `hmp_line` is set when the command came from HMP.
+    fn on_decision(
+        &mut self,
+        _client: &Client,
+        _command: &Command,
+        _hmp_line: Option<&str>,
+        _decision: &Decision,
+    ) {
     }
 
     /// QEMU answered `command`.
@@ -222,6 +233,22 @@ macro_rules! export_plugin {
                 ) -> $crate::Verdict {
                     __SLOT.with(|p| {
                         $crate::Plugin::on_command(p, &client, &command, hmp_line.as_deref())
+                    })
+                }
+                fn on_decision(
+                    client: $crate::Client,
+                    command: $crate::Command,
+                    hmp_line: Option<String>,
+                    decision: $crate::Decision,
+                ) {
+                    __SLOT.with(|p| {
+                        $crate::Plugin::on_decision(
+                            p,
+                            &client,
+                            &command,
+                            hmp_line.as_deref(),
+                            &decision,
+                        )
                     })
                 }
                 fn on_response(

@@ -1,0 +1,95 @@
+//! The audit plugin: one structured record per decision.
+//!
+//! For every command a client sends, after the chain has decided, it emits one
+//! record through the host's `audit` import; the host adds the time and the
+//! plugin's name and appends it as a JSON line to `--audit-log` (or logs it).
+//!
+//! ```json
+//! {"time": 1764012345.12, "plugin": "audit", "client": {"id": 3, "listener": "qmp",
+//!  "peer": {"unix": {"pid": 4242, "uid": 1000, "gid": 1000}}}, "command": "screendump",
+//!  "verdict": "denied", "error": "Command 'screendump' is denied by policy: ..."}
+//! ```
+//!
+//! Configuration: `{"arguments": true}` also records each command's arguments
+//! (off by default: they may hold secrets); `{"verdicts": ["denied"]}` records only
+//! those verdicts (default: all three, `forwarded`, `denied`, `answered`).
+
+#![forbid(unsafe_code)]
+
+use qmpgate_plugin_sdk::{Client, Command, Decision, Peer, Plugin, Protocol, audit, export_plugin};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Record command arguments too.
+    #[serde(default)]
+    arguments: bool,
+    /// Which verdicts to record.
+    #[serde(default = "all_verdicts")]
+    verdicts: Vec<String>,
+}
+
+fn all_verdicts() -> Vec<String> {
+    vec!["forwarded".into(), "denied".into(), "answered".into()]
+}
+
+struct Audit(Config);
+
+impl Plugin for Audit {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        if let Some(bad) = config.verdicts.iter().find(|v| !all_verdicts().contains(v)) {
+            return Err(format!(
+                "unknown verdict '{bad}' (expected forwarded, denied or answered)"
+            ));
+        }
+        Ok(Audit(config))
+    }
+
+    fn on_decision(
+        &mut self,
+        client: &Client,
+        command: &Command,
+        hmp_line: Option<&str>,
+        decision: &Decision,
+    ) {
+        let (verdict, error) = match decision {
+            Decision::Forwarded => ("forwarded", None),
+            Decision::Denied(e) => ("denied", Some(e.desc.clone())),
+            Decision::Answered => ("answered", None),
+        };
+        if !self.0.verdicts.iter().any(|v| v == verdict) {
+            return;
+        }
+        let peer = match &client.peer {
+            Peer::Unix(p) => json!({"unix": {"pid": p.pid, "uid": p.uid, "gid": p.gid}}),
+            Peer::Inet(address) => json!({"inet": address}),
+            Peer::Unknown => Value::Null,
+        };
+        let mut record = json!({
+            "client": {
+                "id": client.id,
+                "listener": client.listener,
+                "protocol": match client.protocol { Protocol::Qmp => "qmp", Protocol::Hmp => "hmp" },
+                "peer": peer,
+            },
+            "command": command.name,
+            "verdict": verdict,
+        });
+        if let Some(line) = hmp_line {
+            record["hmp"] = Value::from(line);
+        }
+        if let Some(error) = error {
+            record["error"] = Value::from(error);
+        }
+        if self.0.arguments {
+            record["arguments"] = command.arguments_json();
+        }
+        audit(&record);
+    }
+}
+
+export_plugin!(Audit);
