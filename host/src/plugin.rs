@@ -524,7 +524,19 @@ impl Worker {
         }
         match error.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => Fault::Deadline(self.limits.cpu.as_millis()),
-            _ => Fault::Trap(format!("{error:#}")),
+            // The trap's own words; the wasm backtrace goes to the log, not to clients.
+            Some(trap) => {
+                tracing::debug!(plugin = &*self.name, error = %format!("{error:#}"), "trap details");
+                Fault::Trap(trap.to_string())
+            }
+            None => Fault::Trap(
+                error
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("unknown error")
+                    .to_string(),
+            ),
         }
     }
 

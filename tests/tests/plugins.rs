@@ -66,6 +66,10 @@ fn a_plugin_that_panics_or_lies_fails_closed() {
     let gateway = gateway_with(&qemu, "fixture_trap");
     let mut c = gateway.negotiated();
     let reply = c.execute("boom", json!({}));
+    assert_eq!(
+        desc(&reply),
+        "qmpgate plugin 'fixture_trap' trapped: wasm trap: wasm `unreachable` instruction executed; the command was not executed"
+    );
     assert!(
         desc(&reply).starts_with("qmpgate plugin 'fixture_trap' trapped"),
         "{reply}"
@@ -73,6 +77,10 @@ fn a_plugin_that_panics_or_lies_fails_closed() {
     assert!(
         gateway.stderr().contains("plugin panicked: panicked at"),
         "the panic message reaches the log"
+    );
+    assert!(
+        gateway.stderr().contains("boom requested by client 1"),
+        "`log` records reach the log"
     );
     let reply = c.execute("garbage", json!({}));
     assert!(

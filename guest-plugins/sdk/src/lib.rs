@@ -30,7 +30,8 @@
 //! Layout:
 //! - [`Plugin`]: the trait with default hooks;
 //! - [`export_plugin!`]: registers a type as the component's exports;
-//! - [`log`]: the host's log, plus `info!`-style macros;
+//! - [`log`]: the host's log, plus `info!`-style macros; records of the `log` crate
+//!   (from the plugin or its libraries) are forwarded there too;
 //! - [`audit`]: emit one structured audit record;
 //! - [`bindings`]: the raw WIT bindings, for what the trait does not cover.
 
@@ -140,6 +141,28 @@ pub mod log {
         crate::bindings::qmpgate::plugin::host::log(level, message);
     }
 
+    /// Sends records of the `log` crate to the host's log (installed by the SDK).
+    pub(crate) struct Bridge;
+
+    impl ::log::Log for Bridge {
+        fn enabled(&self, _: &::log::Metadata) -> bool {
+            true
+        }
+
+        fn log(&self, record: &::log::Record) {
+            let level = match record.level() {
+                ::log::Level::Error => Level::Error,
+                ::log::Level::Warn => Level::Warn,
+                ::log::Level::Info => Level::Info,
+                ::log::Level::Debug => Level::Debug,
+                ::log::Level::Trace => Level::Trace,
+            };
+            log(level, &format!("{}: {}", record.target(), record.args()));
+        }
+
+        fn flush(&self) {}
+    }
+
     /// `info!("...", args)`: log at info level.
     #[macro_export]
     macro_rules! info {
@@ -177,6 +200,10 @@ impl<P: Plugin> Slot<P> {
     pub fn init(&self, config: String) -> Result<(), String> {
         static PANIC_HOOK: Once = Once::new();
         PANIC_HOOK.call_once(|| {
+            // Libraries that log through the `log` facade reach the host's log too.
+            if ::log::set_logger(&log::Bridge).is_ok() {
+                ::log::set_max_level(::log::LevelFilter::Debug);
+            }
             // Forward the panic message: after the panic the instance traps and the host
             // only sees "unreachable", which tells an author nothing.
             std::panic::set_hook(Box::new(|info| {
