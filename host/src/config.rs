@@ -88,6 +88,11 @@ pub struct FileConfig {
     pub status: Option<String>,
     /// The control monitor's chardev (spec or id; a unix socket).
     pub control: Option<String>,
+    /// How long clients wait for QEMU's answer, in ms (0: forever).
+    pub command_timeout_ms: Option<u64>,
+    /// Per-command timeouts in ms (0: forever), e.g. `{ migrate = 600000 }`.
+    #[serde(default)]
+    pub command_timeouts: HashMap<String, u64>,
     /// Plugins, run in this order.
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
@@ -179,6 +184,8 @@ pub struct Resolved {
     pub status: Option<ChardevSpec>,
     /// The control monitor.
     pub control: Option<ChardevSpec>,
+    /// Per-command timeouts.
+    pub timeouts: crate::gateway::Timeouts,
 }
 
 /// Command-line additions and overrides, already parsed by the CLI.
@@ -210,6 +217,8 @@ pub struct Overrides {
     pub status: Option<String>,
     /// `--control`.
     pub control: Option<String>,
+    /// `--command-timeout-ms`.
+    pub command_timeout_ms: Option<u64>,
 }
 
 /// Merges the file (if any) and the command line.
@@ -386,7 +395,37 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         audit_log: cli.audit_log.or(file.audit_log),
         status,
         control,
+        timeouts: timeouts(
+            cli.command_timeout_ms.or(file.command_timeout_ms),
+            &file.command_timeouts,
+        ),
     })
+}
+
+/// Default: 5 s, and 5 min for the commands in `Timeouts::SLOW_COMMANDS`; 0 means
+/// no limit; the file's per-command entries override both.
+fn timeouts(
+    default_ms: Option<u64>,
+    per_command: &HashMap<String, u64>,
+) -> crate::gateway::Timeouts {
+    let limit = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+    let default = limit(default_ms.unwrap_or(5_000));
+    let mut table: HashMap<String, Option<Duration>> = crate::gateway::Timeouts::SLOW_COMMANDS
+        .iter()
+        .map(|c| {
+            (
+                c.to_string(),
+                default.map(|d| d.max(Duration::from_secs(300))),
+            )
+        })
+        .collect();
+    for (command, ms) in per_command {
+        table.insert(command.clone(), limit(*ms));
+    }
+    crate::gateway::Timeouts {
+        default,
+        per_command: table,
+    }
 }
 
 /// `$XDG_CACHE_HOME/qmpgate`, else `$HOME/.cache/qmpgate`.

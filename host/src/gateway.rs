@@ -69,6 +69,8 @@ pub struct Shared {
     pub max_message: usize,
     /// Framing limit on nesting depth.
     pub max_depth: usize,
+    /// How long a client waits for QEMU's answer, per command.
+    pub timeouts: Timeouts,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Connected clients, QEMU's exit, for status.
@@ -230,6 +232,64 @@ pub struct Settings {
     pub max_message: usize,
     /// Framing limits.
     pub max_depth: usize,
+    /// Per-command timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// How long a client waits for QEMU's answer to each command. A command that runs
+/// out gets a QMP error; QEMU's late reply is discarded and counted.
+#[derive(Debug, Clone, Default)]
+pub struct Timeouts {
+    /// For commands not listed; `None`: wait forever.
+    pub default: Option<Duration>,
+    /// Per command name; `None`: wait forever.
+    pub per_command: std::collections::HashMap<String, Option<Duration>>,
+}
+
+impl Timeouts {
+    /// Commands that legitimately take long (they write or read whole images, or run
+    /// HMP's synchronous `savevm`/`loadvm`), with their default limit.
+    pub const SLOW_COMMANDS: &[&str] = &[
+        "dump-guest-memory",
+        "human-monitor-command",
+        "snapshot-save",
+        "snapshot-load",
+        "snapshot-delete",
+        "blockdev-create",
+        "block-commit",
+    ];
+
+    /// The limit for `command`.
+    pub fn for_command(&self, command: &str) -> Option<Duration> {
+        match self.per_command.get(command) {
+            Some(limit) => *limit,
+            None => self.default,
+        }
+    }
+}
+
+/// Waits for `pending`, or answers with a timeout error once `limit` passes.
+pub async fn await_reply(
+    pending: crate::upstream::PendingReply,
+    command: &str,
+    limit: Option<Duration>,
+) -> crate::upstream::Reply {
+    let Some(limit) = limit else {
+        return pending.reply().await;
+    };
+    match tokio::time::timeout(limit, pending.reply()).await {
+        Ok(reply) => reply,
+        Err(_) => {
+            let error = crate::qmp::QmpError::generic(format!(
+                "QEMU did not answer '{command}' within {} ms; qmpgate stopped waiting (a late reply will be discarded)",
+                limit.as_millis()
+            ));
+            let serde_json::Value::Object(body) = crate::qmp::error_response(&error, None) else {
+                unreachable!("error responses are objects")
+            };
+            crate::upstream::Reply { seq: 0, body }
+        }
+    }
 }
 
 /// Why the gateway could not start.
@@ -302,6 +362,7 @@ impl Gateway {
             reload: Mutex::new(None),
             max_message: settings.max_message,
             max_depth: settings.max_depth,
+            timeouts: settings.timeouts,
             metrics: Arc::new(Metrics::default()),
             registry: Arc::new(Registry::default()),
             tracker: TaskTracker::new(),

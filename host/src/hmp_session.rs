@@ -100,7 +100,12 @@ pub async fn serve(
 async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) -> String {
     match ctx.chain().on_hmp(client, line).await {
         Decision::Forward(command) => {
-            let reply = ctx.upstream.execute(command).await;
+            let limit = ctx.timeouts.for_command(&command.name);
+            let name = command.name.clone();
+            let pending = ctx.upstream.submit(command, None).await;
+            let reply = crate::gateway::await_reply(pending, &name, limit)
+                .await
+                .body;
             match (reply.get("return"), reply.get("error")) {
                 (Some(Value::String(text)), _) => text.clone(),
                 (Some(other), _) => format!("{other}\r\n"),

@@ -127,6 +127,10 @@ struct GatewayArgs {
     /// Serve the control monitor (QMP: getfd, chardev-add, ...) on this unix chardev.
     #[arg(long, value_name = "SPEC|ID")]
     control: Option<String>,
+    /// How long a client waits for QEMU's answer before getting an error, in ms; 0 waits
+    /// forever [default: 5000; 300000 for slow commands such as dump-guest-memory].
+    #[arg(long, value_name = "MS")]
+    command_timeout_ms: Option<u64>,
 }
 
 impl GatewayArgs {
@@ -145,6 +149,7 @@ impl GatewayArgs {
             audit_log: self.audit_log.clone(),
             status: self.status.clone(),
             control: self.control.clone(),
+            command_timeout_ms: self.command_timeout_ms,
         }
     }
 }
@@ -228,6 +233,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         chain: load_chain(&wasm, &resolved.plugins)?,
         max_message: resolved.max_message,
         max_depth: resolved.max_depth,
+        timeouts: resolved.timeouts.clone(),
     };
     // Open the status and control sockets first: their errors are start-up errors.
     let status_listener = resolved

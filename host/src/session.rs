@@ -383,8 +383,9 @@ impl Session {
             self.upstream_slots.clone().acquire_owned().await.ok()
         };
         let pending = self.ctx.upstream.submit(command.clone(), permit).await;
+        let limit = self.ctx.timeouts.for_command(&command.name);
         let pending: Pending = Box::pin(async move {
-            let reply = pending.reply().await;
+            let reply = crate::gateway::await_reply(pending, &command.name, limit).await;
             Outgoing {
                 id,
                 command: Some(command),

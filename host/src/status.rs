@@ -273,6 +273,7 @@ pub fn status_json(shared: &Shared) -> Value {
             "commands": m.commands.load(Ordering::Relaxed),
             "denied": m.denied.load(Ordering::Relaxed),
             "slow_clients": m.slow_clients.load(Ordering::Relaxed),
+            "late_replies_discarded": shared.upstream.discarded_replies(),
         },
     })
 }
@@ -317,6 +318,12 @@ pub fn metrics_text(shared: &Shared) -> String {
         "counter",
         "Commands refused by a plugin.",
         m.denied.load(Ordering::Relaxed),
+    );
+    gauge(
+        "qmpgate_late_replies_discarded_total",
+        "counter",
+        "QEMU replies that came after their client stopped waiting.",
+        shared.upstream.discarded_replies(),
     );
     gauge(
         "qmpgate_slow_clients_total",

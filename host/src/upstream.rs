@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
@@ -134,6 +135,8 @@ pub struct UpstreamHandle {
     oob: mpsc::Sender<Submit>,
     events: broadcast::Sender<Arc<UpstreamEvent>>,
     info: watch::Receiver<UpstreamInfo>,
+    /// Replies that came after their client stopped waiting (timeout or gone).
+    discarded: Arc<AtomicU64>,
 }
 
 impl UpstreamHandle {
@@ -170,6 +173,11 @@ impl UpstreamHandle {
     /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<UpstreamEvent>> {
         self.events.subscribe()
+    }
+
+    /// Replies QEMU sent after their client stopped waiting, since start.
+    pub fn discarded_replies(&self) -> u64 {
+        self.discarded.load(Ordering::Relaxed)
     }
 
     /// The latest facts about QEMU.
@@ -318,11 +326,13 @@ pub async fn connect(
     let (oob_tx, oob) = mpsc::channel(64);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (info_tx, info) = watch::channel(link.info.clone());
+    let discarded = Arc::new(AtomicU64::new(0));
     let handle = UpstreamHandle {
         in_band: in_band_tx,
         oob: oob_tx,
         events: events.clone(),
         info,
+        discarded: discarded.clone(),
     };
     let upstream = Upstream {
         spec,
@@ -336,6 +346,7 @@ pub async fn connect(
         seq: 0,
         pending: HashMap::new(),
         in_flight: 0,
+        discarded,
         shutdown,
     };
     Ok((handle, tokio::spawn(upstream.run(link))))
@@ -378,6 +389,7 @@ struct Upstream {
     /// Commands sent and not yet answered, by gateway id.
     pending: HashMap<u64, InFlight>,
     in_flight: usize,
+    discarded: Arc<AtomicU64>,
     shutdown: CancellationToken,
 }
 
@@ -541,11 +553,19 @@ impl Upstream {
                         if in_flight.in_band {
                             self.in_flight -= 1;
                         }
-                        // The client may have left; its reply is then dropped, nobody else's.
-                        let _ = in_flight.reply.send(Reply {
-                            seq: self.seq,
-                            body,
-                        });
+                        // The client may have left, or stopped waiting (command timeout):
+                        // its reply is then dropped and counted, never given to anyone else.
+                        if in_flight
+                            .reply
+                            .send(Reply {
+                                seq: self.seq,
+                                body,
+                            })
+                            .is_err()
+                        {
+                            self.discarded.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(id, command = %in_flight.name, "late reply discarded");
+                        }
                     }
                     None => tracing::warn!(id, "reply to an unknown command id; dropped"),
                 }

@@ -450,6 +450,8 @@ pub enum FakeAction {
     Close,
     /// Do nothing (the command hangs).
     Ignore,
+    /// Reply `{"return": {}}` after this long (the fake is as single-threaded as QEMU).
+    Delay(Duration),
 }
 
 impl FakeQemu {
@@ -486,6 +488,13 @@ impl FakeQemu {
                     }
                     FakeAction::Close => return,
                     FakeAction::Ignore => {}
+                    FakeAction::Delay(wait) => {
+                        std::thread::sleep(wait);
+                        let reply = json!({"return": {}, "id": id});
+                        if writer.write_all(format!("{reply}\r\n").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         });

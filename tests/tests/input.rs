@@ -174,3 +174,77 @@ fn oob_commands_are_relayed_to_clients_that_negotiated_oob() {
         "Parameter 'enable[0]' does not accept value 'telepathy'"
     );
 }
+
+/// Open fds of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn ten_thousand_connects_leave_no_fd_behind() {
+    let qemu = Qemu::start();
+    let gateway = gateway(&qemu, &[]);
+    drop(gateway.negotiated());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = fd_count(gateway.pid());
+    for i in 0..10_000 {
+        let mut c = gateway.client();
+        // Every tenth client also runs a command, so sessions end in several states.
+        if i % 10 == 0 {
+            c.execute("qmp_capabilities", json!({}));
+            c.send(&json!({"execute": "query-status"}));
+        }
+    }
+    let mut after = fd_count(gateway.pid());
+    for _ in 0..50 {
+        if after == before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        after = fd_count(gateway.pid());
+    }
+    assert_eq!(
+        after, before,
+        "open fds before and after 10,000 connections"
+    );
+    assert_eq!(
+        gateway.negotiated().execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}
+
+#[test]
+fn a_100_mib_message_is_refused_without_being_buffered() {
+    let qemu = Qemu::start();
+    let gateway = gateway(&qemu, &[]);
+    let mut c = gateway.negotiated();
+    let before = rss_kib(gateway.pid());
+    let chunk = vec![b'a'; 1 << 20];
+    c.send_raw(br#"{"execute": "query-status", "arguments": {"x": ""#);
+    for _ in 0..100 {
+        c.send_raw(&chunk);
+    }
+    c.send_raw(br#""}, "id": 1}"#);
+    assert_eq!(
+        c.read_reply(),
+        json!({"error": {"class": "GenericError", "desc": "JSON message exceeds the limit of 1048576 bytes"}})
+    );
+    let grown = rss_kib(gateway.pid()).saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "the gateway grew by {grown} KiB for a 100 MiB message"
+    );
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}

@@ -412,3 +412,41 @@ fn sigterm_under_run_quits_qemu_through_its_monitor() {
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(0), "QEMU quit cleanly\n{stderr}");
 }
+
+#[test]
+fn a_command_qemu_does_not_answer_in_time_gets_an_error_and_its_late_reply_goes_nowhere() {
+    let fake = qmpgate_tests::FakeQemu::start(|name| match name {
+        "slow" => qmpgate_tests::FakeAction::Delay(Duration::from_millis(1500)),
+        _ => qmpgate_tests::FakeAction::Return,
+    });
+    let builder = GatewayBuilder::new(&fake.upstream_spec());
+    let config = builder.dir().join("timeouts.toml");
+    std::fs::write(&config, "command-timeouts = { slow = 300 }\n").unwrap();
+    let (builder, url) = with_status(builder.args([
+        "--config",
+        config.to_str().unwrap(),
+        "--profile",
+        "permissive",
+    ]));
+    let gateway = builder.spawn();
+    let mut c = gateway.negotiated();
+    let started = std::time::Instant::now();
+    c.send(&json!({"execute": "slow", "id": 1}));
+    let reply = c.read();
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "the error comes in time"
+    );
+    assert_eq!(reply["id"], 1);
+    assert_eq!(
+        reply["error"]["desc"],
+        "QEMU did not answer 'slow' within 300 ms; qmpgate stopped waiting (a late reply will be discarded)"
+    );
+    // The next command waits behind the slow one inside QEMU; the late reply to
+    // `slow` must not be taken for its answer.
+    c.send(&json!({"execute": "fast", "id": 2}));
+    assert_eq!(c.read(), json!({"return": {}, "id": 2}));
+    let (_, _, body) = get(&format!("{url}/status"));
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["counters"]["late_replies_discarded"], 1);
+}

@@ -2,7 +2,13 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins && target/release/qmpgate-bench [ROUNDS]
+//! target/release/qmpgate-bench load [CLIENTS] [COMMANDS]
 //! ```
+//!
+//! `load` runs CLIENTS concurrent clients, each sending COMMANDS commands one after
+//! another with ids no other client uses, through qmpgate (default plugins) to a
+//! fast fake QEMU and to a real one; it checks that every reply reaches its asker
+//! and reports throughput, p99 latency and the gateway's peak memory.
 //!
 //! For each path to a fresh `qemu-system-x86_64 -M none` it measures
 //! - latency: ROUNDS sequential `query-status` round trips (p50, p99);
@@ -92,7 +98,89 @@ impl Drop for Socat {
     }
 }
 
+fn load(clients: usize, commands: usize) {
+    println!("{clients} clients x {commands} commands, through qmpgate with its default plugins");
+    println!("| upstream | commands/s | p50 | p99 | misrouted or lost | gateway peak RSS |");
+    println!("|---|---|---|---|---|---|");
+    let fake = qmpgate_tests::FakeQemu::start(|_| qmpgate_tests::FakeAction::Return);
+    let qemu = Qemu::start();
+    for (name, upstream, command) in [
+        ("fast fake QEMU", fake.upstream_spec(), "query-status"),
+        ("QEMU 7.2 (-M none)", qemu.upstream_spec(), "query-status"),
+    ] {
+        let gateway = GatewayBuilder::new(&upstream).spawn();
+        let path = gateway.path.clone();
+        let started = Instant::now();
+        let workers: Vec<_> = (0..clients)
+            .map(|client| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut c = QmpClient::connect(&path);
+                    assert_eq!(
+                        c.execute("qmp_capabilities", json!({})),
+                        json!({"return": {}})
+                    );
+                    let (mut samples, mut bad) = (Vec::with_capacity(commands), 0usize);
+                    for i in 0..commands {
+                        let id = json!([client, i]);
+                        let sent = Instant::now();
+                        c.send(&json!({"execute": command, "id": id}));
+                        let reply = c.read_reply();
+                        samples.push(sent.elapsed());
+                        if reply["id"] != id || reply.get("return").is_none() {
+                            bad += 1;
+                        }
+                    }
+                    (samples, bad)
+                })
+            })
+            .collect();
+        let mut samples = Vec::new();
+        let mut bad = 0;
+        for worker in workers {
+            let (s, b) = worker.join().expect("client thread");
+            samples.extend(s);
+            bad += b;
+        }
+        let elapsed = started.elapsed();
+        samples.sort();
+        let pct = |p: f64| {
+            samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64()
+                * 1e3
+        };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid())).unwrap();
+        let peak = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .unwrap_or("VmHWM: ? kB")
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        println!(
+            "| {name} | {:.0} | {:.2} ms | {:.2} ms | {bad} | {} MiB |",
+            samples.len() as f64 / elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.99),
+            peak.parse::<u64>().unwrap_or(0) / 1024
+        );
+        assert_eq!(bad, 0, "replies were lost or misrouted");
+    }
+}
+
 fn main() {
+    let mut args = std::env::args().skip(1);
+    if let Some("load") = args.next().as_deref() {
+        let clients = args
+            .next()
+            .map(|n| n.parse().expect("CLIENTS is a number"))
+            .unwrap_or(200);
+        let commands = args
+            .next()
+            .map(|n| n.parse().expect("COMMANDS is a number"))
+            .unwrap_or(1000);
+        return load(clients, commands);
+    }
     let rounds: usize = std::env::args()
         .nth(1)
         .map(|n| n.parse().expect("ROUNDS is a number"))
