@@ -90,6 +90,8 @@ pub struct FileConfig {
     pub control: Option<String>,
     /// How long clients wait for QEMU's answer, in ms (0: forever).
     pub command_timeout_ms: Option<u64>,
+    /// Events kept for clients that reconnect.
+    pub event_history: Option<usize>,
     /// Per-command timeouts in ms (0: forever), e.g. `{ migrate = 600000 }`.
     #[serde(default)]
     pub command_timeouts: HashMap<String, u64>,
@@ -130,6 +132,9 @@ impl FileConfig {
         })
     }
 }
+
+/// Events kept per upstream by default: a few minutes of a busy VM's events.
+pub const DEFAULT_EVENT_HISTORY: usize = 1000;
 
 /// Where a plugin's bytes come from.
 #[derive(Debug, Clone)]
@@ -186,6 +191,8 @@ pub struct Resolved {
     pub control: Option<ChardevSpec>,
     /// Per-command timeouts.
     pub timeouts: crate::gateway::Timeouts,
+    /// Events kept for clients that reconnect.
+    pub event_history: usize,
 }
 
 /// Command-line additions and overrides, already parsed by the CLI.
@@ -219,6 +226,8 @@ pub struct Overrides {
     pub control: Option<String>,
     /// `--command-timeout-ms`.
     pub command_timeout_ms: Option<u64>,
+    /// `--event-history`.
+    pub event_history: Option<usize>,
 }
 
 /// Merges the file (if any) and the command line.
@@ -399,6 +408,10 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             cli.command_timeout_ms.or(file.command_timeout_ms),
             &file.command_timeouts,
         ),
+        event_history: cli
+            .event_history
+            .or(file.event_history)
+            .unwrap_or(DEFAULT_EVENT_HISTORY),
     })
 }
 

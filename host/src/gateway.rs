@@ -234,6 +234,8 @@ pub struct Settings {
     pub max_depth: usize,
     /// Per-command timeouts.
     pub timeouts: Timeouts,
+    /// Events kept for clients that reconnect.
+    pub event_history: usize,
 }
 
 /// How long a client waits for QEMU's answer to each command. A command that runs
@@ -347,13 +349,17 @@ impl Gateway {
 
         let shutdown = CancellationToken::new();
         let upstream_id = settings.upstream.id.clone();
-        let (upstream, upstream_task) =
-            upstream::connect(settings.upstream.clone(), inherited, shutdown.clone())
-                .await
-                .map_err(|source| StartError::Upstream {
-                    id: upstream_id,
-                    source,
-                })?;
+        let (upstream, upstream_task) = upstream::connect(
+            settings.upstream.clone(),
+            inherited,
+            settings.event_history,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|source| StartError::Upstream {
+            id: upstream_id,
+            source,
+        })?;
 
         let shared = Arc::new(Shared {
             upstream,

@@ -131,6 +131,10 @@ struct GatewayArgs {
     /// forever [default: 5000; 300000 for slow commands such as dump-guest-memory].
     #[arg(long, value_name = "MS")]
     command_timeout_ms: Option<u64>,
+    /// How many recent events to keep for clients that reconnect
+    /// (query-qmpgate-events, /events?since=) [default: 1000].
+    #[arg(long, value_name = "N")]
+    event_history: Option<usize>,
 }
 
 impl GatewayArgs {
@@ -150,6 +154,7 @@ impl GatewayArgs {
             status: self.status.clone(),
             control: self.control.clone(),
             command_timeout_ms: self.command_timeout_ms,
+            event_history: self.event_history,
         }
     }
 }
@@ -234,6 +239,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         max_message: resolved.max_message,
         max_depth: resolved.max_depth,
         timeouts: resolved.timeouts.clone(),
+        event_history: resolved.event_history,
     };
     // Open the status and control sockets first: their errors are start-up errors.
     let status_listener = resolved

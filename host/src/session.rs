@@ -38,6 +38,11 @@ use crate::plugin::{self, Command, Decision, EventDecision};
 use crate::qmp::{self, ErrorClass, QmpError, Request};
 use crate::upstream::UpstreamEvent;
 
+/// qmpgate's own command: the events it kept (QEMU drops events while no client
+/// is connected; qmpgate is always connected). A `query-` name, so that read-only
+/// policies allow it.
+pub const QUERY_EVENTS: &str = "query-qmpgate-events";
+
 /// Outstanding in-band commands per client before the session stops reading.
 pub const MAX_CLIENT_QUEUE: usize = 32;
 
@@ -323,6 +328,10 @@ impl Session {
                     }
                 };
                 match decision {
+                    Decision::Forward(command) if command.name == QUERY_EVENTS => {
+                        let reply = self.query_events(&command.arguments).await;
+                        self.answer(id, reply)
+                    }
                     Decision::Forward(command) => self.forward(id, command).await,
                     Decision::Deny(e) => {
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +343,47 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// `query-qmpgate-events {"since": SEQ}`: the events qmpgate kept, after SEQ
+    /// (default: all), as this client's plugins let it see them, each with its `seq`.
+    async fn query_events(&mut self, arguments: &Map<String, Value>) -> Value {
+        let since = match arguments.get("since") {
+            None => 0,
+            Some(v) => match v.as_u64() {
+                Some(n) => n,
+                None => {
+                    return error("Invalid parameter type for 'since', expected: integer".into());
+                }
+            },
+        };
+        if let Some(key) = arguments.keys().find(|k| *k != "since") {
+            return error(format!("Parameter '{key}' is unexpected"));
+        }
+        let mut list = Vec::new();
+        for event in self.ctx.upstream.events_since(since) {
+            let name = event
+                .body
+                .get("event")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let body = match self
+                .ctx
+                .chain()
+                .on_event(&self.client, name, &event.body)
+                .await
+            {
+                EventDecision::Deliver => Value::Object(event.body.clone()),
+                EventDecision::Drop => continue,
+                EventDecision::Rewrite(data) => {
+                    let mut body = event.body.clone();
+                    body.insert("data".into(), data);
+                    Value::Object(body)
+                }
+            };
+            list.push(json!({ "seq": event.seq, "event": body }));
+        }
+        qmp::return_response(Value::Array(list), None)
     }
 
     /// `qmp_capabilities`: the gateway negotiates with each client itself.

@@ -155,31 +155,49 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// An SSE message for an event; its `id` is the event's sequence number, so a
+/// client that reconnects with `Last-Event-ID` (or `?since=`) misses nothing.
+fn sse_event(event: &crate::upstream::UpstreamEvent) -> Event {
+    let name = event
+        .body
+        .get("event")
+        .and_then(Value::as_str)
+        .unwrap_or("event");
+    Event::default()
+        .id(event.seq.to_string())
+        .event(name)
+        .data(Value::Object(event.body.clone()).to_string())
+}
+
 async fn events(
     State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let since = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("since=")))
+        .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
+        .and_then(|s| s.parse::<u64>().ok());
+    // Subscribe before reading the history, so nothing falls between the two.
     let rx = shared.upstream.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    let backlog = since
+        .map(|s| shared.upstream.events_since(s))
+        .unwrap_or_default();
+    let last = backlog.last().map(|e| e.seq).or(since).unwrap_or(0);
+    let replay = futures_util::stream::iter(backlog.into_iter().map(|e| Ok(sse_event(&e))));
+    let live = futures_util::stream::unfold(rx, move |mut rx| async move {
         loop {
             match rx.recv().await {
-                Ok(event) => {
-                    let name = event
-                        .body
-                        .get("event")
-                        .and_then(Value::as_str)
-                        .unwrap_or("event");
-                    let sse = Event::default()
-                        .event(name)
-                        .data(Value::Object(event.body.clone()).to_string());
-                    return Some((Ok(sse), rx));
-                }
+                Ok(event) if event.seq <= last => continue,
+                Ok(event) => return Some((Ok(sse_event(&event)), rx)),
                 // A slow reader misses events rather than holding memory.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(futures_util::StreamExt::chain(replay, live)).keep_alive(KeepAlive::default())
 }
 
 fn peer_json(peer: &Peer) -> Value {

@@ -19,8 +19,9 @@
 //! side; `Upstream::run` is the task.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
@@ -137,6 +138,8 @@ pub struct UpstreamHandle {
     info: watch::Receiver<UpstreamInfo>,
     /// Replies that came after their client stopped waiting (timeout or gone).
     discarded: Arc<AtomicU64>,
+    /// Recent events, oldest first.
+    history: Arc<Mutex<VecDeque<Arc<UpstreamEvent>>>>,
 }
 
 impl UpstreamHandle {
@@ -173,6 +176,12 @@ impl UpstreamHandle {
     /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<UpstreamEvent>> {
         self.events.subscribe()
+    }
+
+    /// The events kept in the history ring with `seq` greater than `since`, oldest first.
+    pub fn events_since(&self, since: u64) -> Vec<Arc<UpstreamEvent>> {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.iter().filter(|e| e.seq > since).cloned().collect()
     }
 
     /// Replies QEMU sent after their client stopped waiting, since start.
@@ -306,6 +315,7 @@ async fn next_message(reader: &mut Reader, framer: &mut Framer) -> Result<Messag
 pub async fn connect(
     spec: ChardevSpec,
     inherited: &mut Inherited,
+    history_limit: usize,
     shutdown: CancellationToken,
 ) -> Result<(UpstreamHandle, tokio::task::JoinHandle<Outcome>), UpstreamError> {
     let link = open(&spec, inherited).await?;
@@ -327,7 +337,9 @@ pub async fn connect(
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (info_tx, info) = watch::channel(link.info.clone());
     let discarded = Arc::new(AtomicU64::new(0));
+    let history = Arc::new(Mutex::new(VecDeque::with_capacity(history_limit.min(4096))));
     let handle = UpstreamHandle {
+        history: history.clone(),
         in_band: in_band_tx,
         oob: oob_tx,
         events: events.clone(),
@@ -347,6 +359,8 @@ pub async fn connect(
         pending: HashMap::new(),
         in_flight: 0,
         discarded,
+        history,
+        history_limit,
         shutdown,
     };
     Ok((handle, tokio::spawn(upstream.run(link))))
@@ -390,6 +404,10 @@ struct Upstream {
     pending: HashMap<u64, InFlight>,
     in_flight: usize,
     discarded: Arc<AtomicU64>,
+    /// Recent events for clients that reconnect (QEMU keeps none).
+    history: Arc<Mutex<VecDeque<Arc<UpstreamEvent>>>>,
+    /// How many events `history` keeps; 0 keeps none.
+    history_limit: usize,
     shutdown: CancellationToken,
 }
 
@@ -407,7 +425,7 @@ impl Upstream {
                 "QMPGATE_UPSTREAM_LOST",
                 json!({ "reason": reason }),
             ));
-            let _ = self.events.send(lost_event);
+            self.publish(lost_event);
             let Some(delay) = self.spec.reconnect_ms.map(Duration::from_millis) else {
                 tracing::error!(%reason, "lost the connection to QEMU; reconnect-ms is not set, stopping");
                 return Outcome::Lost(reason);
@@ -419,7 +437,7 @@ impl Upstream {
             };
             let _ = self.info.send(link.info.clone());
             let restored = self.stamp(gateway_event("QMPGATE_UPSTREAM_RESTORED", json!({})));
-            let _ = self.events.send(restored);
+            self.publish(restored);
         }
     }
 
@@ -587,14 +605,29 @@ impl Upstream {
                 if let Some(state) = run_state {
                     self.info.send_modify(|i| i.run_state = state.to_string());
                 }
-                let _ = self.events.send(Arc::new(UpstreamEvent {
+                let event = Arc::new(UpstreamEvent {
                     seq: self.seq,
                     body,
-                }));
+                });
+                self.publish(event);
             }
             Ok(other) => tracing::warn!(message = ?other, "unexpected message from QEMU"),
             Err(e) => tracing::warn!(error = %e, "QEMU sent invalid JSON"),
         }
+    }
+
+    /// Sends an event to every session and keeps it in the history ring.
+    fn publish(&mut self, event: Arc<UpstreamEvent>) {
+        {
+            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            if self.history_limit > 0 {
+                if history.len() >= self.history_limit {
+                    history.pop_front();
+                }
+                history.push_back(event.clone());
+            }
+        }
+        let _ = self.events.send(event);
     }
 
     fn fail_pending(&mut self, reason: &str) {

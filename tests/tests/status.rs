@@ -450,3 +450,51 @@ fn a_command_qemu_does_not_answer_in_time_gets_an_error_and_its_late_reply_goes_
     let status: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["counters"]["late_replies_discarded"], 1);
 }
+
+#[test]
+fn events_raised_while_nobody_listens_are_kept_for_the_next_client() {
+    let qemu = Qemu::start();
+    let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()));
+    let gateway = builder.spawn();
+    {
+        let mut a = gateway.negotiated();
+        assert_eq!(a.execute("cont", json!({})), json!({"return": {}}));
+        assert_eq!(a.execute("stop", json!({})), json!({"return": {}}));
+    }
+    // A client that connects afterwards asks qmpgate for what it missed.
+    let mut b = gateway.negotiated();
+    let kept = b.execute("query-qmpgate-events", json!({}));
+    let list = kept["return"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{kept}"));
+    let names: Vec<&str> = list
+        .iter()
+        .map(|e| e["event"]["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["RESUME", "STOP"]);
+    let first = list[0]["seq"].as_u64().unwrap();
+    assert!(list[1]["seq"].as_u64().unwrap() > first);
+    assert!(list[0]["event"]["timestamp"]["seconds"].as_u64().is_some());
+    let after = b.execute("query-qmpgate-events", json!({"since": first}));
+    assert_eq!(after["return"].as_array().unwrap().len(), 1);
+    assert_eq!(after["return"][0]["event"]["event"], "STOP");
+    assert_eq!(
+        b.execute("query-qmpgate-events", json!({"since": "yesterday"}))["error"]["desc"],
+        "Invalid parameter type for 'since', expected: integer"
+    );
+
+    // The SSE stream replays the same history from `since`, with the seq as its id.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/http_get.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args([&format!("{url}/events?since=0"), "--sse", "2"])
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[1]["event"], "RESUME");
+    assert_eq!(lines[2]["event"], "STOP");
+}
