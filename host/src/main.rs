@@ -191,6 +191,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
+    let signalled = stop_on_signal()?;
     let (args, qemu) = match &cli.command {
         Some(Command::Run { gateway, qemu }) => (gateway, Some(qemu.clone())),
         Some(Command::Plugin {
@@ -284,8 +285,6 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     spawn_reloader(shared.clone(), wasm, args.config.clone(), overrides);
     notify_systemd("READY=1");
 
-    let signalled = CancellationToken::new();
-    tokio::spawn(stop_on_signal(signalled.clone()));
     let Some(mut launched) = launched else {
         return Ok(match gateway.run(signalled).await {
             Outcome::Shutdown | Outcome::QemuQuit => 0,
@@ -522,17 +521,20 @@ fn notify_systemd(state: &str) {
     }
 }
 
-async fn stop_on_signal(stop: CancellationToken) {
+/// Installs the SIGTERM/SIGINT handlers now (so a signal that arrives while starting
+/// up is not lost or fatal) and returns a token cancelled when one arrives.
+fn stop_on_signal() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    stop.cancel();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(stop)
 }
