@@ -48,6 +48,12 @@ use bindings::qmpgate::plugin::types::{
 /// version is refused at load time with a message naming both.
 pub const WIT_VERSION: &str = "0.1.0";
 
+/// Restarts allowed per `RESTART_WINDOW` before a plugin is taken down.
+pub const RESTART_BUDGET: usize = 10;
+
+/// The window of `RESTART_BUDGET`.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -206,6 +212,7 @@ impl Runtime {
             limits,
             audit: self.audit.clone(),
             live: None,
+            recent_restarts: Default::default(),
             stats: Arc::new(PluginStats::default()),
         }))
     }
@@ -405,6 +412,8 @@ pub struct PluginStats {
     pub memory_kills: AtomicU64,
     /// Instances created after the first (each follows a trap).
     pub restarts: AtomicU64,
+    /// Calls refused because the plugin had used up its restart budget.
+    pub disabled_calls: AtomicU64,
     /// Largest linear memory any instance reached, in bytes.
     pub memory_high_water: AtomicU64,
     /// Total time in hooks, in nanoseconds.
@@ -460,6 +469,9 @@ pub enum Fault {
     /// Any other trap (panic, unreachable, ...).
     #[error("trapped: {0}")]
     Trap(String),
+    /// The plugin used up its restart budget and is down for a while.
+    #[error("is disabled: it failed {0} times within {1} s")]
+    Disabled(usize, u64),
     /// The instance could not be recreated.
     #[error("could not be restarted: {0}")]
     Restart(String),
@@ -478,6 +490,8 @@ struct Worker {
     audit: Option<Arc<crate::audit::AuditSink>>,
     /// The live instance; `None` after a trap until the next call recreates it.
     live: Option<Live>,
+    /// When the instance was recreated within the last `RESTART_WINDOW`.
+    recent_restarts: std::collections::VecDeque<Instant>,
     stats: Arc<PluginStats>,
 }
 
@@ -548,6 +562,22 @@ impl Worker {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         if self.live.is_none() {
+            // A plugin that keeps trapping costs an instantiation per call: after the
+            // budget is spent it stays down (every call refused) until the window
+            // has passed, or a reload.
+            let now = Instant::now();
+            while self
+                .recent_restarts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+            {
+                self.recent_restarts.pop_front();
+            }
+            if self.recent_restarts.len() >= RESTART_BUDGET {
+                self.stats.disabled_calls.fetch_add(1, Ordering::Relaxed);
+                return Err(Fault::Disabled(RESTART_BUDGET, RESTART_WINDOW.as_secs()));
+            }
+            self.recent_restarts.push_back(now);
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
             self.live = Some(self.instantiate().map_err(Fault::Restart)?);
         }

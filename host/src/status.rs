@@ -263,6 +263,7 @@ pub fn status_json(shared: &Shared) -> Value {
                 "deadline_kills": load(&s.deadline_kills),
                 "memory_kills": load(&s.memory_kills),
                 "restarts": load(&s.restarts),
+                "disabled_calls": load(&s.disabled_calls),
                 "memory_high_water_bytes": load(&s.memory_high_water),
                 "latency_us": { "p50": s.latency_quantile_us(0.5), "p99": s.latency_quantile_us(0.99) },
             })
@@ -351,7 +352,7 @@ pub fn metrics_text(shared: &Shared) -> String {
     );
     let chain = shared.chain();
     let plugins = chain.plugins();
-    let per_plugin: [PerPlugin; 7] = [
+    let per_plugin: [PerPlugin; 8] = [
         (
             "qmpgate_plugin_calls_total",
             "counter",
@@ -387,6 +388,12 @@ pub fn metrics_text(shared: &Shared) -> String {
             "counter",
             "Instances recreated after a fault.",
             |s| s.restarts.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_plugin_disabled_calls_total",
+            "counter",
+            "Calls refused after the plugin used up its restart budget.",
+            |s| s.disabled_calls.load(Ordering::Relaxed),
         ),
         (
             "qmpgate_plugin_memory_high_water_bytes",

@@ -144,3 +144,31 @@ fn a_file_that_is_not_a_component_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_plugin_that_traps_on_every_call_uses_up_its_restart_budget_and_stays_closed() {
+    let qemu = Qemu::start();
+    let gateway = gateway_with(&qemu, "fixture_trap");
+    let mut c = gateway.negotiated();
+    // The first trap kills the live instance; each later call needs a restart, and
+    // ten restarts a minute are allowed.
+    for _ in 0..11 {
+        assert!(desc(&c.execute("boom", json!({}))).contains("trapped"));
+    }
+    let refused = c.execute("query-status", json!({}));
+    assert_eq!(
+        desc(&refused),
+        "qmpgate plugin 'fixture_trap' is disabled: it failed 10 times within 60 s; the command was not executed",
+        "fail closed: nothing passes a plugin that is down"
+    );
+    // A new client is refused at connect time with the same reason, then closed.
+    let stream = std::os::unix::net::UnixStream::connect(&gateway.path).unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stream));
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(
+        desc(&first)
+            .ends_with("is disabled: it failed 10 times within 60 s; the connection was refused"),
+        "{first}"
+    );
+    assert!(lines.next().is_none());
+}
