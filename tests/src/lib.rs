@@ -55,6 +55,17 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// QEMU with no machine (TCG, starts in ~30 ms): all that monitor tests need.
+pub const QEMU_NONE: &[&str] = &[
+    "qemu-system-x86_64",
+    "-M",
+    "none",
+    "-nodefaults",
+    "-display",
+    "none",
+    "-S",
+];
+
 /// A real QEMU with its QMP monitor on a socket created by the test.
 pub struct Qemu {
     child: Child,
@@ -126,8 +137,8 @@ impl Drop for Qemu {
 /// passed as fd 3, so the monitor exists before QEMU runs.
 fn spawn_qemu(monitor: &Path, extra: &[&str]) -> Child {
     let listener = UnixListener::bind(monitor).expect("bind QEMU monitor");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "none", "-nodefaults", "-display", "none", "-S"])
+    let mut cmd = Command::new(QEMU_NONE[0]);
+    cmd.args(&QEMU_NONE[1..])
         .args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
         .args(["-mon", "chardev=mon,mode=control"])
         .args(extra)
@@ -348,6 +359,16 @@ impl QmpClient {
         let stream =
             UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
         QmpClient::from_stream(stream)
+    }
+
+    /// Connects, reads the greeting and negotiates.
+    pub fn negotiated(path: &Path) -> QmpClient {
+        let mut c = QmpClient::connect(path);
+        assert_eq!(
+            c.execute("qmp_capabilities", json!({})),
+            json!({"return": {}})
+        );
+        c
     }
 
     /// Wraps a connected stream and reads the greeting.

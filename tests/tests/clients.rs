@@ -47,11 +47,7 @@ fn events_pass_the_plugin_chain_per_client() {
     let gateway = builder.spawn();
     let mut admin = gateway.negotiated();
     let mut watcher = gateway.negotiated();
-    let mut dashboard = QmpClient::connect(&dashboard_path);
-    assert_eq!(
-        dashboard.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
-    );
+    let mut dashboard = QmpClient::negotiated(&dashboard_path);
 
     assert_eq!(admin.execute("cont", json!({})), json!({"return": {}}));
     assert_eq!(admin.execute("stop", json!({})), json!({"return": {}}));

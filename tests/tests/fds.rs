@@ -3,7 +3,7 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use command_fds::FdMapping;
-use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, tempdir};
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, tempdir};
 use serde_json::json;
 
 #[test]
@@ -175,11 +175,7 @@ fn systemd_socket_activation_by_name() {
     .unwrap();
     let mut child = cmd.spawn().unwrap();
     drop(cmd);
-    let mut c = QmpClient::connect(&path);
-    assert_eq!(
-        c.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
-    );
+    let mut c = QmpClient::negotiated(&path);
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
         "prelaunch"
@@ -203,20 +199,8 @@ fn adopted_fds_are_not_leaked_into_qemu() {
             "--profile",
             "permissive",
         ])
-        .spawn_run(&[
-            "qemu-system-x86_64",
-            "-M",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ]);
-    let mut c = QmpClient::connect(&dir.path().join("gate.sock"));
-    assert_eq!(
-        c.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
-    );
+        .spawn_run(QEMU_NONE);
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     // Find QEMU: the gateway's only child.
     let children =
         std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gateway.pid())).unwrap();

@@ -1,6 +1,6 @@
 //! End-to-end against real QEMU: the gateway in front of `qemu-system-x86_64 -M none`.
 
-use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, python};
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, python};
 use serde_json::{Value, json};
 
 #[test]
@@ -200,20 +200,8 @@ fn run_launches_qemu_on_a_preopened_socket_and_passes_its_exit_status() {
             "--profile",
             "permissive",
         ])
-        .spawn_run(&[
-            "qemu-system-x86_64",
-            "-M",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ]);
-    let mut c = QmpClient::connect(&dir.path().join("gate.sock"));
-    assert_eq!(
-        c.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
-    );
+        .spawn_run(QEMU_NONE);
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
         "prelaunch"

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, python, tempdir};
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, python, tempdir};
 use serde_json::{Value, json};
 
 /// A gateway with its status endpoint on an inherited TCP listener; returns its base URL.
@@ -247,11 +247,7 @@ fn control_monitor_adds_listeners_from_fds_passed_at_run_time() {
         control.execute(add("extra", "extra"), none),
         json!({"return": {}})
     );
-    let mut client = QmpClient::connect(&extra_path);
-    assert_eq!(
-        client.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
-    );
+    let mut client = QmpClient::negotiated(&extra_path);
     assert_eq!(
         client.execute("query-status", json!({}))["return"]["status"],
         "prelaunch"
@@ -319,10 +315,10 @@ fn control_monitor_adds_listeners_from_fds_passed_at_run_time() {
         control.hmp("chardev-add socket,id=viahmp,fd=viahmp,server=on"),
         json!({"return": ""})
     );
-    let mut third = QmpClient::connect(&hmp_path);
+    let mut third = QmpClient::negotiated(&hmp_path);
     assert_eq!(
-        third.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
+        third.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
     );
     assert!(
         control.hmp("info chardev")["return"]
@@ -385,20 +381,8 @@ fn sigterm_under_run_quits_qemu_through_its_monitor() {
     let mut gateway = GatewayBuilder::base()
         .fd(listener, 3)
         .args(["--listen", "socket,id=qmp,fd=3,server=on"])
-        .spawn_run(&[
-            "qemu-system-x86_64",
-            "-M",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ]);
-    let mut c = QmpClient::connect(&dir.path().join("gate.sock"));
-    assert_eq!(
-        c.execute("qmp_capabilities", json!({})),
-        json!({"return": {}})
-    );
+        .spawn_run(QEMU_NONE);
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     gateway.signal(nix::sys::signal::Signal::SIGTERM);
     let mut saw_shutdown = false;
     while let Some(line) = c.read_line() {
