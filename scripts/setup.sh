@@ -15,3 +15,8 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
     python3 -m pip install -q qemu.qmp 2>/dev/null \
         || python3 -m pip install -q --break-system-packages qemu.qmp
 fi
+
+# cargo-fuzz drives the fuzz targets in host/fuzz (a short run is part of the tests).
+if ! command -v cargo-fuzz >/dev/null; then
+    cargo install -q --locked cargo-fuzz
+fi
