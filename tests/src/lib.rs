@@ -473,6 +473,9 @@ pub enum FakeAction {
     Ignore,
     /// Reply `{"return": {}}` after this long (the fake is as single-threaded as QEMU).
     Delay(Duration),
+    /// Reply `{"return": {"deferred": true}}` only after the next message has been
+    /// answered, as QEMU answers an OOB command while an in-band one still runs.
+    Defer,
 }
 
 impl FakeQemu {
@@ -486,14 +489,21 @@ impl FakeQemu {
                 return;
             };
             let mut writer = stream.try_clone().unwrap();
-            let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99}, "package": "fake"}, "capabilities": []}});
+            // It offers OOB, as QEMU does on socket monitors.
+            let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 99}, "package": "fake"}, "capabilities": ["oob"]}});
             writer
                 .write_all(format!("{greeting}\r\n").as_bytes())
                 .unwrap();
             let reader = BufReader::new(stream);
             let mut de = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
+            // A deferred reply goes out after the next message has been answered.
+            let mut deferred: Option<Value> = None;
             while let Some(Ok(message)) = de.next() {
-                let name = message["execute"].as_str().unwrap_or("").to_string();
+                let name = message["execute"]
+                    .as_str()
+                    .or_else(|| message["exec-oob"].as_str())
+                    .unwrap_or("")
+                    .to_string();
                 let id = message.get("id").cloned().unwrap_or(Value::Null);
                 let action = if name == "qmp_capabilities" {
                     FakeAction::Return
@@ -516,6 +526,15 @@ impl FakeQemu {
                             return;
                         }
                     }
+                    FakeAction::Defer => {
+                        deferred = Some(json!({"return": {"deferred": true}, "id": id}));
+                        continue;
+                    }
+                }
+                if let Some(reply) = deferred.take()
+                    && writer.write_all(format!("{reply}\r\n").as_bytes()).is_err()
+                {
+                    return;
                 }
             }
         });

@@ -80,3 +80,41 @@ fn a_qemu_monitor_busy_with_another_client_is_reported_not_waited_on_forever() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_oob_reply_overtakes_an_in_band_one_and_each_reaches_its_client() {
+    let fake = FakeQemu::start(|name| match name {
+        "slow-in-band" => FakeAction::Defer,
+        _ => FakeAction::Return,
+    });
+    let gateway = GatewayBuilder::new(&fake.upstream_spec())
+        .args(["--profile", "permissive"])
+        .spawn();
+    let mut a = gateway.client();
+    assert_eq!(
+        a.execute("qmp_capabilities", json!({"enable": ["oob"]})),
+        json!({"return": {}})
+    );
+    let mut b = gateway.client();
+    assert_eq!(
+        b.execute("qmp_capabilities", json!({"enable": ["oob"]})),
+        json!({"return": {}})
+    );
+    // Both clients use the same id; qmpgate tells them apart upstream.
+    a.send(&json!({"execute": "slow-in-band", "id": "x"}));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    b.send(&json!({"exec-oob": "fast-oob", "id": "x"}));
+    assert_eq!(
+        b.read(),
+        json!({"return": {}, "id": "x"}),
+        "the OOB reply comes first"
+    );
+    assert_eq!(a.read(), json!({"return": {"deferred": true}, "id": "x"}));
+
+    // Within one client too: its OOB reply overtakes its own in-band one.
+    a.send(&json!({"execute": "slow-in-band", "id": 1}));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    a.send(&json!({"exec-oob": "fast-oob", "id": 2}));
+    assert_eq!(a.read()["id"], 2);
+    assert_eq!(a.read()["id"], 1);
+}
