@@ -79,6 +79,8 @@ pub struct Shared {
     shutdown: CancellationToken,
     next_client: AtomicU64,
     listeners: Mutex<BTreeMap<String, ListenerEntry>>,
+    /// The status endpoint's and control monitor's chardevs: (id, role, address).
+    services: Mutex<Vec<(String, &'static str, String)>>,
 }
 
 /// A listener's view: its id and everything shared.
@@ -170,6 +172,22 @@ impl Shared {
                 bound: entry.bound.clone(),
             })
             .collect()
+    }
+
+    /// Records a service chardev (`status`, `control`) for status.
+    pub fn register_service(&self, id: &str, role: &'static str, address: String) {
+        self.services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id.to_string(), role, address));
+    }
+
+    /// The service chardevs: (id, role, address).
+    pub fn services(&self) -> Vec<(String, &'static str, String)> {
+        self.services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The current plugin chain.
@@ -375,6 +393,7 @@ impl Gateway {
             shutdown,
             next_client: AtomicU64::new(1),
             listeners: Mutex::new(BTreeMap::new()),
+            services: Mutex::new(Vec::new()),
         });
         for (spec, listener) in listeners {
             shared
@@ -392,11 +411,15 @@ impl Gateway {
         &self.shared
     }
 
-    /// Runs until `stop` is cancelled or the upstream ends; then drains.
-    pub async fn run(mut self, stop: CancellationToken) -> Outcome {
+    /// Runs until `stop` is cancelled or (unless `outlive_upstream`) the upstream
+    /// ends; then drains. `qmpgate run` outlives the upstream, to tell clients how
+    /// QEMU exited before it stops.
+    pub async fn run(mut self, stop: CancellationToken, outlive_upstream: bool) -> Outcome {
         let outcome = tokio::select! {
             _ = stop.cancelled() => Outcome::Shutdown,
-            outcome = &mut self.upstream_task => outcome.unwrap_or_else(|e| Outcome::Lost(format!("upstream task failed: {e}"))),
+            outcome = &mut self.upstream_task, if !outlive_upstream => {
+                outcome.unwrap_or_else(|e| Outcome::Lost(format!("upstream task failed: {e}")))
+            }
         };
         self.shared.shutdown.cancel();
         self.shared.tracker.close();

@@ -274,6 +274,11 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     };
 
     let shared = gateway.shared().clone();
+    for (spec, role) in [(&resolved.status, "status"), (&resolved.control, "control")] {
+        if let Some(spec) = spec {
+            shared.register_service(&spec.id, role, spec.address.to_string());
+        }
+    }
     if let Some(listener) = status_listener {
         tracing::info!(address = %listener.local_description(), "status endpoint");
         shared.spawn(qmpgate::status::serve(listener, shared.clone()));
@@ -286,7 +291,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     notify_systemd("READY=1");
 
     let Some(mut launched) = launched else {
-        return Ok(match gateway.run(signalled).await {
+        return Ok(match gateway.run(signalled, false).await {
             Outcome::Shutdown | Outcome::QemuQuit => 0,
             Outcome::Lost(_) => 1,
         });
@@ -294,7 +299,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
 
     // `qmpgate run`: the gateway lives as long as QEMU.
     let gateway_stop = CancellationToken::new();
-    let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone()));
+    let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone(), true));
     let status = tokio::select! {
         status = launched.child.wait() => status?,
         _ = signalled.cancelled() => {
@@ -314,10 +319,16 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     };
     let description = qmpgate::launcher::describe_exit(status);
     tracing::info!(status = %description, "QEMU exited");
-    shared.registry.set_qemu_exit(description);
+    let code = qmpgate::launcher::exit_code(status);
+    shared.registry.set_qemu_exit(description.clone());
+    // Clients get the event as their sessions drain.
+    shared.upstream.announce(
+        "QMPGATE_QEMU_EXITED",
+        serde_json::json!({ "status": description, "exit-code": code }),
+    );
     gateway_stop.cancel();
     let _ = gateway_task.await;
-    Ok(qmpgate::launcher::exit_code(status).clamp(0, 255) as u8)
+    Ok(code.clamp(0, 255) as u8)
 }
 
 /// `qmpgate plugin test`: a plugin's verdicts over a transcript, one JSON line each.

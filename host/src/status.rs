@@ -241,6 +241,11 @@ pub fn status_json(shared: &Shared) -> Value {
             "bound": l.bound,
         }));
     }
+    for (id, role, address) in shared.services() {
+        chardevs.push(
+            json!({ "id": id, "role": role, "origin": origin(&address), "address": address }),
+        );
+    }
     let clients: Vec<Value> = registry
         .clients
         .lock()

@@ -96,6 +96,53 @@ pub struct UpstreamEvent {
     pub body: Map<String, Value>,
 }
 
+/// Every event sessions see, in one numbered stream: QEMU's, and qmpgate's own
+/// (`QMPGATE_*`). Keeps the recent ones for clients that reconnect.
+pub struct EventLog {
+    /// Numbers everything QEMU sends and every event qmpgate raises.
+    seq: AtomicU64,
+    history: Mutex<VecDeque<Arc<UpstreamEvent>>>,
+    /// How many events `history` keeps; 0 keeps none.
+    limit: usize,
+    sender: broadcast::Sender<Arc<UpstreamEvent>>,
+}
+
+impl EventLog {
+    fn new(limit: usize) -> Self {
+        EventLog {
+            seq: AtomicU64::new(0),
+            history: Mutex::new(VecDeque::with_capacity(limit.min(4096))),
+            limit,
+            sender: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
+
+    /// The next number in the stream.
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sends an event to every session and keeps it.
+    fn publish(&self, event: Arc<UpstreamEvent>) {
+        if self.limit > 0 {
+            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            if history.len() >= self.limit {
+                history.pop_front();
+            }
+            history.push_back(event.clone());
+        }
+        let _ = self.sender.send(event);
+    }
+
+    /// Numbers and publishes an event.
+    fn announce(&self, body: Map<String, Value>) {
+        self.publish(Arc::new(UpstreamEvent {
+            seq: self.next_seq(),
+            body,
+        }));
+    }
+}
+
 /// QEMU's reply to one command.
 #[derive(Debug)]
 pub struct Reply {
@@ -134,12 +181,11 @@ impl PendingReply {
 pub struct UpstreamHandle {
     in_band: mpsc::Sender<Submit>,
     oob: mpsc::Sender<Submit>,
-    events: broadcast::Sender<Arc<UpstreamEvent>>,
     info: watch::Receiver<UpstreamInfo>,
     /// Replies that came after their client stopped waiting (timeout or gone).
     discarded: Arc<AtomicU64>,
-    /// Recent events, oldest first.
-    history: Arc<Mutex<VecDeque<Arc<UpstreamEvent>>>>,
+    /// Events, numbered and kept.
+    log: Arc<EventLog>,
 }
 
 impl UpstreamHandle {
@@ -175,13 +221,18 @@ impl UpstreamHandle {
 
     /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<UpstreamEvent>> {
-        self.events.subscribe()
+        self.log.sender.subscribe()
     }
 
     /// The events kept in the history ring with `seq` greater than `since`, oldest first.
     pub fn events_since(&self, since: u64) -> Vec<Arc<UpstreamEvent>> {
-        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let history = self.log.history.lock().unwrap_or_else(|e| e.into_inner());
         history.iter().filter(|e| e.seq > since).cloned().collect()
+    }
+
+    /// Raises a qmpgate event (`QMPGATE_*`) to every session, in QEMU's format.
+    pub fn announce(&self, name: &str, data: Value) {
+        self.log.announce(gateway_event(name, data));
     }
 
     /// Replies QEMU sent after their client stopped waiting, since start.
@@ -334,17 +385,15 @@ pub async fn connect(
     );
     let (in_band_tx, in_band) = mpsc::channel(256);
     let (oob_tx, oob) = mpsc::channel(64);
-    let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (info_tx, info) = watch::channel(link.info.clone());
     let discarded = Arc::new(AtomicU64::new(0));
-    let history = Arc::new(Mutex::new(VecDeque::with_capacity(history_limit.min(4096))));
+    let log = Arc::new(EventLog::new(history_limit));
     let handle = UpstreamHandle {
-        history: history.clone(),
         in_band: in_band_tx,
         oob: oob_tx,
-        events: events.clone(),
         info,
         discarded: discarded.clone(),
+        log: log.clone(),
     };
     let upstream = Upstream {
         spec,
@@ -352,15 +401,12 @@ pub async fn connect(
         inherited: Inherited::default(),
         in_band,
         oob,
-        events,
         info: info_tx,
         next_id: 1,
-        seq: 0,
         pending: HashMap::new(),
         in_flight: 0,
         discarded,
-        history,
-        history_limit,
+        log,
         shutdown,
     };
     Ok((handle, tokio::spawn(upstream.run(link))))
@@ -394,20 +440,15 @@ struct Upstream {
     inherited: Inherited,
     in_band: mpsc::Receiver<Submit>,
     oob: mpsc::Receiver<Submit>,
-    events: broadcast::Sender<Arc<UpstreamEvent>>,
     info: watch::Sender<UpstreamInfo>,
-    /// Counts everything received from QEMU (see [`Reply::seq`]).
-    seq: u64,
     /// Next gateway id; ids are never reused, so a late reply cannot be misrouted.
     next_id: u64,
     /// Commands sent and not yet answered, by gateway id.
     pending: HashMap<u64, InFlight>,
     in_flight: usize,
     discarded: Arc<AtomicU64>,
-    /// Recent events for clients that reconnect (QEMU keeps none).
-    history: Arc<Mutex<VecDeque<Arc<UpstreamEvent>>>>,
-    /// How many events `history` keeps; 0 keeps none.
-    history_limit: usize,
+    /// Numbers replies and events, keeps recent events (QEMU keeps none).
+    log: Arc<EventLog>,
     shutdown: CancellationToken,
 }
 
@@ -442,9 +483,8 @@ impl Upstream {
     }
 
     fn stamp(&mut self, body: Map<String, Value>) -> Arc<UpstreamEvent> {
-        self.seq += 1;
         Arc::new(UpstreamEvent {
-            seq: self.seq,
+            seq: self.log.next_seq(),
             body,
         })
     }
@@ -559,7 +599,7 @@ impl Upstream {
                 return;
             }
         };
-        self.seq += 1;
+        let seq = self.log.next_seq();
         match qmp::parse_upstream(&bytes) {
             Ok(Message::Reply { id: Some(id), body }) => {
                 let Some(id) = id.as_u64() else {
@@ -573,14 +613,7 @@ impl Upstream {
                         }
                         // The client may have left, or stopped waiting (command timeout):
                         // its reply is then dropped and counted, never given to anyone else.
-                        if in_flight
-                            .reply
-                            .send(Reply {
-                                seq: self.seq,
-                                body,
-                            })
-                            .is_err()
-                        {
+                        if in_flight.reply.send(Reply { seq, body }).is_err() {
                             self.discarded.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(id, command = %in_flight.name, "late reply discarded");
                         }
@@ -605,10 +638,7 @@ impl Upstream {
                 if let Some(state) = run_state {
                     self.info.send_modify(|i| i.run_state = state.to_string());
                 }
-                let event = Arc::new(UpstreamEvent {
-                    seq: self.seq,
-                    body,
-                });
+                let event = Arc::new(UpstreamEvent { seq, body });
                 self.publish(event);
             }
             Ok(other) => tracing::warn!(message = ?other, "unexpected message from QEMU"),
@@ -616,31 +646,18 @@ impl Upstream {
         }
     }
 
-    /// Sends an event to every session and keeps it in the history ring.
     fn publish(&mut self, event: Arc<UpstreamEvent>) {
-        {
-            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            if self.history_limit > 0 {
-                if history.len() >= self.history_limit {
-                    history.pop_front();
-                }
-                history.push_back(event.clone());
-            }
-        }
-        let _ = self.events.send(event);
+        self.log.publish(event);
     }
 
     fn fail_pending(&mut self, reason: &str) {
         for (_, in_flight) in self.pending.drain() {
-            self.seq += 1;
+            let seq = self.log.next_seq();
             let body = lost(&format!(
                 "qmpgate lost the connection to QEMU before '{}' was answered ({reason})",
                 in_flight.name
             ));
-            let _ = in_flight.reply.send(Reply {
-                seq: self.seq,
-                body,
-            });
+            let _ = in_flight.reply.send(Reply { seq, body });
         }
         self.in_flight = 0;
     }

@@ -207,8 +207,55 @@ fn run_launches_qemu_on_a_preopened_socket_and_passes_its_exit_status() {
         "prelaunch"
     );
     c.send(&json!({"execute": "quit"}));
+    let exited = exit_event(&mut c);
+    assert_eq!(
+        exited["data"],
+        json!({"status": "exit status 0", "exit-code": 0})
+    );
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// Reads until EOF; returns the `QMPGATE_QEMU_EXITED` event.
+fn exit_event(c: &mut QmpClient) -> Value {
+    let mut found = None;
+    while let Some(line) = c.read_line() {
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["event"] == "QMPGATE_QEMU_EXITED" {
+            found = Some(message);
+        }
+    }
+    found.expect("clients are told how QEMU exited")
+}
+
+#[test]
+fn run_reports_a_qemu_killed_under_it() {
+    let dir = qmpgate_tests::tempdir();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("gate.sock")).unwrap();
+    let mut gateway = GatewayBuilder::base()
+        .fd(listener, 3)
+        .args(["--listen", "socket,id=qmp,fd=3,server=on"])
+        .spawn_run(QEMU_NONE);
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gateway.pid())).unwrap();
+    let qemu: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let exited = exit_event(&mut c);
+    assert_eq!(
+        exited["data"],
+        json!({"status": "killed by signal 9", "exit-code": 137})
+    );
+    let (code, _) = gateway.wait();
+    assert_eq!(
+        code,
+        Some(137),
+        "qmpgate passes on QEMU's fate, as a shell would"
+    );
 }
 
 #[test]

@@ -62,6 +62,16 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
         .unwrap();
     assert_eq!(listener["origin"], "inherited-fd");
     assert_eq!(listener["address"], "fd=3");
+    let http = status["chardevs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "http")
+        .unwrap();
+    assert_eq!(
+        (&http["role"], &http["origin"]),
+        (&json!("status"), &json!("inherited-fd"))
+    );
     let upstream = status["chardevs"]
         .as_array()
         .unwrap()
