@@ -6,9 +6,11 @@ set -euo pipefail
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v qemu-system-x86_64 >/dev/null || ! command -v socat >/dev/null; then
+# QEMU is the real upstream in tests; socat the plain relay in the benchmark; openssl
+# makes the TLS tests' certificates.
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v socat >/dev/null || ! command -v openssl >/dev/null; then
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 socat
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 socat openssl
 fi
 
 if ! python3 -c 'import qemu.qmp' 2>/dev/null; then

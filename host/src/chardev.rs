@@ -151,6 +151,8 @@ pub struct ChardevSpec {
     pub reconnect_ms: Option<u64>,
     /// `mode=`: the monitor protocol on a listener.
     pub mode: MonitorMode,
+    /// `tls-creds=DIR`: serve TLS with the credentials in DIR (listeners only).
+    pub tls_creds: Option<PathBuf>,
 }
 
 impl ChardevSpec {
@@ -191,6 +193,7 @@ impl ChardevSpec {
         let (mut id, mut path, mut host, mut port, mut fd, mut named) =
             (None, None, None, None, None, None);
         let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
+        let mut tls_creds = None;
         let mut seen = HashSet::new();
         for part in parts {
             let Some((key, value)) = part.split_once('=') else {
@@ -230,6 +233,7 @@ impl ChardevSpec {
                 "wait" => {
                     parse_bool(key, &value).map_err(fail)?;
                 }
+                "tls-creds" => tls_creds = Some(PathBuf::from(value)),
                 "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?),
                 "reconnect" => {
                     reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?.saturating_mul(1000))
@@ -290,12 +294,24 @@ impl ChardevSpec {
         };
         // QEMU's default is server=off; systemd only ever passes listening sockets.
         let server = server.unwrap_or(matches!(address, Address::Systemd(_)));
+        if tls_creds.is_some() && !server {
+            // QEMU's rule: no TLS on a client socket given as an fd (there is no host
+            // name to check a certificate against).
+            return Err(fail(
+                if matches!(address, Address::Fd(_) | Address::Named(_)) {
+                    "TLS is not allowed on a client socket given as an fd: there is no host name to verify".into()
+                } else {
+                    "tls-creds is for listeners (server=on); qmpgate's link to QEMU does not use TLS".into()
+                },
+            ));
+        }
         Ok(ChardevSpec {
             id,
             address,
             server,
             reconnect_ms,
             mode,
+            tls_creds,
         })
     }
 
@@ -512,6 +528,58 @@ pub enum Stream {
     Unix(UnixStream),
     /// TCP stream.
     Tcp(TcpStream),
+    /// TLS over either (listeners with `tls-creds=`).
+    Tls(Box<tokio_rustls::server::TlsStream<Stream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl Stream {
@@ -529,6 +597,10 @@ impl Stream {
             }
             Stream::Tcp(s) => {
                 let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
                 (Box::new(r), Box::new(w))
             }
         }

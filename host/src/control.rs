@@ -48,7 +48,9 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
                 };
                 shared.spawn(session.run(stream));
             }
-            Ok((Stream::Tcp(_), _)) => tracing::warn!("control connections must be unix sockets"),
+            Ok((Stream::Tcp(_) | Stream::Tls(_), _)) => {
+                tracing::warn!("control connections must be unix sockets")
+            }
             Err(e) => {
                 tracing::error!(error = %e, "control accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -359,5 +361,6 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
         server,
         reconnect_ms: None,
         mode: MonitorMode::Control,
+        tls_creds: None,
     })
 }

@@ -89,6 +89,8 @@ pub struct ListenerContext {
     pub id: String,
     /// QMP or HMP.
     pub mode: MonitorMode,
+    /// Set for `tls-creds=` listeners: the handshake comes before the session.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Shared state.
     pub shared: Arc<Shared>,
 }
@@ -118,6 +120,10 @@ impl Shared {
         spec: &ChardevSpec,
         listener: Listener,
     ) -> Result<(), String> {
+        let tls = match &spec.tls_creds {
+            Some(dir) => Some(crate::tls::acceptor(dir).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         if listeners.contains_key(&spec.id) || spec.id == self.upstream_spec.id {
             return Err(format!("Chardev '{}' already exists", spec.id));
@@ -136,6 +142,7 @@ impl Shared {
         let ctx = Arc::new(ListenerContext {
             id: spec.id.clone(),
             mode: spec.mode,
+            tls,
             shared: self.clone(),
         });
         self.tracker.spawn(accept_loop(listener, ctx, stop));
@@ -444,13 +451,21 @@ async fn accept_loop(listener: Listener, ctx: Arc<ListenerContext>, stop: Cancel
                 let id = ctx.next_client.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
                 let shutdown = ctx.shutdown.clone();
-                ctx.tracker.spawn(crate::session::serve(
-                    stream,
-                    peer,
-                    id,
-                    ctx.clone(),
-                    shutdown,
-                ));
+                let ctx = ctx.clone();
+                // The handshake runs in the client's own task: a slow one holds nobody up.
+                ctx.tracker.clone().spawn(async move {
+                    let (stream, identity) = match &ctx.tls {
+                        None => (stream, None),
+                        Some(acceptor) => match crate::tls::accept(acceptor, stream).await {
+                            Ok(accepted) => accepted,
+                            Err(e) => {
+                                tracing::warn!(listener = %ctx.id, ?peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    crate::session::serve(stream, peer, identity, id, ctx, shutdown).await
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving.

@@ -16,6 +16,7 @@
 //! - [`launcher`]: `qmpgate run`, which starts QEMU on a pre-opened monitor socket;
 //! - [`status`]: the read-only HTTP status endpoint (axum);
 //! - [`control`]: the control monitor: named fds over SCM_RIGHTS, run-time listeners;
+//! - [`tls`]: TLS listeners, with QEMU's credentials layout;
 //! - [`config`]: the TOML file and command-line merging;
 //! - [`audit`]: the JSON-lines audit sink.
 
@@ -34,4 +35,5 @@ pub mod plugin;
 pub mod qmp;
 pub mod session;
 pub mod status;
+pub mod tls;
 pub mod upstream;

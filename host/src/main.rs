@@ -376,6 +376,7 @@ async fn plugin_test(
             gid: uid,
         }),
         capabilities: vec![],
+        tls_identity: None,
     };
     let verdict = |decision: Decision| match decision {
         Decision::Forward(c) => {

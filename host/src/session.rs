@@ -78,6 +78,7 @@ type Pending = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
 pub async fn serve(
     stream: Stream,
     peer: Peer,
+    tls_identity: Option<String>,
     client_id: u64,
     ctx: Arc<ListenerContext>,
     shutdown: CancellationToken,
@@ -100,6 +101,7 @@ pub async fn serve(
             Peer::Unknown => plugin::Peer::Unknown,
         },
         capabilities: Vec::new(),
+        tls_identity,
     };
     let _registered = ctx.registry.client(client_id, &ctx.id, &peer);
     ctx.metrics

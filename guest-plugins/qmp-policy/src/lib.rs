@@ -23,7 +23,8 @@
 //!   (`backend.type`); `**` matches any depth (`**.filename` finds `filename` in any
 //!   nested object). Strings match as they are, other values as JSON text; `*` matches
 //!   any present value;
-//! - `uids`, `listeners`: the client's unix uid or listener id is one of these.
+//! - `uids`, `listeners`: the client's unix uid or listener id is one of these;
+//! - `identities`: glob patterns on the CN of the client's TLS certificate.
 //!
 //! Events: `"events": [{ "action": "drop", "events": ["BLOCK_*"], "listeners": ["dashboard"] },
 //! { "action": "deliver", "events": ["DEVICE_DELETED"], "redact": ["path"] }]` decides
@@ -82,6 +83,7 @@ struct EventRule {
     events: Option<Vec<String>>,
     uids: Option<Vec<u32>>,
     listeners: Option<Vec<String>>,
+    identities: Option<Vec<String>>,
     /// Dotted paths in `data` whose values are replaced by `"<redacted>"` when the
     /// rule delivers.
     #[serde(default)]
@@ -95,13 +97,29 @@ impl EventRule {
         {
             return false;
         }
-        identity_matches(self.uids.as_deref(), self.listeners.as_deref(), client)
+        identity_matches(
+            self.uids.as_deref(),
+            self.listeners.as_deref(),
+            self.identities.as_deref(),
+            client,
+        )
     }
 }
 
 /// Whether the client is one of `uids` (unix peers only) and came through one of
 /// `listeners`; an absent list does not constrain.
-fn identity_matches(uids: Option<&[u32]>, listeners: Option<&[String]>, client: &Client) -> bool {
+fn identity_matches(
+    uids: Option<&[u32]>,
+    listeners: Option<&[String]>,
+    identities: Option<&[String]>,
+    client: &Client,
+) -> bool {
+    if let Some(patterns) = identities {
+        match &client.tls_identity {
+            Some(identity) if patterns.iter().any(|p| glob(p, identity)) => {}
+            _ => return false,
+        }
+    }
     if let Some(uids) = uids {
         match &client.peer {
             Peer::Unix(peer) if uids.contains(&peer.uid) => {}
@@ -164,6 +182,8 @@ struct Rule {
     uids: Option<Vec<u32>>,
     /// Listener (chardev) ids the client connected through.
     listeners: Option<Vec<String>>,
+    /// Glob patterns on the client's TLS certificate CN (TLS listeners only).
+    identities: Option<Vec<String>>,
     /// Shown to the client when this rule denies.
     desc: Option<String>,
 }
@@ -183,6 +203,7 @@ impl Rule {
                 .collect(),
             uids: None,
             listeners: None,
+            identities: None,
             desc: Some(desc.to_string()),
         }
     }
@@ -200,7 +221,12 @@ impl Rule {
         {
             return false;
         }
-        if !identity_matches(self.uids.as_deref(), self.listeners.as_deref(), client) {
+        if !identity_matches(
+            self.uids.as_deref(),
+            self.listeners.as_deref(),
+            self.identities.as_deref(),
+            client,
+        ) {
             return false;
         }
         self.arguments.iter().all(|(path, pattern)| {
@@ -523,6 +549,7 @@ mod tests {
                 gid: uid,
             }),
             capabilities: vec![],
+            tls_identity: None,
         }
     }
 

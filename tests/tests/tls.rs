@@ -1,0 +1,224 @@
+//! TLS listeners: QEMU's credentials layout, client certificates required when a CA
+//! is given, the certificate's CN passed to plugins, and QEMU's rule against TLS on
+//! a client socket given as an fd.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+use qmpgate_tests::{GatewayBuilder, Qemu, python, tempdir};
+use serde_json::{Value, json};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost, and client certificates for `admin`
+/// and `dashboard`, in QEMU's tls-creds layout.
+fn credentials(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=qmpgate test CA",
+        ],
+    );
+    // Extensions make v3 certificates, which WebPKI requires.
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    for (name, cn) in [
+        ("server", "localhost"),
+        ("admin", "admin"),
+        ("dashboard", "dashboard"),
+    ] {
+        let key = format!("{name}-key.pem");
+        let csr = format!("{name}.csr");
+        let cert = format!("{name}-cert.pem");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "1",
+        ];
+        args.extend([
+            "-extfile",
+            if name == "server" {
+                "server.ext"
+            } else {
+                "client.ext"
+            },
+        ]);
+        openssl(dir, &args);
+    }
+}
+
+fn client(port: u16, creds: &Path, who: Option<&str>, commands: &[&str]) -> Value {
+    let ca = creds.join("ca-cert.pem");
+    let (cert, key) = match who {
+        Some(who) => (
+            creds.join(format!("{who}-cert.pem")),
+            creds.join(format!("{who}-key.pem")),
+        ),
+        None => ("-".into(), "-".into()),
+    };
+    let mut args = vec![
+        port.to_string(),
+        ca.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string(),
+    ];
+    args.extend(commands.iter().map(|c| c.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    serde_json::from_str(&python("tls_client.py", &args)).unwrap()
+}
+
+#[test]
+fn tls_clients_are_verified_and_their_identity_reaches_the_policy() {
+    let qemu = Qemu::start();
+    let creds = tempdir();
+    credentials(creds.path());
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let config = builder.dir().join("tls.toml");
+    std::fs::write(
+        &config,
+        r#"
+        [[plugin]]
+        name = "policy"
+        builtin = "qmp-policy"
+        config = { profile = "permissive", rules = [
+            { action = "allow", commands = ["stop"], identities = ["admin"] },
+            { action = "deny", commands = ["stop"], desc = "only admin may stop the VM" },
+        ] }
+        "#,
+    )
+    .unwrap();
+    let _gateway = builder
+        .fd(tcp, 4)
+        .args(["--config", config.to_str().unwrap()])
+        .args([
+            "--listen",
+            &format!(
+                "socket,id=tls,fd=4,server=on,tls-creds={}",
+                creds.path().display()
+            ),
+        ])
+        .spawn();
+
+    let admin = client(port, creds.path(), Some("admin"), &["query-status", "stop"]);
+    assert_eq!(admin[0], json!({"return": {}}));
+    assert_eq!(admin[1]["return"]["status"], "prelaunch");
+    assert_eq!(admin[2], json!({"return": {}}), "admin may stop: {admin}");
+
+    let dashboard = client(port, creds.path(), Some("dashboard"), &["stop"]);
+    assert_eq!(
+        dashboard[1]["error"]["desc"],
+        "Command 'stop' is denied by policy: only admin may stop the VM"
+    );
+
+    // With a CA configured, a client certificate is required.
+    let anonymous = client(port, creds.path(), None, &["query-status"]);
+    assert!(
+        anonymous
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.get("tls-error").is_some()),
+        "{anonymous}"
+    );
+}
+
+#[test]
+fn tls_on_a_client_socket_given_as_an_fd_is_refused() {
+    let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut gateway = GatewayBuilder::base()
+        .fd(ours, 3)
+        .args([
+            "--upstream",
+            "socket,id=qemu,fd=3,tls-creds=/etc/qmpgate/tls",
+        ])
+        .args([
+            "--listen",
+            "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
+        ])
+        .spawn_raw();
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(
+            "TLS is not allowed on a client socket given as an fd: there is no host name to verify"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_tls_credentials_stop_start_up_with_the_file_named() {
+    let qemu = Qemu::start();
+    let empty = tempdir();
+    let mut gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args([
+            "--listen",
+            &format!(
+                "socket,id=tls,host=127.0.0.1,port=0,server=on,tls-creds={}",
+                empty.path().display()
+            ),
+        ])
+        .spawn_raw();
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot read server-cert.pem"), "{stderr}");
+}
