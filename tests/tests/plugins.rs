@@ -43,7 +43,19 @@ fn a_plugin_that_loops_forever_is_stopped_by_its_cpu_deadline() {
 #[test]
 fn a_plugin_that_allocates_without_bound_is_stopped_by_its_memory_cap() {
     let qemu = Qemu::start();
-    let gateway = gateway_with(&qemu, "fixture_hog");
+    // A generous CPU limit, so that on a loaded machine the memory cap, not the
+    // deadline, is what stops it.
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let config = builder.dir().join("hog.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[plugin]]\nname = \"fixture_hog\"\npath = \"{}\"\ncpu-ms = 10000\n",
+            guest("fixture_hog").display()
+        ),
+    )
+    .unwrap();
+    let gateway = builder.args(["--config", config.to_str().unwrap()]).spawn();
     let mut c = gateway.negotiated();
     let mut other = gateway.negotiated();
     assert_eq!(
