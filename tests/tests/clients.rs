@@ -83,7 +83,7 @@ fn a_client_that_does_not_read_is_cut_off_and_blocks_nobody() {
             "prelaunch"
         );
         assert!(
-            t.elapsed() < Duration::from_secs(1),
+            t.elapsed() < Duration::from_secs(3),
             "another client's command waited {:?}",
             t.elapsed()
         );
