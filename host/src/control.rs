@@ -335,17 +335,24 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
             )));
         }
     };
-    if data.get("tls-creds").is_some() {
+    // QEMU's `tls-creds` names a credentials object; qmpgate's is the directory such
+    // an object would load (server-cert.pem, server-key.pem, ca-cert.pem).
+    let tls_creds = match data.get("tls-creds") {
+        None => None,
         // QEMU allows TLS on a server socket given as an fd but not on a client one
         // (there is no host name to check a certificate against).
-        return Err(QmpError::generic(
-            if matches!(address, Address::Named(_)) && !server {
-                "TLS is not allowed on a client socket given as an fd: there is no host name to verify"
-            } else {
-                "TLS listeners are not supported by this qmpgate yet"
-            },
-        ));
-    }
+        Some(_) if matches!(address, Address::Named(_)) && !server => {
+            return Err(QmpError::generic(
+                "TLS is not allowed on a client socket given as an fd: there is no host name to verify",
+            ));
+        }
+        Some(Value::String(dir)) => Some(std::path::PathBuf::from(dir)),
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'tls-creds', expected: string",
+            ));
+        }
+    };
     if !id
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -361,6 +368,6 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
         server,
         reconnect_ms: None,
         mode: MonitorMode::Control,
-        tls_creds: None,
+        tls_creds,
     })
 }

@@ -222,3 +222,69 @@ fn missing_tls_credentials_stop_start_up_with_the_file_named() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("cannot read server-cert.pem"), "{stderr}");
 }
+
+#[test]
+fn a_tls_listener_can_be_added_at_run_time_from_a_named_fd() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::AsRawFd;
+
+    let qemu = Qemu::start();
+    let creds = tempdir();
+    credentials(creds.path());
+    let builder = GatewayBuilder::new(&qemu.upstream_spec()).args(["--profile", "permissive"]);
+    let control_path = builder.dir().join("control.sock");
+    let gateway = builder
+        .args([
+            "--control",
+            &format!("socket,id=control,path={}", control_path.display()),
+        ])
+        .spawn();
+    drop(gateway.negotiated());
+
+    let control = std::os::unix::net::UnixStream::connect(&control_path).unwrap();
+    control
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    let mut replies = BufReader::new(control.try_clone().unwrap()).lines();
+    let mut read =
+        move || -> Value { serde_json::from_str(&replies.next().unwrap().unwrap()).unwrap() };
+    read(); // greeting
+    let send = |message: Value, fd: Option<i32>| {
+        let bytes = message.to_string();
+        let iov = [std::io::IoSlice::new(bytes.as_bytes())];
+        match fd {
+            Some(fd) => {
+                let fds = [fd];
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                nix::sys::socket::sendmsg::<()>(
+                    control.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .unwrap();
+            }
+            None => (&control).write_all(bytes.as_bytes()).unwrap(),
+        }
+    };
+    send(json!({"execute": "qmp_capabilities"}), None);
+    assert_eq!(read(), json!({"return": {}}));
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    send(
+        json!({"execute": "getfd", "arguments": {"fdname": "remote"}}),
+        Some(tcp.as_raw_fd()),
+    );
+    assert_eq!(read(), json!({"return": {}}));
+    drop(tcp);
+    send(
+        json!({"execute": "chardev-add", "arguments": {"id": "remote", "backend": {"type": "socket", "data": {
+            "addr": {"type": "fd", "data": {"str": "remote"}}, "server": true,
+            "tls-creds": creds.path().display().to_string()}}}}),
+        None,
+    );
+    assert_eq!(read(), json!({"return": {}}));
+    let admin = client(port, creds.path(), Some("admin"), &["query-status"]);
+    assert_eq!(admin[1]["return"]["status"], "prelaunch", "{admin}");
+}
