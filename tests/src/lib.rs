@@ -257,6 +257,18 @@ impl GatewayBuilder {
         self.spawn_raw()
     }
 
+    /// Spawns qmpgate expecting start-up to fail: exit status 1, and `expected` in
+    /// what it printed.
+    pub fn fails_with(self, expected: &str) {
+        let mut gateway = self.spawn_raw();
+        let (code, stderr) = gateway.wait();
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in:\n{stderr}"
+        );
+    }
+
     /// Spawns qmpgate with exactly the arguments and fds given.
     pub fn spawn_raw(self) -> Gateway {
         let path = self.dir.path().join("unused");

@@ -63,13 +63,7 @@ fn the_upstream_can_be_an_inherited_connected_socket_with_no_path_at_all() {
 }
 
 fn fails_with(builder: GatewayBuilder, expected: &str) {
-    let mut gateway = builder.spawn_raw();
-    let (code, stderr) = gateway.wait();
-    assert_eq!(code, Some(1), "{stderr}");
-    assert!(
-        stderr.contains(expected),
-        "expected {expected:?} in:\n{stderr}"
-    );
+    builder.fails_with(expected);
 }
 
 #[test]

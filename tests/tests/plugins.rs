@@ -118,22 +118,16 @@ fn a_bad_plugin_configuration_stops_start_up_with_the_reason() {
         "[[plugin]]\nname = \"policy\"\nbuiltin = \"qmp-policy\"\nconfig = { profile = \"lax\" }\n",
     )
     .unwrap();
-    let mut gateway = builder
+    builder
         .args([
             "--config",
             config.to_str().unwrap(),
             "--listen",
             "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
         ])
-        .spawn_raw();
-    let (code, stderr) = gateway.wait();
-    assert_eq!(code, Some(1));
-    assert!(
-        stderr.contains(
-            "plugin 'policy': init failed: invalid plugin configuration: unknown variant `lax`"
-        ),
-        "{stderr}"
-    );
+        .fails_with(
+            "plugin 'policy': init failed: invalid plugin configuration: unknown variant `lax`",
+        );
 }
 
 #[test]
@@ -142,19 +136,13 @@ fn a_file_that_is_not_a_component_is_refused() {
     let builder = GatewayBuilder::new(&qemu.upstream_spec());
     let bogus = builder.dir().join("bogus.wasm");
     std::fs::write(&bogus, b"\0asm this is not a component").unwrap();
-    let mut gateway = builder
+    builder
         .args(["--plugin", &format!("bogus={}", bogus.display())])
         .args([
             "--listen",
             "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
         ])
-        .spawn_raw();
-    let (code, stderr) = gateway.wait();
-    assert_eq!(code, Some(1));
-    assert!(
-        stderr.contains("plugin 'bogus': not a loadable component"),
-        "{stderr}"
-    );
+        .fails_with("plugin 'bogus': not a loadable component");
 }
 
 #[test]

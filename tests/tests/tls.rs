@@ -184,7 +184,7 @@ fn tls_clients_are_verified_and_their_identity_reaches_the_policy() {
 #[test]
 fn tls_on_a_client_socket_given_as_an_fd_is_refused() {
     let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut gateway = GatewayBuilder::base()
+    GatewayBuilder::base()
         .fd(ours, 3)
         .args([
             "--upstream",
@@ -194,22 +194,16 @@ fn tls_on_a_client_socket_given_as_an_fd_is_refused() {
             "--listen",
             "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
         ])
-        .spawn_raw();
-    let (code, stderr) = gateway.wait();
-    assert_eq!(code, Some(1));
-    assert!(
-        stderr.contains(
-            "TLS is not allowed on a client socket given as an fd: there is no host name to verify"
-        ),
-        "{stderr}"
-    );
+        .fails_with(
+            "TLS is not allowed on a client socket given as an fd: there is no host name to verify",
+        );
 }
 
 #[test]
 fn missing_tls_credentials_stop_start_up_with_the_file_named() {
     let qemu = Qemu::start();
     let empty = tempdir();
-    let mut gateway = GatewayBuilder::new(&qemu.upstream_spec())
+    GatewayBuilder::new(&qemu.upstream_spec())
         .args([
             "--listen",
             &format!(
@@ -217,10 +211,7 @@ fn missing_tls_credentials_stop_start_up_with_the_file_named() {
                 empty.path().display()
             ),
         ])
-        .spawn_raw();
-    let (code, stderr) = gateway.wait();
-    assert_eq!(code, Some(1));
-    assert!(stderr.contains("cannot read server-cert.pem"), "{stderr}");
+        .fails_with("cannot read server-cert.pem");
 }
 
 #[test]
