@@ -136,6 +136,30 @@ pub enum MonitorMode {
     Readline,
 }
 
+/// Which plugin chain an upstream's traffic passes: qmpgate's own keys on an upstream
+/// chardev, `profile=NAME` or `plugins=A:B:C`. Upstreams that select the same policy
+/// share one chain (one set of plugin instances).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    /// The configured plugins (or, with none configured, the built-in policy).
+    #[default]
+    Default,
+    /// The built-in `hmp` and `qmp-policy` plugins with this profile.
+    Profile(String),
+    /// These configured plugins, by name, in this order.
+    Plugins(Vec<String>),
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Default => write!(f, "default"),
+            Policy::Profile(profile) => write!(f, "profile={profile}"),
+            Policy::Plugins(names) => write!(f, "plugins={}", names.join(":")),
+        }
+    }
+}
+
 /// A parsed `socket,...` chardev spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChardevSpec {
@@ -153,6 +177,11 @@ pub struct ChardevSpec {
     pub mode: MonitorMode,
     /// `tls-creds=DIR`: serve TLS with the credentials in DIR (listeners only).
     pub tls_creds: Option<PathBuf>,
+    /// `upstream=ID` (qmpgate's own key, listeners only): the upstream whose clients
+    /// this listener accepts; needed once qmpgate has more than one upstream.
+    pub upstream: Option<String>,
+    /// `profile=`/`plugins=` (qmpgate's own keys, upstreams only).
+    pub policy: Policy,
 }
 
 impl ChardevSpec {
@@ -194,6 +223,7 @@ impl ChardevSpec {
             (None, None, None, None, None, None);
         let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
         let mut tls_creds = None;
+        let (mut upstream, mut policy) = (None, Policy::Default);
         let mut seen = HashSet::new();
         for part in parts {
             let Some((key, value)) = part.split_once('=') else {
@@ -234,6 +264,20 @@ impl ChardevSpec {
                     parse_bool(key, &value).map_err(fail)?;
                 }
                 "tls-creds" => tls_creds = Some(PathBuf::from(value)),
+                "upstream" => upstream = Some(value),
+                "profile" | "plugins" if policy != Policy::Default => {
+                    return Err(fail("give one of 'profile' or 'plugins', not both".into()));
+                }
+                "profile" => policy = Policy::Profile(value),
+                "plugins" => {
+                    let names: Vec<String> = value.split(':').map(str::to_string).collect();
+                    if names.iter().any(String::is_empty) {
+                        return Err(fail(format!(
+                            "Parameter 'plugins' expects names separated by ':', got '{value}'"
+                        )));
+                    }
+                    policy = Policy::Plugins(names)
+                }
                 "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?),
                 "reconnect" => {
                     reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?.saturating_mul(1000))
@@ -305,6 +349,17 @@ impl ChardevSpec {
                 },
             ));
         }
+        if server && policy != Policy::Default {
+            return Err(fail(
+                "'profile' and 'plugins' select an upstream's policy; a listener (server=on) takes its upstream's".into(),
+            ));
+        }
+        if !server && upstream.is_some() {
+            return Err(fail(
+                "'upstream' binds a listener (server=on) to an upstream; this chardev is a client"
+                    .into(),
+            ));
+        }
         Ok(ChardevSpec {
             id,
             address,
@@ -312,6 +367,8 @@ impl ChardevSpec {
             reconnect_ms,
             mode,
             tls_creds,
+            upstream,
+            policy,
         })
     }
 
@@ -960,6 +1017,23 @@ mod tests {
         assert!(err("socket,id=x,path=/a,path=/b").contains("given twice"));
         assert!(err("socket,id=x,host=h").contains("'host' needs 'port'"));
         assert!(err("socket,id=a b,path=/x").contains("expects an identifier"));
+    }
+
+    #[test]
+    fn upstreams_select_policies_and_listeners_select_upstreams() {
+        let s = ChardevSpec::parse("socket,id=vm1,path=/q,profile=readonly").unwrap();
+        assert_eq!(s.policy, Policy::Profile("readonly".into()));
+        let s = ChardevSpec::parse("socket,id=vm1,path=/q,plugins=hmp:strict").unwrap();
+        assert_eq!(
+            s.policy,
+            Policy::Plugins(vec!["hmp".into(), "strict".into()])
+        );
+        let s = ChardevSpec::parse("socket,id=g,path=/g,server=on,upstream=vm1").unwrap();
+        assert_eq!(s.upstream.as_deref(), Some("vm1"));
+        assert!(err("socket,id=g,path=/g,server=on,profile=safe").contains("takes its upstream's"));
+        assert!(err("socket,id=q,path=/q,upstream=vm1").contains("this chardev is a client"));
+        assert!(err("socket,id=q,path=/q,profile=safe,plugins=a").contains("not both"));
+        assert!(err("socket,id=q,path=/q,plugins=a::b").contains("separated by ':'"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::chardev::{ChardevError, ChardevSpec};
+use crate::chardev::{ChardevError, ChardevSpec, Policy};
 use crate::framing::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE};
 use crate::plugin::Limits;
 
@@ -68,8 +68,9 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
-    /// QEMU's monitor chardev (spec or the id of a `chardev` entry).
-    pub upstream: Option<String>,
+    /// QEMU monitors' chardevs (specs or ids of `chardev` entries): one, or a list.
+    #[serde(default)]
+    pub upstream: OneOrMany,
     /// Listener chardevs (specs or ids).
     #[serde(default)]
     pub listen: Vec<String>,
@@ -98,6 +99,29 @@ pub struct FileConfig {
     /// Plugins, run in this order.
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// Not given.
+    #[default]
+    None,
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 /// One `[[plugin]]` entry.
@@ -171,9 +195,9 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
 /// Everything the gateway needs, resolved.
 #[derive(Debug)]
 pub struct Resolved {
-    /// QEMU's monitor.
-    pub upstream: ChardevSpec,
-    /// Client listeners.
+    /// QEMU monitors, each named by its id.
+    pub upstreams: Vec<ChardevSpec>,
+    /// Client listeners, each bound to an upstream (`upstream` is always set).
     pub listeners: Vec<ChardevSpec>,
     /// Plugins in order.
     pub plugins: Vec<PluginSpec>,
@@ -202,8 +226,8 @@ pub struct Overrides {
     pub chardevs: Vec<String>,
     /// `--listen`.
     pub listen: Vec<String>,
-    /// `--upstream`.
-    pub upstream: Option<String>,
+    /// `--upstream` (repeatable; replaces the file's).
+    pub upstreams: Vec<String>,
     /// `--plugin NAME=PATH`.
     pub plugins: Vec<String>,
     /// `--profile`.
@@ -254,24 +278,49 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         }
     };
 
-    let upstream_text = cli.upstream.or(file.upstream).ok_or_else(|| {
-        ConfigError::Invalid(
-            "no upstream: give --upstream (QEMU's QMP socket) or use 'qmpgate run'".into(),
-        )
-    })?;
-    let upstream = lookup(&upstream_text)?;
-    let mut listeners = Vec::new();
-    for text in file.listen.iter().chain(&cli.listen) {
+    let control_given = cli.control.is_some() || file.control.is_some();
+    let upstream_texts = if cli.upstreams.is_empty() {
+        file.upstream.into_vec()
+    } else {
+        cli.upstreams.clone()
+    };
+    if upstream_texts.is_empty() && !control_given {
+        return Err(ConfigError::Invalid(
+            "no upstream: give --upstream (QEMU's QMP socket), use 'qmpgate run', or give --control to add upstreams at run time".into(),
+        ));
+    }
+    let mut upstreams: Vec<ChardevSpec> = Vec::new();
+    for text in &upstream_texts {
         let spec = lookup(text)?;
-        if listeners.iter().any(|l: &ChardevSpec| l.id == spec.id) || spec.id == upstream.id {
+        if upstreams.iter().any(|u| u.id == spec.id) {
             return Err(ConfigError::Invalid(format!(
                 "chardev id '{}' is used twice",
                 spec.id
             )));
         }
+        if spec.server {
+            return Err(ConfigError::Invalid(format!(
+                "upstream '{}' must be a client chardev (server=off): qmpgate connects to QEMU's monitor",
+                spec.id
+            )));
+        }
+        upstreams.push(spec);
+    }
+    let mut listeners = Vec::new();
+    for text in file.listen.iter().chain(&cli.listen) {
+        let mut spec = lookup(text)?;
+        if listeners.iter().any(|l: &ChardevSpec| l.id == spec.id)
+            || upstreams.iter().any(|u| u.id == spec.id)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "chardev id '{}' is used twice",
+                spec.id
+            )));
+        }
+        spec.upstream = Some(bound_upstream(&spec, &upstreams)?);
         listeners.push(spec);
     }
-    if listeners.is_empty() {
+    if listeners.is_empty() && !control_given {
         return Err(ConfigError::Invalid(
             "no listener: give at least one --listen".into(),
         ));
@@ -330,48 +379,42 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         ));
     }
     if plugins.is_empty() && !cli.no_default_policy {
-        let profile = cli.profile.unwrap_or_else(|| "safe".into());
-        // The HMP interpreter first, so that the policy sees inside HMP lines.
-        plugins.push(PluginSpec {
-            name: "hmp".into(),
-            source: PluginSource::Builtin(BUILTIN_HMP),
-            config: serde_json::json!({}),
-            limits: Limits::default(),
-        });
-        plugins.push(PluginSpec {
-            name: "policy".into(),
-            source: PluginSource::Builtin(BUILTIN_POLICY),
-            config: serde_json::json!({ "profile": profile }),
-            limits: Limits::default(),
-        });
+        let profile = cli.profile.as_deref().unwrap_or("safe");
+        plugins = builtin_policy(profile);
     } else if cli.profile.is_some() {
         return Err(ConfigError::Invalid(
             "--profile applies to the built-in policy, which is not used when plugins are configured".into(),
         ));
     }
 
-    let server_chardev =
-        |text: Option<String>, what: &str| -> Result<Option<ChardevSpec>, ConfigError> {
-            let Some(text) = text else { return Ok(None) };
-            let mut spec = lookup(&text)?;
-            if !text.contains("server=") {
-                // The status endpoint and the control monitor always listen.
-                spec.server = true;
-            }
-            if !spec.server {
-                return Err(ConfigError::Invalid(format!(
-                    "{what} '{}' must listen (server=on)",
-                    spec.id
-                )));
-            }
-            if listeners.iter().any(|l| l.id == spec.id) || spec.id == upstream.id {
-                return Err(ConfigError::Invalid(format!(
-                    "chardev id '{}' is used twice",
-                    spec.id
-                )));
-            }
-            Ok(Some(spec))
-        };
+    for upstream in &upstreams {
+        select(&plugins, &upstream.policy)
+            .map_err(|e| ConfigError::Invalid(format!("upstream '{}': {e}", upstream.id)))?;
+    }
+
+    let server_chardev = |text: Option<String>,
+                          what: &str|
+     -> Result<Option<ChardevSpec>, ConfigError> {
+        let Some(text) = text else { return Ok(None) };
+        let mut spec = lookup(&text)?;
+        if !text.contains("server=") {
+            // The status endpoint and the control monitor always listen.
+            spec.server = true;
+        }
+        if !spec.server {
+            return Err(ConfigError::Invalid(format!(
+                "{what} '{}' must listen (server=on)",
+                spec.id
+            )));
+        }
+        if listeners.iter().any(|l| l.id == spec.id) || upstreams.iter().any(|u| u.id == spec.id) {
+            return Err(ConfigError::Invalid(format!(
+                "chardev id '{}' is used twice",
+                spec.id
+            )));
+        }
+        Ok(Some(spec))
+    };
     let status = server_chardev(cli.status.or(file.status), "status endpoint")?;
     let control = server_chardev(cli.control.or(file.control), "control monitor")?;
     if let (Some(s), Some(c)) = (&status, &control)
@@ -389,7 +432,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         cli.cache_dir.or(file.cache_dir).or_else(default_cache_dir)
     };
     Ok(Resolved {
-        upstream,
+        upstreams,
         listeners,
         plugins,
         max_message: cli
@@ -413,6 +456,79 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             .or(file.event_history)
             .unwrap_or(DEFAULT_EVENT_HISTORY),
     })
+}
+
+/// The upstream a listener serves: its `upstream=`, or the only upstream there is.
+pub fn bound_upstream(
+    listener: &ChardevSpec,
+    upstreams: &[ChardevSpec],
+) -> Result<String, ConfigError> {
+    let ids: Vec<&str> = upstreams.iter().map(|u| u.id.as_str()).collect();
+    match (&listener.upstream, ids.as_slice()) {
+        (Some(id), _) if ids.contains(&id.as_str()) => Ok(id.clone()),
+        (Some(id), _) => Err(ConfigError::Invalid(format!(
+            "listener '{}': no upstream '{id}' (upstreams: {})",
+            listener.id,
+            if ids.is_empty() {
+                "none".to_string()
+            } else {
+                ids.join(", ")
+            }
+        ))),
+        (None, [only]) => Ok(only.to_string()),
+        (None, []) => Err(ConfigError::Invalid(format!(
+            "listener '{}': there is no upstream to serve",
+            listener.id
+        ))),
+        (None, _) => Err(ConfigError::Invalid(format!(
+            "listener '{}': give upstream=ID; qmpgate has several upstreams ({})",
+            listener.id,
+            ids.join(", ")
+        ))),
+    }
+}
+
+/// The plugins `policy` selects from the configured ones, in chain order.
+pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>, ConfigError> {
+    match policy {
+        Policy::Default => Ok(plugins.to_vec()),
+        Policy::Profile(profile) => Ok(builtin_policy(profile)),
+        Policy::Plugins(names) => names
+            .iter()
+            .map(|name| {
+                plugins
+                    .iter()
+                    .find(|p| &p.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = plugins.iter().map(|p| p.name.as_str()).collect();
+                        ConfigError::Invalid(format!(
+                            "no plugin named '{name}' is configured (configured: {})",
+                            known.join(", ")
+                        ))
+                    })
+            })
+            .collect(),
+    }
+}
+
+/// The built-in chain: the HMP interpreter first, so that the policy sees inside HMP
+/// lines, then the policy with `profile`.
+fn builtin_policy(profile: &str) -> Vec<PluginSpec> {
+    vec![
+        PluginSpec {
+            name: "hmp".into(),
+            source: PluginSource::Builtin(BUILTIN_HMP),
+            config: serde_json::json!({}),
+            limits: Limits::default(),
+        },
+        PluginSpec {
+            name: "policy".into(),
+            source: PluginSource::Builtin(BUILTIN_POLICY),
+            config: serde_json::json!({ "profile": profile }),
+            limits: Limits::default(),
+        },
+    ]
 }
 
 /// Default: 5 s, and 5 min for the commands in `Timeouts::SLOW_COMMANDS`; 0 means
@@ -455,7 +571,7 @@ mod tests {
 
     fn cli(upstream: &str, listen: &[&str]) -> Overrides {
         Overrides {
-            upstream: Some(upstream.into()),
+            upstreams: vec![upstream.into()],
             listen: listen.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
@@ -504,6 +620,59 @@ mod tests {
         let r = resolve(file, Overrides::default()).unwrap();
         assert_eq!(r.plugins[0].limits.cpu, Duration::from_millis(10));
         assert_eq!(r.plugins[0].config["rules"][0]["commands"][0], "quit");
+    }
+
+    #[test]
+    fn a_file_lists_several_upstreams_and_binds_listeners_to_them() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            upstream = ["socket,id=vm1,path=/q1", "socket,id=vm2,path=/q2,plugins=strict"]
+            listen = ["socket,id=g1,path=/g1,server=on,upstream=vm1", "socket,id=g2,path=/g2,server=on,upstream=vm2"]
+            [[plugin]]
+            name = "strict"
+            builtin = "qmp-policy"
+            config = { profile = "readonly" }
+            [[plugin]]
+            name = "audit"
+            builtin = "audit"
+            "#,
+        )
+        .unwrap();
+        let r = resolve(file, Overrides::default()).unwrap();
+        let ids: Vec<(&str, Option<&str>)> = r
+            .listeners
+            .iter()
+            .map(|l| (l.id.as_str(), l.upstream.as_deref()))
+            .collect();
+        assert_eq!(ids, [("g1", Some("vm1")), ("g2", Some("vm2"))]);
+        let names = |policy: &Policy| -> Vec<String> {
+            select(&r.plugins, policy)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.name)
+                .collect()
+        };
+        assert_eq!(names(&r.upstreams[0].policy), ["strict", "audit"]);
+        assert_eq!(names(&r.upstreams[1].policy), ["strict"]);
+        assert_eq!(
+            names(&Policy::Profile("readonly".into())),
+            ["hmp", "policy"]
+        );
+    }
+
+    #[test]
+    fn a_host_gateway_may_start_with_no_upstream_only_with_a_control_monitor() {
+        let e = resolve(FileConfig::default(), Overrides::default()).unwrap_err();
+        assert!(e.to_string().starts_with("no upstream"), "{e}");
+        let r = resolve(
+            FileConfig::default(),
+            Overrides {
+                control: Some("socket,id=c,path=/c".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.upstreams.is_empty() && r.listeners.is_empty());
     }
 
     #[test]

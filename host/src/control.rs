@@ -23,15 +23,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::chardev::{
-    Address, ChardevSpec, Inherited, Listener, MonitorMode, Stream, recv_with_fds,
+    Address, ChardevSpec, Inherited, Listener, MonitorMode, Policy, Stream, recv_with_fds,
 };
 use crate::framing::{Frame, Framer};
-use crate::gateway::{Shared, check_listener};
+use crate::gateway::Hub;
 use crate::qmp::{self, ErrorClass, QmpError};
 
 /// Serves the control monitor until shutdown. Only unix sockets can carry fds.
-pub async fn serve(listener: Listener, shared: Arc<Shared>) {
-    let shutdown = shared.shutdown_token();
+pub async fn serve(listener: Listener, hub: Arc<Hub>) {
+    let shutdown = hub.shutdown_token();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -41,12 +41,12 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
             Ok((Stream::Unix(stream), peer)) => {
                 tracing::info!(?peer, "control client connected");
                 let session = ControlSession {
-                    shared: shared.clone(),
+                    hub: hub.clone(),
                     named: Inherited::default(),
                     received: Vec::new(),
                     negotiated: false,
                 };
-                shared.spawn(session.run(stream));
+                hub.spawn(session.run(stream));
             }
             Ok((Stream::Tcp(_) | Stream::Tls(_), _)) => {
                 tracing::warn!("control connections must be unix sockets")
@@ -60,7 +60,7 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
 }
 
 struct ControlSession {
-    shared: Arc<Shared>,
+    hub: Arc<Hub>,
     /// Fds named with `getfd` on this connection.
     named: Inherited,
     /// Fds that came with the latest message that carried any.
@@ -82,7 +82,7 @@ impl ControlSession {
         let mut framer = Framer::default();
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
-        let shutdown = self.shared.shutdown_token();
+        let shutdown = self.hub.shutdown_token();
         loop {
             let received = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -134,12 +134,12 @@ impl ControlSession {
                 "Capabilities negotiation is already complete, command ignored",
             )),
             (true, "x-qmpgate-reload") => self
-                .shared
+                .hub
                 .reload()
                 .await
                 .map(Value::from)
                 .map_err(QmpError::generic),
-            (true, name) => self.execute(name, &request.arguments),
+            (true, name) => self.execute(name, &request.arguments).await,
         };
         match result {
             Ok(value) => qmp::return_response(value, request.id),
@@ -147,7 +147,7 @@ impl ControlSession {
         }
     }
 
-    fn execute(&mut self, name: &str, args: &Map<String, Value>) -> Reply {
+    async fn execute(&mut self, name: &str, args: &Map<String, Value>) -> Reply {
         match name {
             "getfd" => self.getfd(string_arg(args, "fdname")?),
             "closefd" => self.closefd(string_arg(args, "fdname")?),
@@ -157,11 +157,13 @@ impl ControlSession {
                     .get("backend")
                     .ok_or_else(|| QmpError::generic("Parameter 'backend' is missing"))?;
                 let spec = chardev_add_spec(id, backend)?;
-                self.chardev_add(spec)
+                self.chardev_add(spec).await
             }
             "chardev-remove" => self.chardev_remove(string_arg(args, "id")?),
             "query-chardev" => Ok(self.query_chardev()),
-            "human-monitor-command" => Ok(Value::from(self.hmp(string_arg(args, "command-line")?))),
+            "human-monitor-command" => Ok(Value::from(
+                self.hmp(string_arg(args, "command-line")?).await,
+            )),
             other => Err(QmpError::new(
                 ErrorClass::CommandNotFound,
                 format!("The command {other} has not been found"),
@@ -195,55 +197,70 @@ impl ControlSession {
         }
     }
 
-    fn chardev_add(&mut self, spec: ChardevSpec) -> Reply {
-        check_listener(&spec)
-            .map_err(|e| QmpError::generic(format!("chardev '{}': {e}", spec.id)))?;
+    /// A `server=on` chardev becomes a listener; a client chardev, an upstream (qmpgate
+    /// connects to that QEMU once, now).
+    async fn chardev_add(&mut self, spec: ChardevSpec) -> Reply {
+        if !spec.server {
+            self.hub
+                .add_upstream(spec, &mut self.named)
+                .await
+                .map_err(|e| QmpError::generic(error_chain(&e)))?;
+            return Ok(json!({}));
+        }
         let listener = spec
             .listen(&mut self.named)
             .map_err(|e| QmpError::generic(error_chain(&e)))?;
-        self.shared
+        self.hub
             .add_listener(&spec, listener)
             .map_err(QmpError::generic)?;
         Ok(json!({}))
     }
 
     fn chardev_remove(&mut self, id: &str) -> Reply {
-        if id == self.shared.upstream_spec.id {
-            return Err(QmpError::generic(format!(
-                "Chardev '{id}' is qmpgate's link to QEMU and cannot be removed"
-            )));
-        }
-        if self.shared.remove_listener(id) {
+        if self.hub.remove_upstream(id) || self.hub.remove_listener(id) {
             Ok(json!({}))
         } else {
             Err(QmpError::generic(format!("Chardev '{id}' not found")))
         }
     }
 
+    /// As QEMU's, plus qmpgate's own members: `upstream` on listeners, `policy` and
+    /// `connected` on upstreams.
     fn query_chardev(&self) -> Value {
-        let mut list = vec![json!({
-            "label": self.shared.upstream_spec.id,
-            "filename": format!("socket:{},server=off", self.shared.upstream_spec.address),
-            "frontend-open": self.shared.upstream.info().connected,
-        })];
-        for l in self.shared.listeners() {
-            list.push(json!({"label": l.id, "filename": format!("socket:{},server=on", l.address), "frontend-open": true}));
+        let mut list = Vec::new();
+        for shared in self.hub.upstreams() {
+            let spec = &shared.upstream_spec;
+            let connected = shared.upstream.info().connected;
+            list.push(json!({
+                "label": spec.id,
+                "filename": format!("socket:{},server=off", spec.address),
+                "frontend-open": connected,
+                "policy": spec.policy.to_string(),
+            }));
+            for l in shared.listeners() {
+                list.push(json!({
+                    "label": l.id,
+                    "filename": format!("socket:{},server=on", l.address),
+                    "frontend-open": true,
+                    "upstream": spec.id,
+                }));
+            }
         }
         Value::Array(list)
     }
 
     /// HMP forms, as QEMU's HMP prints them: errors come back as text, not QMP errors.
-    fn hmp(&mut self, line: &str) -> String {
+    async fn hmp(&mut self, line: &str) -> String {
         let line = line.trim();
         let (command, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         let rest = rest.trim();
         let result = match command {
             "getfd" if !rest.is_empty() => self.getfd(rest).map(|_| String::new()),
             "closefd" if !rest.is_empty() => self.closefd(rest).map(|_| String::new()),
-            "chardev-add" if !rest.is_empty() => ChardevSpec::parse_runtime(rest)
-                .map_err(|e| QmpError::generic(e.to_string()))
-                .and_then(|spec| self.chardev_add(spec))
-                .map(|_| String::new()),
+            "chardev-add" if !rest.is_empty() => match ChardevSpec::parse_runtime(rest) {
+                Ok(spec) => self.chardev_add(spec).await.map(|_| String::new()),
+                Err(e) => Err(QmpError::generic(e.to_string())),
+            },
             "chardev-remove" if !rest.is_empty() => {
                 self.chardev_remove(rest).map(|_| String::new())
             }
@@ -353,6 +370,65 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
             ));
         }
     };
+    // qmpgate's own members: `upstream` binds a listener; `profile`/`plugins` select
+    // an upstream's policy (as the `upstream=`, `profile=`, `plugins=` spec keys).
+    let text = |key: &str| match data.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(_) => Err(QmpError::generic(format!(
+            "Invalid parameter type for '{key}', expected: string"
+        ))),
+    };
+    let upstream = text("upstream")?;
+    let policy = match (text("profile")?, data.get("plugins")) {
+        (None, None) => Policy::Default,
+        (Some(profile), None) => Policy::Profile(profile),
+        (None, Some(Value::Array(names))) if !names.is_empty() => Policy::Plugins(
+            names
+                .iter()
+                .map(|n| n.as_str().filter(|n| !n.is_empty()).map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    QmpError::generic(
+                        "Invalid parameter type for 'plugins', expected: array of names",
+                    )
+                })?,
+        ),
+        (None, Some(_)) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'plugins', expected: array of names",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(QmpError::generic(
+                "give one of 'profile' or 'plugins', not both",
+            ));
+        }
+    };
+    if server && policy != Policy::Default {
+        return Err(QmpError::generic(
+            "'profile' and 'plugins' select an upstream's policy; a listener (server=true) takes its upstream's",
+        ));
+    }
+    if !server && upstream.is_some() {
+        return Err(QmpError::generic(
+            "'upstream' binds a listener (server=true) to an upstream; this chardev is a client",
+        ));
+    }
+    let reconnect_ms = match (data.get("reconnect-ms"), data.get("reconnect")) {
+        (Some(ms), _) => Some(ms.as_u64().ok_or_else(|| {
+            QmpError::generic("Invalid parameter type for 'reconnect-ms', expected: integer")
+        })?),
+        (None, Some(s)) => Some(
+            s.as_u64()
+                .ok_or_else(|| {
+                    QmpError::generic("Invalid parameter type for 'reconnect', expected: integer")
+                })?
+                .saturating_mul(1000),
+        ),
+        (None, None) => None,
+    }
+    .filter(|ms| *ms > 0);
     if !id
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -366,8 +442,10 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
         id: id.to_string(),
         address,
         server,
-        reconnect_ms: None,
+        reconnect_ms,
         mode: MonitorMode::Control,
         tls_creds,
+        upstream,
+        policy,
     })
 }

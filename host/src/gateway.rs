@@ -1,32 +1,42 @@
-//! The gateway: listeners bound to one upstream, their plugin chain, and shutdown.
+//! The gateway: upstreams, the listeners bound to each, their plugin chains, and
+//! shutdown.
 //!
-//! [`Gateway::start`] opens every listener, connects to QEMU once and spawns one
-//! accept loop per listener; listeners can be added and removed later (the control
-//! monitor does). [`Gateway::run`] waits for a stop request or for the upstream to
-//! end, then drains sessions under a grace deadline (one cancellation token, a task
-//! tracker, then force).
+//! One process serves any number of upstreams (QEMU monitors), each named by its
+//! chardev id. A [`Hub`] holds them; each upstream is a [`Shared`] with its own link
+//! to QEMU, listeners, counters and event history, and the plugin chain its policy
+//! selects. Upstreams that select the same policy share one chain, and every chain
+//! shares the process's compiled plugins ([`Chains`]).
 //!
-//! Layout: [`Metrics`] (counters), [`Shared`] (what every listener and session
-//! shares, including the set of listeners), [`ListenerContext`] (one listener's
-//! view), [`Gateway`].
+//! [`Gateway::start`] opens every listener, connects to each QEMU once and spawns
+//! one accept loop per listener; upstreams and listeners can be added and removed
+//! later (the control monitor does). An upstream whose QEMU goes away is removed
+//! with its listeners and clients. [`Gateway::run`] waits for a stop request, or for
+//! the last upstream to go (unless a control monitor can add more), then drains
+//! sessions under a grace deadline (one cancellation token, a task tracker, then
+//! force).
+//!
+//! Layout: [`Metrics`] (counters), [`Shared`] (one upstream: what its listeners and
+//! sessions share), [`ListenerContext`] (one listener's view), [`Chains`], [`Hub`],
+//! [`Gateway`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::chardev::{ChardevSpec, Inherited, Listener, MonitorMode};
-use crate::plugin::PluginChain;
+use crate::chardev::{ChardevSpec, Inherited, Listener, MonitorMode, Policy};
+use crate::config::{PluginSource, PluginSpec};
+use crate::plugin::{PluginChain, Runtime};
 use crate::status::Registry;
 use crate::upstream::{self, Outcome, UpstreamError, UpstreamHandle};
 
 /// How long sessions get to finish at shutdown before they are dropped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Gateway-wide counters.
+/// One upstream's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Clients connected now.
@@ -54,17 +64,28 @@ struct ListenerEntry {
     bound: String,
 }
 
-/// What all listeners and sessions share.
+/// Limits every session works under, whichever upstream it serves.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Framing limit on one client message, in bytes.
+    pub max_message: usize,
+    /// Framing limit on nesting depth.
+    pub max_depth: usize,
+    /// How long a client waits for QEMU's answer, per command.
+    pub timeouts: Timeouts,
+    /// Events kept per upstream for clients that reconnect.
+    pub event_history: usize,
+}
+
+/// One upstream and what its listeners and sessions share.
 pub struct Shared {
-    /// The QEMU behind this gateway.
+    /// The QEMU behind this upstream.
     pub upstream: UpstreamHandle,
     /// The upstream chardev's id and address, for status.
     pub upstream_spec: ChardevSpec,
     /// Plugins run on every listener's traffic; replaced whole on reload, while
     /// commands already deciding finish on the chain they started with.
     chain: RwLock<PluginChain>,
-    /// Where reload requests go (SIGHUP and the control monitor's `x-qmpgate-reload`).
-    reload: Mutex<Option<tokio::sync::mpsc::Sender<ReloadRequest>>>,
     /// Framing limit on one client message, in bytes.
     pub max_message: usize,
     /// Framing limit on nesting depth.
@@ -76,14 +97,14 @@ pub struct Shared {
     /// Connected clients, QEMU's exit, for status.
     pub registry: Arc<Registry>,
     tracker: TaskTracker,
+    /// Cancelled when this upstream is removed or the gateway shuts down.
     shutdown: CancellationToken,
-    next_client: AtomicU64,
+    /// Client ids are unique in the process, across upstreams.
+    next_client: Arc<AtomicU64>,
     listeners: Mutex<BTreeMap<String, ListenerEntry>>,
-    /// The status endpoint's and control monitor's chardevs: (id, role, address).
-    services: Mutex<Vec<(String, &'static str, String)>>,
 }
 
-/// A listener's view: its id and everything shared.
+/// A listener's view: its id and its upstream's shared state.
 pub struct ListenerContext {
     /// The listener chardev's id (shown to plugins as the client's `listener`).
     pub id: String,
@@ -114,8 +135,9 @@ pub struct ListenerInfo {
 }
 
 impl Shared {
-    /// Starts accepting on `listener` as chardev `spec.id`.
-    pub fn add_listener(
+    /// Starts accepting on `listener` as chardev `spec.id`. Callers check that the id
+    /// is free ([`Hub::add_listener`] does, across upstreams).
+    fn add_listener(
         self: &Arc<Self>,
         spec: &ChardevSpec,
         listener: Listener,
@@ -125,11 +147,8 @@ impl Shared {
             None => None,
         };
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        if listeners.contains_key(&spec.id) || spec.id == self.upstream_spec.id {
-            return Err(format!("Chardev '{}' already exists", spec.id));
-        }
         let bound = listener.local_description();
-        tracing::info!(listener = %spec.id, address = %bound, "listening");
+        tracing::info!(listener = %spec.id, upstream = %self.upstream_spec.id, address = %bound, "listening");
         let stop = self.shutdown.child_token();
         listeners.insert(
             spec.id.clone(),
@@ -151,7 +170,7 @@ impl Shared {
 
     /// Stops accepting on listener `id` (its clients stay connected); false if
     /// there is no such listener.
-    pub fn remove_listener(&self, id: &str) -> bool {
+    fn remove_listener(&self, id: &str) -> bool {
         let removed = self
             .listeners
             .lock()
@@ -181,6 +200,379 @@ impl Shared {
             .collect()
     }
 
+    /// The current plugin chain.
+    pub fn chain(&self) -> PluginChain {
+        self.chain.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a new plugin chain in place for every command decided from now on.
+    fn replace_chain(&self, chain: PluginChain) {
+        *self.chain.write().unwrap_or_else(|e| e.into_inner()) = chain;
+    }
+
+    /// Runs `task` under the gateway's shutdown tracking.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task);
+    }
+
+    /// A token cancelled when this upstream is removed or the gateway shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// The plugin chains policies select, built on demand and shared: upstreams with the
+/// same policy use one chain (one thread, one set of instances), and all chains use
+/// the runtime's compiled components.
+pub struct Chains {
+    wasm: Arc<Runtime>,
+    plugins: Vec<PluginSpec>,
+    built: HashMap<Policy, PluginChain>,
+}
+
+impl Chains {
+    /// Chains over `plugins`, the configured plugins (see [`crate::config::select`]).
+    pub fn new(wasm: Arc<Runtime>, plugins: Vec<PluginSpec>) -> Self {
+        Chains {
+            wasm,
+            plugins,
+            built: HashMap::new(),
+        }
+    }
+
+    /// The chain for `policy`, started on first use. Blocks while plugins load.
+    pub fn get(&mut self, policy: &Policy) -> Result<PluginChain, String> {
+        if let Some(chain) = self.built.get(policy) {
+            return Ok(chain.clone());
+        }
+        let specs = crate::config::select(&self.plugins, policy).map_err(|e| e.to_string())?;
+        let chain = load_chain(&self.wasm, &specs).map_err(|e| format!("{e:#}"))?;
+        self.built.insert(policy.clone(), chain.clone());
+        Ok(chain)
+    }
+}
+
+/// Loads `specs` and starts them as one chain.
+pub fn load_chain(wasm: &Runtime, specs: &[PluginSpec]) -> anyhow::Result<PluginChain> {
+    let mut plugins = Vec::new();
+    for spec in specs {
+        plugins.push(match &spec.source {
+            PluginSource::File(path) => wasm.load(&spec.name, path, &spec.config, spec.limits)?,
+            PluginSource::Builtin(bytes) => {
+                wasm.load_bytes(&spec.name, bytes, &spec.config, spec.limits)?
+            }
+        });
+    }
+    Ok(PluginChain::start(plugins)?)
+}
+
+/// Every upstream, and what they share: services, reloading, chains, shutdown.
+pub struct Hub {
+    upstreams: Mutex<BTreeMap<String, Arc<Shared>>>,
+    chains: Mutex<Chains>,
+    limits: SessionLimits,
+    /// The status endpoint's and control monitor's chardevs: (id, role, address).
+    services: Mutex<Vec<(String, &'static str, String)>>,
+    /// Where reload requests go (SIGHUP and the control monitor's `x-qmpgate-reload`).
+    reload: Mutex<Option<tokio::sync::mpsc::Sender<ReloadRequest>>>,
+    /// Upstreams whose QEMU went away stay listed (`qmpgate run`, which reports the
+    /// exit to their clients before it stops).
+    keep_ended: bool,
+    /// How each upstream that went away ended, for [`Gateway::run`].
+    ended: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    next_client: Arc<AtomicU64>,
+    started: Instant,
+}
+
+/// Why an upstream could not be added.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // Each variant documents itself; the fields are its message.
+pub enum AddError {
+    /// The id is taken, or the spec cannot be an upstream.
+    #[error("{0}")]
+    Invalid(String),
+    /// Its policy's plugins did not load.
+    #[error("upstream '{id}': {reason}")]
+    Plugins { id: String, reason: String },
+    /// QEMU could not be reached or negotiated.
+    #[error("upstream '{id}'")]
+    Upstream {
+        id: String,
+        #[source]
+        source: UpstreamError,
+    },
+}
+
+impl Hub {
+    /// Connects to QEMU once on `spec` and serves it as upstream `spec.id`.
+    pub async fn add_upstream(
+        self: &Arc<Self>,
+        spec: ChardevSpec,
+        inherited: &mut Inherited,
+    ) -> Result<Arc<Shared>, AddError> {
+        if spec.server {
+            return Err(AddError::Invalid(format!(
+                "upstream '{}' must be a client chardev (server=off): qmpgate connects to QEMU's monitor",
+                spec.id
+            )));
+        }
+        if self.id_in_use(&spec.id) {
+            return Err(AddError::Invalid(format!(
+                "Chardev '{}' already exists",
+                spec.id
+            )));
+        }
+        let hub = self.clone();
+        let policy = spec.policy.clone();
+        // Loading plugins compiles on a cache miss: keep it off the async workers.
+        let chain = tokio::task::spawn_blocking(move || hub.chain_for(&policy))
+            .await
+            .unwrap_or_else(|e| Err(format!("plugin loader failed: {e}")))
+            .map_err(|reason| AddError::Plugins {
+                id: spec.id.clone(),
+                reason,
+            })?;
+
+        let shutdown = self.shutdown.child_token();
+        let (handle, task) = upstream::connect(
+            spec.clone(),
+            inherited,
+            self.limits.event_history,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|source| AddError::Upstream {
+            id: spec.id.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            upstream: handle,
+            upstream_spec: spec,
+            chain: RwLock::new(chain),
+            max_message: self.limits.max_message,
+            max_depth: self.limits.max_depth,
+            timeouts: self.limits.timeouts.clone(),
+            metrics: Arc::new(Metrics::default()),
+            registry: Arc::new(Registry::default()),
+            tracker: self.tracker.clone(),
+            shutdown,
+            next_client: self.next_client.clone(),
+            listeners: Mutex::new(BTreeMap::new()),
+        });
+        let id = shared.upstream_spec.id.clone();
+        {
+            let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+            // Another add of the same id may have finished while this one connected.
+            if upstreams.contains_key(&id) {
+                shared.shutdown.cancel();
+                return Err(AddError::Invalid(format!("Chardev '{id}' already exists")));
+            }
+            upstreams.insert(id.clone(), shared.clone());
+        }
+        tracing::info!(upstream = %id, policy = %shared.upstream_spec.policy, "upstream added");
+        let hub = self.clone();
+        let watched = shared.clone();
+        self.tracker.spawn(async move {
+            let outcome = task
+                .await
+                .unwrap_or_else(|e| Outcome::Lost(format!("upstream task failed: {e}")));
+            hub.upstream_ended(&watched, outcome);
+        });
+        Ok(shared)
+    }
+
+    fn upstream_ended(&self, shared: &Arc<Shared>, outcome: Outcome) {
+        if self.keep_ended || self.shutdown.is_cancelled() {
+            return;
+        }
+        let id = &shared.upstream_spec.id;
+        tracing::info!(upstream = %id, ?outcome, "upstream ended; removing it and its listeners");
+        {
+            let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+            // Only this instance: the id may have been removed and added again.
+            if upstreams.get(id).is_some_and(|u| Arc::ptr_eq(u, shared)) {
+                upstreams.remove(id);
+            }
+        }
+        shared.shutdown.cancel();
+        let _ = self.ended.send(outcome);
+    }
+
+    /// Stops serving upstream `id`: its listeners close and its clients disconnect.
+    /// False if there is no such upstream.
+    pub fn remove_upstream(&self, id: &str) -> bool {
+        let removed = self
+            .upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        match removed {
+            Some(shared) => {
+                tracing::info!(upstream = id, "upstream removed");
+                // Clients get the event as their sessions drain, then the link closes.
+                shared.upstream.announce(
+                    "QMPGATE_UPSTREAM_REMOVED",
+                    serde_json::json!({ "upstream": id }),
+                );
+                shared.shutdown.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The upstream named `id`.
+    pub fn upstream(&self, id: &str) -> Option<Arc<Shared>> {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every upstream, by id.
+    pub fn upstreams(&self) -> Vec<Arc<Shared>> {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The upstream a request names, or the only one when it names none.
+    pub fn pick(&self, id: Option<&str>) -> Result<Arc<Shared>, String> {
+        let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        match id {
+            Some(id) => upstreams
+                .get(id)
+                .cloned()
+                .ok_or_else(|| format!("no upstream '{id}'")),
+            None => {
+                let mut all = upstreams.values();
+                match (all.next(), all.next()) {
+                    (Some(only), None) => Ok(only.clone()),
+                    (None, _) => Err("there is no upstream".into()),
+                    _ => Err(format!(
+                        "name an upstream; there are {}: {}",
+                        upstreams.len(),
+                        upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+                }
+            }
+        }
+    }
+
+    fn id_in_use(&self, id: &str) -> bool {
+        let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        upstreams.contains_key(id)
+            || upstreams.values().any(|u| {
+                u.listeners
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(id)
+            })
+            || self
+                .services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(s, _, _)| s == id)
+    }
+
+    /// Starts accepting on `listener` as chardev `spec.id`, for the upstream its
+    /// `upstream=` names (or the only upstream).
+    pub fn add_listener(&self, spec: &ChardevSpec, listener: Listener) -> Result<(), String> {
+        check_listener(spec).map_err(|e| format!("chardev '{}': {e}", spec.id))?;
+        if self.id_in_use(&spec.id) {
+            return Err(format!("Chardev '{}' already exists", spec.id));
+        }
+        let shared = {
+            let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+            let specs: Vec<ChardevSpec> = upstreams
+                .values()
+                .map(|u| u.upstream_spec.clone())
+                .collect();
+            let id = crate::config::bound_upstream(spec, &specs).map_err(|e| e.to_string())?;
+            upstreams[&id].clone()
+        };
+        shared.add_listener(spec, listener)
+    }
+
+    /// Stops accepting on listener `id` (its clients stay connected); false if
+    /// there is no such listener.
+    pub fn remove_listener(&self, id: &str) -> bool {
+        self.upstreams().iter().any(|u| u.remove_listener(id))
+    }
+
+    /// The upstream listener `id` serves.
+    pub fn listener_upstream(&self, id: &str) -> Option<String> {
+        self.upstreams().into_iter().find_map(|u| {
+            u.listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id)
+                .then(|| u.upstream_spec.id.clone())
+        })
+    }
+
+    /// The chain for `policy` (built once, then shared). Blocks while plugins load.
+    fn chain_for(&self, policy: &Policy) -> Result<PluginChain, String> {
+        self.chains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(policy)
+    }
+
+    /// Replaces every upstream's chain with one built from `chains` (a reloaded
+    /// configuration); if any upstream's policy fails to load, nothing changes.
+    /// Blocks while plugins load.
+    pub fn replace_chains(&self, mut chains: Chains) -> Result<(), String> {
+        let upstreams = self.upstreams();
+        let mut next = Vec::new();
+        for shared in &upstreams {
+            let chain = chains
+                .get(&shared.upstream_spec.policy)
+                .map_err(|e| format!("upstream '{}': {e}", shared.upstream_spec.id))?;
+            next.push(chain);
+        }
+        let mut current = self.chains.lock().unwrap_or_else(|e| e.into_inner());
+        for (shared, chain) in upstreams.iter().zip(next) {
+            shared.replace_chain(chain);
+        }
+        *current = chains;
+        Ok(())
+    }
+
+    /// The distinct chains in use, each with the upstreams that use it.
+    pub fn chains_in_use(&self) -> Vec<(PluginChain, Vec<String>)> {
+        let mut out: Vec<(PluginChain, Vec<String>)> = Vec::new();
+        for shared in self.upstreams() {
+            let chain = shared.chain();
+            let id = shared.upstream_spec.id.clone();
+            match out.iter_mut().find(|(c, _)| c.same_as(&chain)) {
+                Some((_, ids)) => ids.push(id),
+                None => out.push((chain, vec![id])),
+            }
+        }
+        out
+    }
+
+    /// The session limits.
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
+    /// When the gateway started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Records a service chardev (`status`, `control`) for status.
     pub fn register_service(&self, id: &str, role: &'static str, address: String) {
         self.services
@@ -195,16 +587,6 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// The current plugin chain.
-    pub fn chain(&self) -> PluginChain {
-        self.chain.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Puts a new plugin chain in place for every command decided from now on.
-    pub fn replace_chain(&self, chain: PluginChain) {
-        *self.chain.write().unwrap_or_else(|e| e.into_inner()) = chain;
     }
 
     /// Routes reload requests to `handler` (set once at start-up by `main`).
@@ -247,20 +629,18 @@ impl Shared {
 
 /// Settings for [`Gateway::start`].
 pub struct Settings {
-    /// QEMU's monitor.
-    pub upstream: ChardevSpec,
-    /// Where clients connect.
+    /// QEMU monitors.
+    pub upstreams: Vec<ChardevSpec>,
+    /// Where clients connect; each names its upstream in `upstream`.
     pub listeners: Vec<ChardevSpec>,
-    /// Plugins for every listener.
-    pub chain: PluginChain,
-    /// Framing limits.
-    pub max_message: usize,
-    /// Framing limits.
-    pub max_depth: usize,
-    /// Per-command timeouts.
-    pub timeouts: Timeouts,
-    /// Events kept for clients that reconnect.
-    pub event_history: usize,
+    /// Plugin chains for the upstreams' policies.
+    pub chains: Chains,
+    /// Limits for every session.
+    pub limits: SessionLimits,
+    /// Keep running with no upstream (a control monitor can add them).
+    pub persistent: bool,
+    /// Keep upstreams whose QEMU went away (`qmpgate run`).
+    pub keep_ended: bool,
 }
 
 /// How long a client waits for QEMU's answer to each command. A command that runs
@@ -323,13 +703,9 @@ pub async fn await_reply(
 #[derive(Debug, thiserror::Error)]
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
 pub enum StartError {
-    /// The upstream could not be reached or negotiated.
-    #[error("upstream '{id}'")]
-    Upstream {
-        id: String,
-        #[source]
-        source: UpstreamError,
-    },
+    /// An upstream could not be added.
+    #[error(transparent)]
+    Upstream(#[from] AddError),
     /// A listener could not be opened.
     #[error(transparent)]
     Listener(#[from] crate::chardev::ChardevError),
@@ -348,14 +724,15 @@ pub fn check_listener(spec: &ChardevSpec) -> Result<(), String> {
 
 /// A running gateway.
 pub struct Gateway {
-    shared: Arc<Shared>,
-    upstream_task: tokio::task::JoinHandle<Outcome>,
+    hub: Arc<Hub>,
+    ended: tokio::sync::mpsc::UnboundedReceiver<Outcome>,
+    persistent: bool,
 }
 
 impl Gateway {
     /// Opens listeners first (so fd and path errors show before touching QEMU), then
-    /// connects to QEMU once, then starts accepting. `inherited` keeps the fds no
-    /// chardev claimed.
+    /// connects to each QEMU once, then starts accepting. `inherited` keeps the fds
+    /// no chardev claimed.
     pub async fn start(
         settings: Settings,
         inherited: &mut Inherited,
@@ -365,72 +742,61 @@ impl Gateway {
             check_listener(spec).map_err(|e| StartError::Invalid(spec.id.clone(), e))?;
             listeners.push((spec, spec.listen(inherited)?));
         }
-        if settings.upstream.server {
-            return Err(StartError::Invalid(
-                settings.upstream.id.clone(),
-                "the upstream must be a client chardev (server=off): qmpgate connects to QEMU's monitor".into(),
-            ));
-        }
-
-        let shutdown = CancellationToken::new();
-        let upstream_id = settings.upstream.id.clone();
-        let (upstream, upstream_task) = upstream::connect(
-            settings.upstream.clone(),
-            inherited,
-            settings.event_history,
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|source| StartError::Upstream {
-            id: upstream_id,
-            source,
-        })?;
-
-        let shared = Arc::new(Shared {
-            upstream,
-            upstream_spec: settings.upstream,
-            chain: RwLock::new(settings.chain),
-            reload: Mutex::new(None),
-            max_message: settings.max_message,
-            max_depth: settings.max_depth,
-            timeouts: settings.timeouts,
-            metrics: Arc::new(Metrics::default()),
-            registry: Arc::new(Registry::default()),
-            tracker: TaskTracker::new(),
-            shutdown,
-            next_client: AtomicU64::new(1),
-            listeners: Mutex::new(BTreeMap::new()),
+        let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+        let hub = Arc::new(Hub {
+            upstreams: Mutex::new(BTreeMap::new()),
+            chains: Mutex::new(settings.chains),
+            limits: settings.limits,
             services: Mutex::new(Vec::new()),
+            reload: Mutex::new(None),
+            keep_ended: settings.keep_ended,
+            ended: ended_tx,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            next_client: Arc::new(AtomicU64::new(1)),
+            started: Instant::now(),
         });
+        // One after another: each connects once, and a failure stops start-up.
+        for spec in settings.upstreams {
+            if let Err(e) = hub.add_upstream(spec, inherited).await {
+                hub.shutdown.cancel();
+                return Err(e.into());
+            }
+        }
         for (spec, listener) in listeners {
-            shared
-                .add_listener(spec, listener)
-                .map_err(|e| StartError::Invalid(spec.id.clone(), e))?;
+            if let Err(e) = hub.add_listener(spec, listener) {
+                hub.shutdown.cancel();
+                return Err(StartError::Invalid(spec.id.clone(), e));
+            }
         }
         Ok(Gateway {
-            shared,
-            upstream_task,
+            hub,
+            ended,
+            persistent: settings.persistent,
         })
     }
 
-    /// What listeners, sessions, the status endpoint and the control monitor share.
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The upstreams and what they share.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
-    /// Runs until `stop` is cancelled or (unless `outlive_upstream`) the upstream
-    /// ends; then drains. `qmpgate run` outlives the upstream, to tell clients how
-    /// QEMU exited before it stops.
-    pub async fn run(mut self, stop: CancellationToken, outlive_upstream: bool) -> Outcome {
-        let outcome = tokio::select! {
-            _ = stop.cancelled() => Outcome::Shutdown,
-            outcome = &mut self.upstream_task, if !outlive_upstream => {
-                outcome.unwrap_or_else(|e| Outcome::Lost(format!("upstream task failed: {e}")))
+    /// Runs until `stop` is cancelled or, unless the gateway is persistent, the last
+    /// upstream has gone; then drains. Returns how the last upstream ended.
+    pub async fn run(mut self, stop: CancellationToken) -> Outcome {
+        let outcome = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break Outcome::Shutdown,
+                Some(outcome) = self.ended.recv() => {
+                    if !self.persistent && self.hub.upstreams().is_empty() {
+                        break outcome;
+                    }
+                }
             }
         };
-        self.shared.shutdown.cancel();
-        self.shared.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait())
+        self.hub.shutdown.cancel();
+        self.hub.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.hub.tracker.wait())
             .await
             .is_err()
         {

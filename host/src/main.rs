@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use qmpgate::chardev::Inherited;
-use qmpgate::config::{self, FileConfig, Overrides, PluginSource};
-use qmpgate::gateway::{Gateway, SHUTDOWN_GRACE, Settings};
+use qmpgate::config::{self, FileConfig, Overrides};
+use qmpgate::gateway::{Chains, Gateway, SHUTDOWN_GRACE, SessionLimits, Settings};
 use qmpgate::plugin::{PluginChain, Runtime};
 use qmpgate::upstream::Outcome;
 
@@ -94,9 +94,11 @@ struct GatewayArgs {
     /// Accept clients on this chardev (a spec with server=on, or a chardev id). Repeatable.
     #[arg(long, value_name = "SPEC|ID")]
     listen: Vec<String>,
-    /// QEMU's QMP monitor: a spec (path=, host=/port=, or fd= of a connected socket) or an id.
+    /// A QEMU QMP monitor: a spec (path=, host=/port=, or fd= of a connected socket) or
+    /// an id. Repeatable: each is an upstream named by its id, with its own listeners
+    /// (`upstream=ID` on a listener) and policy (`profile=` or `plugins=A:B` on it).
     #[arg(long, value_name = "SPEC|ID")]
-    upstream: Option<String>,
+    upstream: Vec<String>,
     /// Load a plugin component (NAME=PATH). Repeatable; run in the order given.
     #[arg(long, value_name = "NAME=PATH")]
     plugin: Vec<String>,
@@ -125,6 +127,8 @@ struct GatewayArgs {
     #[arg(long, value_name = "SPEC|ID")]
     status: Option<String>,
     /// Serve the control monitor (QMP: getfd, chardev-add, ...) on this unix chardev.
+    /// With one, qmpgate may start with no upstream and keeps running when the last
+    /// one goes.
     #[arg(long, value_name = "SPEC|ID")]
     control: Option<String>,
     /// How long a client waits for QEMU's answer before getting an error, in ms; 0 waits
@@ -142,7 +146,7 @@ impl GatewayArgs {
         Overrides {
             chardevs: self.chardev.clone(),
             listen: self.listen.clone(),
-            upstream: self.upstream.clone(),
+            upstreams: self.upstream.clone(),
             plugins: self.plugin.clone(),
             profile: self.profile.clone(),
             no_default_policy: self.no_default_policy,
@@ -171,6 +175,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -212,13 +217,14 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let mut overrides = args.overrides();
     let mut launched = match &qemu {
         Some(argv) => {
-            if overrides.upstream.is_some() || file.upstream.is_some() {
+            if !overrides.upstreams.is_empty() || !matches!(file.upstream, config::OneOrMany::None)
+            {
                 anyhow::bail!("'qmpgate run' creates the upstream itself; do not give --upstream");
             }
             let launched = qmpgate::launcher::launch(argv)?;
             // `,,` escapes a comma inside a chardev value.
             let path = launched.monitor.display().to_string().replace(',', ",,");
-            overrides.upstream = Some(format!("socket,id=qemu,path={path}"));
+            overrides.upstreams = vec![format!("socket,id=qemu,path={path}")];
             Some(launched)
         }
         None => None,
@@ -233,14 +239,24 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         None => None,
     };
     let wasm = Arc::new(Runtime::new(resolved.cache_dir.clone(), audit)?);
+    let mut chains = Chains::new(wasm.clone(), resolved.plugins.clone());
+    // Load the default chain now, so that a plugin error is a start-up error even for
+    // a gateway that gets its upstreams at run time.
+    chains
+        .get(&qmpgate::chardev::Policy::Default)
+        .map_err(anyhow::Error::msg)?;
     let settings = Settings {
-        upstream: resolved.upstream,
+        upstreams: resolved.upstreams,
         listeners: resolved.listeners,
-        chain: load_chain(&wasm, &resolved.plugins)?,
-        max_message: resolved.max_message,
-        max_depth: resolved.max_depth,
-        timeouts: resolved.timeouts.clone(),
-        event_history: resolved.event_history,
+        chains,
+        limits: SessionLimits {
+            max_message: resolved.max_message,
+            max_depth: resolved.max_depth,
+            timeouts: resolved.timeouts.clone(),
+            event_history: resolved.event_history,
+        },
+        persistent: resolved.control.is_some(),
+        keep_ended: launched.is_some(),
     };
     // Open the status and control sockets first: their errors are start-up errors.
     let status_listener = resolved
@@ -273,33 +289,36 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         }
     };
 
-    let shared = gateway.shared().clone();
+    let hub = gateway.hub().clone();
     for (spec, role) in [(&resolved.status, "status"), (&resolved.control, "control")] {
         if let Some(spec) = spec {
-            shared.register_service(&spec.id, role, spec.address.to_string());
+            hub.register_service(&spec.id, role, spec.address.to_string());
         }
     }
     if let Some(listener) = status_listener {
         tracing::info!(address = %listener.local_description(), "status endpoint");
-        shared.spawn(qmpgate::status::serve(listener, shared.clone()));
+        hub.spawn(qmpgate::status::serve(listener, hub.clone()));
     }
     if let Some(listener) = control_listener {
         tracing::info!(address = %listener.local_description(), "control monitor");
-        shared.spawn(qmpgate::control::serve(listener, shared.clone()));
+        hub.spawn(qmpgate::control::serve(listener, hub.clone()));
     }
-    spawn_reloader(shared.clone(), wasm, args.config.clone(), overrides);
+    spawn_reloader(hub.clone(), wasm, args.config.clone(), overrides);
     notify_systemd("READY=1");
 
     let Some(mut launched) = launched else {
-        return Ok(match gateway.run(signalled, false).await {
+        return Ok(match gateway.run(signalled).await {
             Outcome::Shutdown | Outcome::QemuQuit => 0,
             Outcome::Lost(_) => 1,
         });
     };
 
     // `qmpgate run`: the gateway lives as long as QEMU.
+    let shared = hub
+        .upstream("qemu")
+        .context("the launched QEMU's upstream is gone")?;
     let gateway_stop = CancellationToken::new();
-    let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone(), true));
+    let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone()));
     let status = tokio::select! {
         status = launched.child.wait() => status?,
         _ = signalled.cancelled() => {
@@ -439,49 +458,40 @@ async fn plugin_test(
     Ok(if bad > 0 { 2 } else { 0 })
 }
 
-/// Loads and starts the configured plugins as one chain.
-fn load_chain(wasm: &Runtime, specs: &[config::PluginSpec]) -> anyhow::Result<PluginChain> {
-    let mut plugins = Vec::new();
-    for spec in specs {
-        plugins.push(match &spec.source {
-            PluginSource::File(path) => wasm.load(&spec.name, path, &spec.config, spec.limits)?,
-            PluginSource::Builtin(bytes) => {
-                wasm.load_bytes(&spec.name, bytes, &spec.config, spec.limits)?
-            }
-        });
-    }
-    Ok(PluginChain::start(plugins)?)
-}
-
 /// Reloads the configuration file and the plugins on SIGHUP and on the control
-/// monitor's `x-qmpgate-reload`. A new chain replaces the old one only once every
-/// plugin in it loaded; otherwise the old chain stays and the reason is reported.
-/// Listeners and the upstream are not reloaded.
+/// monitor's `x-qmpgate-reload`. New chains replace the old ones only once every
+/// upstream's policy loaded; otherwise the old chains stay and the reason is
+/// reported. Upstreams and listeners are not reloaded.
 fn spawn_reloader(
-    shared: Arc<qmpgate::gateway::Shared>,
+    hub: Arc<qmpgate::gateway::Hub>,
     wasm: Arc<Runtime>,
     config_path: Option<PathBuf>,
     overrides: Overrides,
 ) {
     let (requests, mut queue) = tokio::sync::mpsc::channel::<qmpgate::gateway::ReloadRequest>(4);
-    shared.set_reload_handler(requests.clone());
+    hub.set_reload_handler(requests.clone());
     tokio::spawn(async move {
         while let Some(reply) = queue.recv().await {
-            let (wasm, path, overrides) = (wasm.clone(), config_path.clone(), overrides.clone());
-            let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<PluginChain> {
+            let (hub, wasm, path, overrides) = (
+                hub.clone(),
+                wasm.clone(),
+                config_path.clone(),
+                overrides.clone(),
+            );
+            let reloaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
                 let file = match &path {
                     Some(path) => FileConfig::load(path)?,
                     None => FileConfig::default(),
                 };
                 let resolved = config::resolve(file, overrides)?;
-                load_chain(&wasm, &resolved.plugins)
+                let names = resolved.plugins.iter().map(|p| p.name.clone()).collect();
+                hub.replace_chains(Chains::new(wasm, resolved.plugins))
+                    .map_err(anyhow::Error::msg)?;
+                Ok(names)
             })
             .await;
-            let result = match loaded {
-                Ok(Ok(chain)) => {
-                    let names: Vec<String> =
-                        chain.plugins().iter().map(|p| p.name.to_string()).collect();
-                    shared.replace_chain(chain);
+            let result = match reloaded {
+                Ok(Ok(names)) => {
                     tracing::info!(plugins = ?names, "reloaded");
                     Ok(format!("reloaded plugins: {}", names.join(", ")))
                 }
@@ -508,6 +518,19 @@ fn spawn_reloader(
             let _ = rx.await;
         }
     });
+}
+
+/// A host gateway holds three fds or more per VM (its monitor link, a listener, each
+/// client); the usual soft limit of 1024 would cap it near 300 VMs. Raise the soft
+/// limit to the hard one, as the limit's design intends for programs that need it.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
 }
 
 /// Tells systemd (Type=notify) about our state, if it is listening.

@@ -15,9 +15,10 @@
 //! [`Plugin`] is one loaded component with its instance and counters;
 //! [`PluginChain`] runs hooks across the configured plugins in order.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -112,6 +113,9 @@ pub struct Runtime {
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
     audit: Option<Arc<crate::audit::AuditSink>>,
+    /// Components compiled (or loaded) by this process, by cache key: a plugin that
+    /// many upstreams' chains use is compiled, and its code mapped, once.
+    compiled: Mutex<HashMap<String, Component>>,
 }
 
 impl Runtime {
@@ -157,6 +161,7 @@ impl Runtime {
             linker,
             cache_dir,
             audit,
+            compiled: Mutex::new(HashMap::new()),
         })
     }
 
@@ -218,6 +223,22 @@ impl Runtime {
     }
 
     fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, PluginError> {
+        let key = cache_key(&self.engine, bytes);
+        let compiled = || self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(component) = compiled().get(&key) {
+            return Ok(component.clone());
+        }
+        let component = self.compile_uncached(name, bytes, &key)?;
+        compiled().insert(key, component.clone());
+        Ok(component)
+    }
+
+    fn compile_uncached(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        key: &str,
+    ) -> Result<Component, PluginError> {
         let compile_error = |e: wasmtime::Error| PluginError::Compile {
             name: name.into(),
             reason: format!("{e:#}"),
@@ -225,7 +246,7 @@ impl Runtime {
         let Some(dir) = &self.cache_dir else {
             return Component::new(&self.engine, bytes).map_err(compile_error);
         };
-        let path = dir.join(format!("{}.cwasm", cache_key(&self.engine, bytes)));
+        let path = dir.join(format!("{key}.cwasm"));
         if path.exists() {
             match deserialize_cached(&self.engine, &path) {
                 Ok(component) => return Ok(component),
@@ -772,6 +793,15 @@ impl PluginChain {
     /// The plugins, in order.
     pub fn plugins(&self) -> &[PluginInfo] {
         &self.plugins
+    }
+
+    /// Whether `other` is a clone of this chain (the same instances).
+    pub fn same_as(&self, other: &PluginChain) -> bool {
+        match (self.plugins.first(), other.plugins.first()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.stats, &b.stats),
+            (None, None) => true,
+            _ => false,
+        }
     }
 
     /// Runs `job` on the chain's thread and waits for its result; `fallback` if the

@@ -1,11 +1,14 @@
 //! The status endpoint: read-only HTTP (axum) on a chardev-style address.
 //!
-//! - `GET /healthz`: `200 ok` while QEMU is connected, `503` otherwise;
-//! - `GET /status`: JSON: the upstream (QEMU's version and run state), every
-//!   chardev with its origin, every client with its peer credentials, every plugin
-//!   with its counters and hook latency;
-//! - `GET /metrics`: the same counters in Prometheus text format;
-//! - `GET /events`: QEMU's events as a server-sent event stream.
+//! - `GET /healthz`: `200 ok` while every QEMU is connected, `503` otherwise
+//!   (`?upstream=ID` asks about one);
+//! - `GET /status`: JSON: every upstream (QEMU's version and run state, its policy,
+//!   listeners and counters), every chardev with its origin, every client with its
+//!   peer credentials, every plugin chain with its counters and hook latency;
+//! - `GET /metrics`: the same counters in Prometheus text format, totals and per
+//!   upstream;
+//! - `GET /events?upstream=ID`: one QEMU's events as a server-sent event stream
+//!   (`upstream` may be left out when there is one).
 //!
 //! Nothing here changes state, so it needs no authentication; bind it where only
 //! monitoring can reach it (a unix socket, or an inherited fd).
@@ -18,7 +21,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -30,24 +33,13 @@ use futures_util::Stream;
 use serde_json::{Value, json};
 
 use crate::chardev::{Listener, Peer};
-use crate::gateway::Shared;
+use crate::gateway::{Hub, Shared};
 
-/// Connected clients and how QEMU ended, for status.
-#[derive(Debug)]
+/// One upstream's connected clients and how its QEMU ended, for status.
+#[derive(Debug, Default)]
 pub struct Registry {
-    started: Instant,
     clients: Mutex<BTreeMap<u64, ClientEntry>>,
     qemu_exit: Mutex<Option<String>>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Registry {
-            started: Instant::now(),
-            clients: Mutex::new(BTreeMap::new()),
-            qemu_exit: Mutex::new(None),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -104,14 +96,14 @@ impl Registry {
 }
 
 /// Serves the status endpoint until the gateway shuts down.
-pub async fn serve(listener: Listener, shared: Arc<Shared>) {
+pub async fn serve(listener: Listener, hub: Arc<Hub>) {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/events", get(events))
-        .with_state(shared.clone());
-    let shutdown = shared.shutdown_token();
+        .with_state(hub.clone());
+    let shutdown = hub.shutdown_token();
     let stop = async move { shutdown.cancelled().await };
     let result = match listener {
         Listener::Unix { listener, unlink } => {
@@ -132,25 +124,52 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
     }
 }
 
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.upstream.info().connected {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "QEMU is not connected\n").into_response()
+/// The value of `key` in a query string.
+fn query<'a>(uri: &'a axum::http::Uri, key: &str) -> Option<&'a str> {
+    uri.query()?.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    })
+}
+
+async fn healthz(State(hub): State<Arc<Hub>>, uri: axum::http::Uri) -> Response {
+    let upstreams = match query(&uri, "upstream") {
+        Some(id) => match hub.upstream(id) {
+            Some(shared) => vec![shared],
+            None => {
+                return (StatusCode::NOT_FOUND, format!("no upstream '{id}'\n")).into_response();
+            }
+        },
+        None => hub.upstreams(),
+    };
+    let away: Vec<&str> = upstreams
+        .iter()
+        .filter(|u| !u.upstream.info().connected)
+        .map(|u| u.upstream_spec.id.as_str())
+        .collect();
+    match (away.as_slice(), upstreams.len()) {
+        ([], _) => (StatusCode::OK, "ok\n").into_response(),
+        (_, 1) => (StatusCode::SERVICE_UNAVAILABLE, "QEMU is not connected\n").into_response(),
+        (away, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("QEMU is not connected on upstreams: {}\n", away.join(", ")),
+        )
+            .into_response(),
     }
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(status_json(&shared)).into_response()
+async fn status(State(hub): State<Arc<Hub>>) -> Response {
+    axum::Json(status_json(&hub)).into_response()
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics_text(&shared),
+        metrics_text(&hub),
     )
         .into_response()
 }
@@ -170,15 +189,26 @@ fn sse_event(event: &crate::upstream::UpstreamEvent) -> Event {
 }
 
 async fn events(
-    State(shared): State<Arc<Shared>>,
+    State(hub): State<Arc<Hub>>,
     uri: axum::http::Uri,
     headers: axum::http::HeaderMap,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let since = uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("since=")))
-        .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
-        .and_then(|s| s.parse::<u64>().ok());
+) -> Response {
+    match hub.pick(query(&uri, "upstream")) {
+        Ok(shared) => {
+            let since = query(&uri, "since")
+                .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
+                .and_then(|s| s.parse::<u64>().ok());
+            event_stream(&shared, since).into_response()
+        }
+        Err(reason) => (StatusCode::NOT_FOUND, format!("{reason}\n")).into_response(),
+    }
+}
+
+/// One upstream's events after `since` (history first), then live ones.
+fn event_stream(
+    shared: &Shared,
+    since: Option<u64>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     // Subscribe before reading the history, so nothing falls between the two.
     let rx = shared.upstream.subscribe();
     let backlog = since
@@ -221,47 +251,85 @@ fn origin(address: &str) -> &'static str {
     }
 }
 
+fn counters_json(shared: &Shared) -> Value {
+    let m = &shared.metrics;
+    json!({
+        "clients_connected": m.clients_connected.load(Ordering::Relaxed),
+        "clients_total": m.clients_total.load(Ordering::Relaxed),
+        "commands": m.commands.load(Ordering::Relaxed),
+        "denied": m.denied.load(Ordering::Relaxed),
+        "slow_clients": m.slow_clients.load(Ordering::Relaxed),
+        "late_replies_discarded": shared.upstream.discarded_replies(),
+    })
+}
+
 /// The `/status` document.
-pub fn status_json(shared: &Shared) -> Value {
-    let info = shared.upstream.info();
-    let registry = &shared.registry;
-    let upstream_address = shared.upstream_spec.address.to_string();
-    let mut chardevs = vec![json!({
-        "id": shared.upstream_spec.id,
-        "role": "upstream",
-        "origin": origin(&upstream_address),
-        "address": upstream_address,
-    })];
-    for l in shared.listeners() {
+pub fn status_json(hub: &Hub) -> Value {
+    let upstreams = hub.upstreams();
+    let mut chardevs = Vec::new();
+    let mut clients = Vec::new();
+    let mut per_upstream = Vec::new();
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    for shared in &upstreams {
+        let info = shared.upstream.info();
+        let spec = &shared.upstream_spec;
+        let address = spec.address.to_string();
         chardevs.push(json!({
-            "id": l.id,
-            "role": "listener",
-            "origin": origin(&l.address),
-            "address": l.address,
-            "bound": l.bound,
+            "id": spec.id,
+            "role": "upstream",
+            "origin": origin(&address),
+            "address": address,
+        }));
+        let listeners = shared.listeners();
+        for l in &listeners {
+            chardevs.push(json!({
+                "id": l.id,
+                "role": "listener",
+                "upstream": spec.id,
+                "origin": origin(&l.address),
+                "address": l.address,
+                "bound": l.bound,
+            }));
+        }
+        clients.extend(
+            shared
+                .registry
+                .clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(id, c)| json!({ "id": id, "upstream": spec.id, "listener": c.listener, "peer": peer_json(&c.peer), "connected_since": c.since })),
+        );
+        let counters = counters_json(shared);
+        for (key, value) in counters.as_object().into_iter().flatten() {
+            *totals.entry(key.clone()).or_default() += value.as_u64().unwrap_or(0);
+        }
+        per_upstream.push(json!({
+            "id": spec.id,
+            "policy": spec.policy.to_string(),
+            "connected": info.connected,
+            "qemu": info.version,
+            "run_state": info.run_state,
+            "oob": info.oob,
+            "exit": *shared.registry.qemu_exit.lock().unwrap_or_else(|e| e.into_inner()),
+            "listeners": listeners.iter().map(|l| l.id.clone()).collect::<Vec<_>>(),
+            "counters": counters,
         }));
     }
-    for (id, role, address) in shared.services() {
+    for (id, role, address) in hub.services() {
         chardevs.push(
             json!({ "id": id, "role": role, "origin": origin(&address), "address": address }),
         );
     }
-    let clients: Vec<Value> = registry
-        .clients
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(id, c)| json!({ "id": id, "listener": c.listener, "peer": peer_json(&c.peer), "connected_since": c.since }))
-        .collect();
-    let plugins: Vec<Value> = shared
-        .chain()
-        .plugins()
-        .iter()
-        .map(|p| {
+    clients.sort_by_key(|c| c["id"].as_u64());
+    let mut plugins = Vec::new();
+    for (chain, users) in hub.chains_in_use() {
+        for p in chain.plugins() {
             let s = &p.stats;
             let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            json!({
+            plugins.push(json!({
                 "name": &*p.name,
+                "upstreams": users,
                 "calls": load(&s.calls),
                 "denials": load(&s.denials),
                 "traps": load(&s.traps),
@@ -271,92 +339,110 @@ pub fn status_json(shared: &Shared) -> Value {
                 "disabled_calls": load(&s.disabled_calls),
                 "memory_high_water_bytes": load(&s.memory_high_water),
                 "latency_us": { "p50": s.latency_quantile_us(0.5), "p99": s.latency_quantile_us(0.99) },
-            })
-        })
-        .collect();
-    let m = &shared.metrics;
+            }));
+        }
+    }
     json!({
         "qmpgate": {
             "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": registry.started.elapsed().as_secs(),
+            "uptime_seconds": hub.started().elapsed().as_secs(),
         },
-        "upstream": {
-            "id": shared.upstream_spec.id,
-            "connected": info.connected,
-            "qemu": info.version,
-            "run_state": info.run_state,
-            "oob": info.oob,
-            "exit": *registry.qemu_exit.lock().unwrap_or_else(|e| e.into_inner()),
-        },
+        "upstreams": per_upstream,
         "chardevs": chardevs,
         "clients": clients,
         "plugins": plugins,
-        "counters": {
-            "clients_connected": m.clients_connected.load(Ordering::Relaxed),
-            "clients_total": m.clients_total.load(Ordering::Relaxed),
-            "commands": m.commands.load(Ordering::Relaxed),
-            "denied": m.denied.load(Ordering::Relaxed),
-            "slow_clients": m.slow_clients.load(Ordering::Relaxed),
-            "late_replies_discarded": shared.upstream.discarded_replies(),
-        },
+        "counters": totals,
     })
 }
 
-/// The `/metrics` document (Prometheus text format 0.0.4).
-pub fn metrics_text(shared: &Shared) -> String {
+/// The `/metrics` document (Prometheus text format 0.0.4): totals, then the same per
+/// upstream (label `upstream`), then per plugin (labels `plugin`, and `policy` for
+/// the chain it runs in).
+pub fn metrics_text(hub: &Hub) -> String {
     let mut out = String::new();
-    let m = &shared.metrics;
-    let info = shared.upstream.info();
-    let mut gauge = |name: &str, kind: &str, help: &str, value: u64| {
+    let upstreams = hub.upstreams();
+    let per_upstream: [PerUpstream; 6] = [
+        (
+            "qmpgate_clients_connected",
+            "gauge",
+            "Clients connected now.",
+            |s| s.metrics.clients_connected.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_clients_total",
+            "counter",
+            "Clients accepted since start.",
+            |s| s.metrics.clients_total.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_messages_total",
+            "counter",
+            "Messages received from clients.",
+            |s| s.metrics.commands.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_denied_total",
+            "counter",
+            "Commands refused by a plugin.",
+            |s| s.metrics.denied.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_late_replies_discarded_total",
+            "counter",
+            "QEMU replies that came after their client stopped waiting.",
+            |s| s.upstream.discarded_replies(),
+        ),
+        (
+            "qmpgate_slow_clients_total",
+            "counter",
+            "Clients disconnected for not reading.",
+            |s| s.metrics.slow_clients.load(Ordering::Relaxed),
+        ),
+    ];
+    let _ = writeln!(
+        out,
+        "# HELP qmpgate_upstreams Upstreams served.\n# TYPE qmpgate_upstreams gauge\nqmpgate_upstreams {}",
+        upstreams.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP qmpgate_upstream_connected Whether QEMU is connected.\n# TYPE qmpgate_upstream_connected gauge"
+    );
+    for u in &upstreams {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            "qmpgate_upstream_connected{{upstream=\"{}\"}} {}",
+            escape_label(&u.upstream_spec.id),
+            u.upstream.info().connected as u64
         );
-    };
-    gauge(
-        "qmpgate_upstream_connected",
-        "gauge",
-        "Whether QEMU is connected.",
-        info.connected as u64,
-    );
-    gauge(
-        "qmpgate_clients_connected",
-        "gauge",
-        "Clients connected now.",
-        m.clients_connected.load(Ordering::Relaxed),
-    );
-    gauge(
-        "qmpgate_clients_total",
-        "counter",
-        "Clients accepted since start.",
-        m.clients_total.load(Ordering::Relaxed),
-    );
-    gauge(
-        "qmpgate_messages_total",
-        "counter",
-        "Messages received from clients.",
-        m.commands.load(Ordering::Relaxed),
-    );
-    gauge(
-        "qmpgate_denied_total",
-        "counter",
-        "Commands refused by a plugin.",
-        m.denied.load(Ordering::Relaxed),
-    );
-    gauge(
-        "qmpgate_late_replies_discarded_total",
-        "counter",
-        "QEMU replies that came after their client stopped waiting.",
-        shared.upstream.discarded_replies(),
-    );
-    gauge(
-        "qmpgate_slow_clients_total",
-        "counter",
-        "Clients disconnected for not reading.",
-        m.slow_clients.load(Ordering::Relaxed),
-    );
-    let chain = shared.chain();
-    let plugins = chain.plugins();
+    }
+    for (name, kind, help, read) in per_upstream {
+        let total: u64 = upstreams.iter().map(|u| read(u)).sum();
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {total}"
+        );
+        for u in &upstreams {
+            let _ = writeln!(
+                out,
+                "{name}{{upstream=\"{}\"}} {}",
+                escape_label(&u.upstream_spec.id),
+                read(u)
+            );
+        }
+    }
+    // A chain is named by the policy of the upstreams that share it.
+    let chains: Vec<(crate::plugin::PluginChain, String)> = hub
+        .chains_in_use()
+        .into_iter()
+        .map(|(chain, users)| {
+            let policy = hub
+                .upstream(&users[0])
+                .map(|u| u.upstream_spec.policy.to_string())
+                .unwrap_or_default();
+            (chain, escape_label(&policy))
+        })
+        .collect();
     let per_plugin: [PerPlugin; 8] = [
         (
             "qmpgate_plugin_calls_total",
@@ -409,46 +495,51 @@ pub fn metrics_text(shared: &Shared) -> String {
     ];
     for (name, kind, help, read) in per_plugin {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for p in plugins {
-            let _ = writeln!(
-                out,
-                "{name}{{plugin=\"{}\"}} {}",
-                escape_label(&p.name),
-                read(&p.stats)
-            );
+        for (chain, policy) in &chains {
+            for p in chain.plugins() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{plugin=\"{}\",policy=\"{policy}\"}} {}",
+                    escape_label(&p.name),
+                    read(&p.stats)
+                );
+            }
         }
     }
     let _ = writeln!(
         out,
         "# HELP qmpgate_plugin_hook_seconds Hook latency.\n# TYPE qmpgate_plugin_hook_seconds histogram"
     );
-    for p in plugins {
-        let label = escape_label(&p.name);
+    for (p, policy) in chains
+        .iter()
+        .flat_map(|(chain, policy)| chain.plugins().iter().map(move |p| (p, policy)))
+    {
+        let labels = format!("plugin=\"{}\",policy=\"{policy}\"", escape_label(&p.name));
         let mut cumulative = 0;
         for (i, bucket) in p.stats.latency.iter().enumerate() {
             cumulative += bucket.load(Ordering::Relaxed);
             let le = (1u64 << i) as f64 / 1e6;
             let _ = writeln!(
                 out,
-                "qmpgate_plugin_hook_seconds_bucket{{plugin=\"{label}\",le=\"{le}\"}} {cumulative}"
+                "qmpgate_plugin_hook_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
             );
         }
         let _ = writeln!(
             out,
-            "qmpgate_plugin_hook_seconds_bucket{{plugin=\"{label}\",le=\"+Inf\"}} {cumulative}"
+            "qmpgate_plugin_hook_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
         );
         let sum = p.stats.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "qmpgate_plugin_hook_seconds_sum{{{labels}}} {sum}");
         let _ = writeln!(
             out,
-            "qmpgate_plugin_hook_seconds_sum{{plugin=\"{label}\"}} {sum}"
-        );
-        let _ = writeln!(
-            out,
-            "qmpgate_plugin_hook_seconds_count{{plugin=\"{label}\"}} {cumulative}"
+            "qmpgate_plugin_hook_seconds_count{{{labels}}} {cumulative}"
         );
     }
     out
 }
+
+/// A per-upstream metric: name, type, help, and how to read it.
+type PerUpstream = (&'static str, &'static str, &'static str, fn(&Shared) -> u64);
 
 /// A per-plugin metric: name, type, help, and how to read it.
 type PerPlugin = (

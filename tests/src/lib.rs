@@ -589,3 +589,87 @@ pub fn python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// A gateway with its status endpoint on an inherited TCP listener; returns its base URL.
+pub fn with_status(builder: GatewayBuilder) -> (GatewayBuilder, String) {
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", http.local_addr().unwrap());
+    (
+        builder
+            .fd(http, 5)
+            .args(["--status", "socket,id=http,fd=5,server=on"]),
+        url,
+    )
+}
+
+/// GETs `url` with a real HTTP client (Python's urllib): (status, content type, body).
+pub fn http_get(url: &str) -> (u16, String, String) {
+    let out: Value = serde_json::from_str(&python("http_get.py", &[url])).unwrap();
+    (
+        out["status"].as_u64().unwrap() as u16,
+        out["content_type"].as_str().unwrap_or_default().to_string(),
+        out["body"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A control-monitor client that can pass fds with a command.
+pub struct Control {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Control {
+    /// Connects and negotiates.
+    pub fn connect(path: &std::path::Path) -> Control {
+        let stream = UnixStream::connect(path).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut control = Control {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        };
+        let greeting = control.read();
+        assert_eq!(greeting["QMP"]["version"]["package"], "qmpgate 0.1.0");
+        assert_eq!(
+            control.execute(json!({"execute": "qmp_capabilities"}), None::<&UnixStream>),
+            json!({"return": {}})
+        );
+        control
+    }
+
+    /// Reads one message.
+    pub fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// Sends a command, with `fd` attached to the same message when given.
+    pub fn execute(&mut self, command: Value, fd: Option<&impl std::os::fd::AsRawFd>) -> Value {
+        let bytes = command.to_string();
+        match fd {
+            Some(fd) => {
+                let fds = [fd.as_raw_fd()];
+                let iov = [std::io::IoSlice::new(bytes.as_bytes())];
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                nix::sys::socket::sendmsg::<()>(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                    &iov,
+                    &cmsg,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .unwrap();
+            }
+            None => self.stream.write_all(bytes.as_bytes()).unwrap(),
+        }
+        self.read()
+    }
+
+    /// Runs an HMP command line through `human-monitor-command`.
+    pub fn hmp(&mut self, line: &str) -> Value {
+        self.execute(
+            json!({"execute": "human-monitor-command", "arguments": {"command-line": line}}),
+            None::<&UnixStream>,
+        )
+    }
+}

@@ -1,36 +1,15 @@
 //! The HTTP status endpoint (checked with a real HTTP client), the control monitor
 //! with fds passed over SCM_RIGHTS, sd_notify, and `qmpgate run`'s shutdown.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::os::fd::AsRawFd;
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::time::Duration;
 
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, python, tempdir};
+use qmpgate_tests::{
+    Control, GatewayBuilder, QEMU_NONE, Qemu, QmpClient, http_get as get, python, tempdir,
+    with_status,
+};
 use serde_json::{Value, json};
-
-/// A gateway with its status endpoint on an inherited TCP listener; returns its base URL.
-fn with_status(builder: GatewayBuilder) -> (GatewayBuilder, String) {
-    let http = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", http.local_addr().unwrap());
-    (
-        builder
-            .fd(http, 5)
-            .args(["--status", "socket,id=http,fd=5,server=on"]),
-        url,
-    )
-}
-
-fn get(url: &str) -> (u16, String, String) {
-    let out: Value = serde_json::from_str(&python("http_get.py", &[url])).unwrap();
-    (
-        out["status"].as_u64().unwrap() as u16,
-        out["content_type"].as_str().unwrap_or_default().to_string(),
-        out["body"].as_str().unwrap().to_string(),
-    )
-}
 
 #[test]
 fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
@@ -51,9 +30,15 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     let (code, ctype, body) = get(&format!("{url}/status"));
     assert_eq!((code, ctype.as_str()), (200, "application/json"));
     let status: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(status["upstream"]["connected"], true);
-    assert_eq!(status["upstream"]["run_state"], "prelaunch");
-    assert_eq!(status["upstream"]["qemu"]["qemu"]["major"], 7);
+    let upstream = &status["upstreams"][0];
+    assert_eq!(upstream["id"], "qemu");
+    assert_eq!(upstream["connected"], true);
+    assert_eq!(upstream["run_state"], "prelaunch");
+    assert_eq!(upstream["qemu"]["qemu"]["major"], 7);
+    assert_eq!(upstream["policy"], "default");
+    assert_eq!(upstream["listeners"], json!(["qmp"]));
+    assert_eq!(upstream["counters"]["denied"], 1);
+    assert_eq!(status["counters"]["denied"], 1);
     let listener = status["chardevs"]
         .as_array()
         .unwrap()
@@ -61,6 +46,7 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
         .find(|c| c["id"] == "qmp")
         .unwrap();
     assert_eq!(listener["origin"], "inherited-fd");
+    assert_eq!(listener["upstream"], "qemu");
     assert_eq!(listener["address"], "fd=3");
     let http = status["chardevs"]
         .as_array()
@@ -90,6 +76,7 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     assert_eq!(status["plugins"][0]["name"], "hmp");
     let plugin = &status["plugins"][1];
     assert_eq!(plugin["name"], "policy");
+    assert_eq!(plugin["upstreams"], json!(["qemu"]));
     assert_eq!(plugin["denials"], 1);
     assert!(plugin["calls"].as_u64().unwrap() >= 1);
     assert!(plugin["latency_us"]["p99"].as_u64().unwrap() >= 1);
@@ -99,7 +86,15 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
     assert!(metrics.contains("\nqmpgate_denied_total 1\n"), "{metrics}");
     assert!(
-        metrics.contains("qmpgate_plugin_denials_total{plugin=\"policy\"} 1\n"),
+        metrics.contains("\nqmpgate_denied_total{upstream=\"qemu\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nqmpgate_upstream_connected{upstream=\"qemu\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qmpgate_plugin_denials_total{plugin=\"policy\",policy=\"default\"} 1\n"),
         "{metrics}"
     );
     assert!(
@@ -107,7 +102,9 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("qmpgate_plugin_hook_seconds_bucket{plugin=\"policy\",le=\"+Inf\"}"),
+        metrics.contains(
+            "qmpgate_plugin_hook_seconds_bucket{plugin=\"policy\",policy=\"default\",le=\"+Inf\"}"
+        ),
         "{metrics}"
     );
 
@@ -159,67 +156,6 @@ fn events_stream_as_server_sent_events() {
     assert!(first["data"]["timestamp"]["seconds"].as_u64().is_some());
     assert_eq!(second["event"], "STOP");
     assert!(reader.wait().unwrap().success());
-}
-
-/// A control-monitor client that can pass fds with a command.
-struct Control {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Control {
-    fn connect(path: &std::path::Path) -> Control {
-        let stream = UnixStream::connect(path).unwrap();
-        stream
-            .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
-            .unwrap();
-        let mut control = Control {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            stream,
-        };
-        let greeting = control.read();
-        assert_eq!(greeting["QMP"]["version"]["package"], "qmpgate 0.1.0");
-        assert_eq!(
-            control.execute(json!({"execute": "qmp_capabilities"}), None::<&UnixStream>),
-            json!({"return": {}})
-        );
-        control
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-
-    /// Sends a command, with `fd` attached to the same message when given.
-    fn execute(&mut self, command: Value, fd: Option<&impl AsRawFd>) -> Value {
-        let bytes = command.to_string();
-        match fd {
-            Some(fd) => {
-                let fds = [fd.as_raw_fd()];
-                let iov = [std::io::IoSlice::new(bytes.as_bytes())];
-                let cmsg = [ControlMessage::ScmRights(&fds)];
-                sendmsg::<()>(
-                    self.stream.as_raw_fd(),
-                    &iov,
-                    &cmsg,
-                    MsgFlags::empty(),
-                    None,
-                )
-                .unwrap();
-            }
-            None => self.stream.write_all(bytes.as_bytes()).unwrap(),
-        }
-        self.read()
-    }
-
-    fn hmp(&mut self, line: &str) -> Value {
-        self.execute(
-            json!({"execute": "human-monitor-command", "arguments": {"command-line": line}}),
-            None::<&UnixStream>,
-        )
-    }
 }
 
 #[test]
@@ -302,13 +238,6 @@ fn control_monitor_adds_listeners_from_fds_passed_at_run_time() {
     assert_eq!(
         err(control.execute(tls, none)),
         "TLS is not allowed on a client socket given as an fd: there is no host name to verify"
-    );
-    assert_eq!(
-        err(control.execute(
-            json!({"execute": "chardev-remove", "arguments": {"id": "qemu"}}),
-            none
-        )),
-        "Chardev 'qemu' is qmpgate's link to QEMU and cannot be removed"
     );
 
     // The HMP forms.

@@ -3,7 +3,13 @@
 //! ```text
 //! cargo build --release --workspace --bins && target/release/qmpgate-bench [ROUNDS]
 //! target/release/qmpgate-bench load [CLIENTS] [COMMANDS]
+//! target/release/qmpgate-bench scale [VMS] [ROUNDS]
 //! ```
+//!
+//! `scale` starts VMS QEMU processes and serves them first from one qmpgate (each VM
+//! added at run time on the control monitor, with its own listener) and then from
+//! one qmpgate process each; it reports the gateways' total memory (RSS and PSS),
+//! the time to add a VM (until its first client is served) and round-trip latency.
 //!
 //! `load` runs CLIENTS concurrent clients, each sending COMMANDS commands one after
 //! another with ids no other client uses, through qmpgate (default plugins) to a
@@ -168,9 +174,185 @@ fn load(clients: usize, commands: usize) {
     }
 }
 
+/// Resident and proportional set size of `pid`, in KiB. PSS splits shared pages
+/// (the binary's code, shared libraries) between the processes that map them, so
+/// summing it over processes counts each page once.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+/// Percentile `p` of sorted samples, in µs.
+fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// `rounds` sequential `query-status` round trips on a negotiated client.
+fn round_trips(c: &mut QmpClient, rounds: usize, samples: &mut Vec<Duration>) {
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let reply = c.execute("query-status", json!({}));
+        samples.push(start.elapsed());
+        assert!(reply.get("return").is_some(), "{reply}");
+    }
+}
+
+/// Host scale: `vms` QEMU processes behind one qmpgate (upstreams added at run time
+/// on the control monitor) and behind one qmpgate each.
+fn scale(vms: usize, rounds: usize) {
+    println!("{vms} QEMU processes (-M none, TCG); {rounds} query-status round trips per VM");
+    let started = Instant::now();
+    let qemus: Vec<Qemu> = (0..vms).map(|_| Qemu::start()).collect();
+    println!(
+        "started the QEMUs in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let dir = qmpgate_tests::tempdir();
+
+    // Direct, for reference: each QEMU serves one client at a time, so measure before
+    // a gateway holds the monitors.
+    let mut direct = Vec::new();
+    for q in &qemus {
+        let mut c = QmpClient::negotiated(&q.monitor);
+        round_trips(&mut c, rounds, &mut direct);
+    }
+
+    // One gateway for all: start it empty, then add each VM (upstream + listener).
+    let control_path = dir.path().join("control.sock");
+    let one = GatewayBuilder::base()
+        .args([
+            "--control",
+            &format!("socket,id=control,path={}", control_path.display()),
+        ])
+        .spawn_raw();
+    wait_for(&control_path);
+    let mut control = qmpgate_tests::Control::connect(&control_path);
+    let empty = memory_kib(one.pid());
+    let none = None::<&UnixStream>;
+    let mut add_times = Vec::new();
+    let mut listeners = Vec::new();
+    for (i, q) in qemus.iter().enumerate() {
+        let listener = dir.path().join(format!("one-{i}.sock"));
+        let start = Instant::now();
+        let reply = control.execute(
+            json!({"execute": "chardev-add", "arguments": {"id": format!("vm{i}"), "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": q.monitor}}, "server": false}}}}),
+            none,
+        );
+        assert_eq!(reply, json!({"return": {}}));
+        let reply = control.execute(
+            json!({"execute": "chardev-add", "arguments": {"id": format!("g{i}"), "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": listener}}, "server": true, "upstream": format!("vm{i}")}}}}),
+            none,
+        );
+        assert_eq!(reply, json!({"return": {}}));
+        let mut c = QmpClient::negotiated(&listener);
+        add_times.push(start.elapsed());
+        round_trips(&mut c, 1, &mut Vec::new());
+        listeners.push(listener);
+    }
+    let mut shared_rtt = Vec::new();
+    for listener in &listeners {
+        let mut c = QmpClient::negotiated(listener);
+        round_trips(&mut c, rounds, &mut shared_rtt);
+    }
+    let one_memory = memory_kib(one.pid());
+    drop(control);
+    drop(one);
+
+    // One gateway per VM, each started as a unit manager would: spawn, then wait for
+    // the first client to be served.
+    let mut spawn_times = Vec::new();
+    let mut gateways = Vec::new();
+    for q in &qemus {
+        let start = Instant::now();
+        let gateway = GatewayBuilder::new(&q.upstream_spec()).spawn();
+        let mut c = gateway.negotiated();
+        spawn_times.push(start.elapsed());
+        round_trips(&mut c, 1, &mut Vec::new());
+        gateways.push(gateway);
+    }
+    let mut own_rtt = Vec::new();
+    for gateway in &gateways {
+        let mut c = gateway.negotiated();
+        round_trips(&mut c, rounds, &mut own_rtt);
+    }
+    let (many_rss, many_pss) = gateways
+        .iter()
+        .map(|g| memory_kib(g.pid()))
+        .fold((0, 0), |(r, p), (r2, p2)| (r + r2, p + p2));
+    drop(gateways);
+
+    for samples in [
+        &mut direct,
+        &mut shared_rtt,
+        &mut own_rtt,
+        &mut add_times,
+        &mut spawn_times,
+    ] {
+        samples.sort();
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "| setup | gateway RSS (sum) | gateway PSS (sum) | per VM (PSS) | adding a VM (p50 / p99) | round trip p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| QEMU direct | - | - | - | - | {:.0} µs | {:.0} µs |",
+        percentile_us(&direct, 0.5),
+        percentile_us(&direct, 0.99)
+    );
+    println!(
+        "| one qmpgate, {vms} upstreams | {:.1} MiB | {:.1} MiB | {:.2} MiB | {:.2} / {:.2} ms | {:.0} µs | {:.0} µs |",
+        mib(one_memory.0),
+        mib(one_memory.1),
+        mib(one_memory.1.saturating_sub(empty.1)) / vms as f64,
+        percentile_us(&add_times, 0.5) / 1e3,
+        percentile_us(&add_times, 0.99) / 1e3,
+        percentile_us(&shared_rtt, 0.5),
+        percentile_us(&shared_rtt, 0.99)
+    );
+    println!(
+        "| {vms} qmpgate processes | {:.1} MiB | {:.1} MiB | {:.2} MiB | {:.2} / {:.2} ms | {:.0} µs | {:.0} µs |",
+        mib(many_rss),
+        mib(many_pss),
+        mib(many_pss) / vms as f64,
+        percentile_us(&spawn_times, 0.5) / 1e3,
+        percentile_us(&spawn_times, 0.99) / 1e3,
+        percentile_us(&own_rtt, 0.5),
+        percentile_us(&own_rtt, 0.99)
+    );
+    println!(
+        "one qmpgate vs {vms}: {:.1}x less memory (PSS); adding a VM {:.1}x faster (p50); round trip p50 {:.2}x",
+        many_pss as f64 / one_memory.1 as f64,
+        percentile_us(&spawn_times, 0.5) / percentile_us(&add_times, 0.5),
+        percentile_us(&shared_rtt, 0.5) / percentile_us(&own_rtt, 0.5)
+    );
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    if let Some("load") = args.next().as_deref() {
+    let mode = args.next();
+    if let Some("scale") = mode.as_deref() {
+        let vms = args
+            .next()
+            .map(|n| n.parse().expect("VMS is a number"))
+            .unwrap_or(200);
+        let rounds = args
+            .next()
+            .map(|n| n.parse().expect("ROUNDS is a number"))
+            .unwrap_or(100);
+        return scale(vms, rounds);
+    }
+    if let Some("load") = mode.as_deref() {
         let clients = args
             .next()
             .map(|n| n.parse().expect("CLIENTS is a number"))

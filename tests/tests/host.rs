@@ -1,0 +1,366 @@
+//! Many VMs behind one gateway: several upstreams, each with its own listeners and
+//! policy, added and removed at run time, and one going away without disturbing the
+//! others. Real QEMUs throughout.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use qmpgate_tests::{Control, GatewayBuilder, Qemu, QmpClient, http_get, tempdir, with_status};
+use serde_json::{Value, json};
+
+fn spec(id: &str, qemu: &Qemu, extra: &str) -> String {
+    format!("socket,id={id},path={}{extra}", qemu.monitor.display())
+}
+
+fn status(url: &str) -> Value {
+    let (code, _, body) = http_get(&format!("{url}/status"));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Reads until the gateway closes the connection; returns the events seen.
+fn events_until_closed(client: &mut QmpClient) -> Vec<String> {
+    let mut events = Vec::new();
+    while let Some(line) = client.read_line() {
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if let Some(name) = message["event"].as_str() {
+            events.push(name.to_string());
+        }
+    }
+    events
+}
+
+/// Polls `check` until it holds (a removal is seen by status a moment after the
+/// socket closes).
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + qmpgate_tests::TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn one_gateway_serves_several_qemus_each_with_its_listeners_and_policy() {
+    let vm1 = Qemu::start_with(&["-name", "vm1"]);
+    let mut vm2 = Qemu::start_with(&["-name", "vm2"]);
+    let vm3 = Qemu::start_with(&["-name", "vm3"]);
+    let builder = GatewayBuilder::base().args([
+        "--upstream",
+        &spec("vm1", &vm1, ""),
+        "--upstream",
+        &spec("vm2", &vm2, ",profile=readonly"),
+        "--upstream",
+        &spec("vm3", &vm3, ""),
+    ]);
+    let (builder, g1) = builder.listener_with("g1", 3, "upstream=vm1");
+    let (builder, g2) = builder.listener_with("g2", 4, "upstream=vm2");
+    let (builder, url) = with_status(builder);
+    let (builder, g3) = builder.listener_with("g3", 6, "upstream=vm3");
+    let mut gateway = builder.spawn_raw();
+
+    let mut c1 = QmpClient::negotiated(&g1);
+    let mut c2 = QmpClient::negotiated(&g2);
+    let mut c3 = QmpClient::negotiated(&g3);
+    // Each listener reaches its own QEMU.
+    for (client, name) in [(&mut c1, "vm1"), (&mut c2, "vm2"), (&mut c3, "vm3")] {
+        assert_eq!(
+            client.execute("query-name", json!({})),
+            json!({"return": {"name": name}})
+        );
+    }
+    // Each upstream has its own policy: vm2's is read-only.
+    assert_eq!(c1.execute("cont", json!({})), json!({"return": {}}));
+    let denied = c2.execute("cont", json!({}));
+    assert_eq!(denied["error"]["class"], "GenericError", "{denied}");
+    // Events stay with their VM: only vm1 runs.
+    let history = |c: &mut QmpClient| -> Vec<String> {
+        c.execute("query-qmpgate-events", json!({}))["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"]["event"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(history(&mut c1), ["RESUME"]);
+    assert!(history(&mut c2).is_empty());
+
+    let s = status(&url);
+    assert_eq!(ids(&s["upstreams"]), ["vm1", "vm2", "vm3"]);
+    let policies: Vec<&str> = s["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(policies, ["default", "profile=readonly", "default"]);
+    assert_eq!(s["upstreams"][1]["listeners"], json!(["g2"]));
+    assert_eq!(s["upstreams"][1]["counters"]["denied"], 1);
+    assert_eq!(s["counters"]["clients_connected"], 3);
+    // vm1 and vm3 share one chain (one set of instances); vm2 has its own.
+    let users: Vec<&Value> = s["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "policy")
+        .map(|p| &p["upstreams"])
+        .collect();
+    assert_eq!(users, [&json!(["vm1", "vm3"]), &json!(["vm2"])]);
+    let (_, _, metrics) = http_get(&format!("{url}/metrics"));
+    assert!(metrics.contains("\nqmpgate_upstreams 3\n"), "{metrics}");
+    assert!(
+        metrics.contains("\nqmpgate_denied_total{upstream=\"vm2\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "qmpgate_plugin_denials_total{plugin=\"policy\",policy=\"profile=readonly\"} 1\n"
+        ),
+        "{metrics}"
+    );
+    // With several upstreams, the event stream must be told which.
+    let (code, _, body) = http_get(&format!("{url}/events"));
+    assert_eq!(
+        (code, body.as_str()),
+        (404, "name an upstream; there are 3: vm1, vm2, vm3\n")
+    );
+
+    // vm2's QEMU dies: its clients are disconnected and its listener closes; the
+    // other VMs' clients notice nothing.
+    vm2.kill();
+    assert_eq!(events_until_closed(&mut c2), ["QMPGATE_UPSTREAM_LOST"]);
+    eventually("vm2 removed from status", || {
+        ids(&status(&url)["upstreams"]) == ["vm1", "vm3"]
+    });
+    assert!(
+        UnixStream::connect(&g2).is_err(),
+        "vm2's listener is closed"
+    );
+    assert_eq!(
+        c1.execute("query-name", json!({})),
+        json!({"return": {"name": "vm1"}})
+    );
+    assert_eq!(
+        c3.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    assert!(gateway.is_running());
+    drop((vm1, vm3));
+    // The last upstream gone (and no control monitor to add more): qmpgate exits.
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+}
+
+#[test]
+fn listeners_must_name_their_upstream_when_there_are_several() {
+    let vm1 = Qemu::start();
+    let vm2 = Qemu::start();
+    let two = || {
+        GatewayBuilder::base().args([
+            "--upstream",
+            &spec("vm1", &vm1, ""),
+            "--upstream",
+            &spec("vm2", &vm2, ""),
+        ])
+    };
+    two()
+        .listener("g", 3)
+        .0
+        .fails_with("listener 'g': give upstream=ID; qmpgate has several upstreams (vm1, vm2)");
+    two()
+        .listener_with("g", 3, "upstream=vm9")
+        .0
+        .fails_with("listener 'g': no upstream 'vm9' (upstreams: vm1, vm2)");
+    GatewayBuilder::base()
+        .args(["--upstream", &spec("vm1", &vm1, ",plugins=hmp:nope")])
+        .listener("g", 3)
+        .0
+        .fails_with(
+            "upstream 'vm1': no plugin named 'nope' is configured (configured: hmp, policy)",
+        );
+    GatewayBuilder::base()
+        .args([
+            "--upstream",
+            &spec("vm1", &vm1, ""),
+            "--upstream",
+            &spec("vm1", &vm2, ""),
+        ])
+        .listener("g", 3)
+        .0
+        .fails_with("chardev id 'vm1' is used twice");
+}
+
+#[test]
+fn the_control_monitor_adds_and_removes_upstreams_at_run_time() {
+    let vm7 = Qemu::start_with(&["-name", "vm7"]);
+    let vm8 = Qemu::start_with(&["-name", "vm8"]);
+    // A host gateway: no upstream at start, only the control monitor.
+    let builder = GatewayBuilder::base();
+    let control_path = builder.dir().join("control.sock");
+    let control_listener = UnixListener::bind(&control_path).unwrap();
+    let (builder, url) = with_status(
+        builder
+            .fd(control_listener, 3)
+            .args(["--control", "socket,id=control,fd=3,server=on"]),
+    );
+    let mut gateway = builder.spawn_raw();
+    let mut control = Control::connect(&control_path);
+    let none = None::<&UnixStream>;
+    let err = |v: Value| v["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(ids(&status(&url)["upstreams"]).is_empty());
+
+    // vm7: the management process connects to QEMU itself and hands qmpgate the
+    // connected socket (getfd, then chardev-add of the named fd, server=false).
+    let link = UnixStream::connect(&vm7.monitor).unwrap();
+    assert_eq!(
+        control.execute(
+            json!({"execute": "getfd", "arguments": {"fdname": "vm7link"}}),
+            Some(&link)
+        ),
+        json!({"return": {}})
+    );
+    drop(link);
+    let upstream = json!({"execute": "chardev-add", "arguments": {"id": "vm7", "backend": {"type": "socket", "data": {
+        "addr": {"type": "fd", "data": {"str": "vm7link"}}, "server": false}}}});
+    assert_eq!(
+        control.execute(upstream.clone(), none),
+        json!({"return": {}})
+    );
+    // vm8: by path, through the HMP form, with its own policy.
+    assert_eq!(
+        control.hmp(&format!(
+            "chardev-add {}",
+            spec("vm8", &vm8, ",profile=readonly")
+        )),
+        json!({"return": ""})
+    );
+
+    // A listener for each, from fds passed at run time.
+    let dir = tempdir();
+    let mut add_listener = |id: &str, upstream: Option<&str>| {
+        let path = dir.path().join(format!("{id}.sock"));
+        let listener = UnixListener::bind(&path).unwrap();
+        control.execute(
+            json!({"execute": "getfd", "arguments": {"fdname": id}}),
+            Some(&listener),
+        );
+        let mut data = json!({"addr": {"type": "fd", "data": {"str": id}}, "server": true});
+        if let Some(upstream) = upstream {
+            data["upstream"] = json!(upstream);
+        }
+        let reply = control.execute(
+            json!({"execute": "chardev-add", "arguments": {"id": id, "backend": {"type": "socket", "data": data}}}),
+            none,
+        );
+        (path, reply)
+    };
+    let (g7, reply) = add_listener("g7", Some("vm7"));
+    assert_eq!(reply, json!({"return": {}}));
+    let (g8, reply) = add_listener("g8", Some("vm8"));
+    assert_eq!(reply, json!({"return": {}}));
+    let (_, reply) = add_listener("lost", None);
+    assert_eq!(
+        err(reply),
+        "listener 'lost': give upstream=ID; qmpgate has several upstreams (vm7, vm8)"
+    );
+    let mut c7 = QmpClient::negotiated(&g7);
+    let mut c8 = QmpClient::negotiated(&g8);
+    assert_eq!(
+        c7.execute("query-name", json!({})),
+        json!({"return": {"name": "vm7"}})
+    );
+    assert_eq!(c7.execute("cont", json!({})), json!({"return": {}}));
+    assert_eq!(
+        c8.execute("cont", json!({}))["error"]["class"],
+        "GenericError",
+        "vm8 is read-only"
+    );
+
+    // Clear errors for what cannot be added.
+    let mut again = upstream;
+    again["arguments"]["id"] = json!("vm7b");
+    assert_eq!(
+        err(control.execute(again, none)),
+        "upstream 'vm7b': File descriptor named 'vm7link' has not been found",
+        "a named fd is used once"
+    );
+    assert_eq!(
+        control.hmp(&format!("chardev-add {}", spec("vm7", &vm8, ""))),
+        json!({"return": "Error: Chardev 'vm7' already exists\r\n"})
+    );
+    assert_eq!(
+        control.hmp("chardev-add socket,id=vm9,path=/nonexistent/qmp.sock")["return"],
+        "Error: upstream 'vm9': chardev 'vm9': connect to /nonexistent/qmp.sock: No such file or directory (os error 2)\r\n"
+    );
+    assert_eq!(
+        control.hmp(&format!(
+            "chardev-add {}",
+            spec("vm9", &vm8, ",plugins=nope")
+        ))["return"],
+        "Error: upstream 'vm9': no plugin named 'nope' is configured (configured: hmp, policy)\r\n"
+    );
+    let chardevs = control.execute(json!({"execute": "query-chardev"}), none);
+    let labels: Vec<(&str, &str)> = chardevs["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["label"].as_str().unwrap(),
+                c["upstream"].as_str().or(c["policy"].as_str()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("vm7", "default"),
+            ("g7", "vm7"),
+            ("vm8", "profile=readonly"),
+            ("g8", "vm8")
+        ]
+    );
+
+    // Removing an upstream disconnects its clients and closes its listeners; the
+    // gateway and the other VM go on.
+    assert_eq!(
+        control.execute(
+            json!({"execute": "chardev-remove", "arguments": {"id": "vm7"}}),
+            none
+        ),
+        json!({"return": {}})
+    );
+    assert_eq!(events_until_closed(&mut c7), ["QMPGATE_UPSTREAM_REMOVED"]);
+    eventually("vm7's listener closed", || {
+        UnixStream::connect(&g7).is_err()
+    });
+    assert_eq!(ids(&status(&url)["upstreams"]), ["vm8"]);
+    assert_eq!(
+        c8.execute("query-name", json!({})),
+        json!({"return": {"name": "vm8"}})
+    );
+    // QEMU itself is untouched: it still runs, as vm7's client left it.
+    let mut direct = QmpClient::negotiated(&vm7.monitor);
+    assert_eq!(
+        direct.execute("query-status", json!({}))["return"]["status"],
+        "running"
+    );
+
+    // With a control monitor, qmpgate outlives its last upstream.
+    drop(vm8);
+    assert_eq!(events_until_closed(&mut c8), ["QMPGATE_UPSTREAM_LOST"]);
+    eventually("vm8 removed", || ids(&status(&url)["upstreams"]).is_empty());
+    assert!(gateway.is_running());
+    assert_eq!(
+        control.execute(json!({"execute": "query-chardev"}), none),
+        json!({"return": []})
+    );
+}
