@@ -15,6 +15,10 @@
 //! config = { profile = "safe", rules = [{ action = "deny", commands = ["quit"] }] }
 //! ```
 //!
+//! `upstream` may also be a list, one QEMU per entry; then each listener names its
+//! upstream (`upstream=ID` in its spec), and an upstream may select its own policy
+//! (`profile=NAME` or `plugins=A:B` in its spec, see [`select`]).
+//!
 //! Command-line options add to the file (`--listen`, `--chardev`, `--plugin`) or
 //! override it (`--upstream`, limits). With no plugin configured anywhere, the
 //! built-in `hmp` and `qmp-policy` plugins run, the policy with `--profile` (default

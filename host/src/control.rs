@@ -4,9 +4,13 @@
 //! - `getfd fdname=NAME` takes an fd passed with SCM_RIGHTS *in the same message*
 //!   (as in QEMU, only the fds of the latest `recvmsg` are kept); `closefd` drops it;
 //! - `chardev-add` (QAPI form, or its HMP form through `human-monitor-command`)
-//!   adds a listener; at run time `fd=` names a `getfd` fd, never a number;
-//! - `chardev-remove` stops a listener (its clients stay connected);
-//! - `query-chardev` lists the upstream and the listeners;
+//!   adds a listener (`server=on`, bound to an upstream by qmpgate's `upstream`
+//!   member) or an upstream (a client chardev: qmpgate connects to that QEMU once,
+//!   with the policy its `profile`/`plugins` members select); at run time `fd=`
+//!   names a `getfd` fd, never a number;
+//! - `chardev-remove` stops a listener (its clients stay connected) or removes an
+//!   upstream (its clients are told and disconnected, its listeners close);
+//! - `query-chardev` lists the upstreams and the listeners;
 //! - `x-qmpgate-reload` reloads the configuration file and the plugins (as SIGHUP).
 //!
 //! Named fds belong to the connection that received them, like a QEMU monitor's,

@@ -368,7 +368,7 @@ impl Hub {
         {
             let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
             // Another add of the same id may have finished while this one connected.
-            if upstreams.contains_key(&id) {
+            if self.id_in_use_locked(&upstreams, &id) {
                 shared.shutdown.cancel();
                 return Err(AddError::Invalid(format!("Chardev '{id}' already exists")));
             }
@@ -470,6 +470,12 @@ impl Hub {
 
     fn id_in_use(&self, id: &str) -> bool {
         let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        self.id_in_use_locked(&upstreams, id)
+    }
+
+    /// Whether `id` names an upstream, a listener or a service; callers hold the
+    /// upstreams lock, so that the check and the insertion that follows are one step.
+    fn id_in_use_locked(&self, upstreams: &BTreeMap<String, Arc<Shared>>, id: &str) -> bool {
         upstreams.contains_key(id)
             || upstreams.values().any(|u| {
                 u.listeners
@@ -489,36 +495,22 @@ impl Hub {
     /// `upstream=` names (or the only upstream).
     pub fn add_listener(&self, spec: &ChardevSpec, listener: Listener) -> Result<(), String> {
         check_listener(spec).map_err(|e| format!("chardev '{}': {e}", spec.id))?;
-        if self.id_in_use(&spec.id) {
+        let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        if self.id_in_use_locked(&upstreams, &spec.id) {
             return Err(format!("Chardev '{}' already exists", spec.id));
         }
-        let shared = {
-            let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
-            let specs: Vec<ChardevSpec> = upstreams
-                .values()
-                .map(|u| u.upstream_spec.clone())
-                .collect();
-            let id = crate::config::bound_upstream(spec, &specs).map_err(|e| e.to_string())?;
-            upstreams[&id].clone()
-        };
-        shared.add_listener(spec, listener)
+        let specs: Vec<ChardevSpec> = upstreams
+            .values()
+            .map(|u| u.upstream_spec.clone())
+            .collect();
+        let id = crate::config::bound_upstream(spec, &specs).map_err(|e| e.to_string())?;
+        upstreams[&id].add_listener(spec, listener)
     }
 
     /// Stops accepting on listener `id` (its clients stay connected); false if
     /// there is no such listener.
     pub fn remove_listener(&self, id: &str) -> bool {
         self.upstreams().iter().any(|u| u.remove_listener(id))
-    }
-
-    /// The upstream listener `id` serves.
-    pub fn listener_upstream(&self, id: &str) -> Option<String> {
-        self.upstreams().into_iter().find_map(|u| {
-            u.listeners
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(id)
-                .then(|| u.upstream_spec.id.clone())
-        })
     }
 
     /// The chain for `policy` (built once, then shared). Blocks while plugins load.
@@ -561,11 +553,6 @@ impl Hub {
             }
         }
         out
-    }
-
-    /// The session limits.
-    pub fn limits(&self) -> &SessionLimits {
-        &self.limits
     }
 
     /// When the gateway started.

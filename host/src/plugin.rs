@@ -12,7 +12,8 @@
 //! recreated on the next call, because an instance that trapped may be in any state.
 //!
 //! Layout: [`Runtime`] owns the engine, the linker and the compile cache;
-//! [`Plugin`] is one loaded component with its instance and counters;
+//! [`Loaded`] is one compiled and linked component, instantiated with its counters
+//! on its chain's thread;
 //! [`PluginChain`] runs hooks across the configured plugins in order.
 
 use std::collections::HashMap;
@@ -106,8 +107,9 @@ impl Default for Limits {
     }
 }
 
-/// The shared wasmtime engine, linker and compile cache. One per process: plugins
-/// compiled once are shared by every upstream and listener.
+/// The shared wasmtime engine, linker and compile caches (in memory, and `.cwasm`
+/// files on disk). One per process: a plugin is compiled (or loaded) once, and its
+/// code is shared by every chain, upstream and listener.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,

@@ -1,11 +1,13 @@
 //! Many VMs behind one gateway: several upstreams, each with its own listeners and
 //! policy, added and removed at run time, and one going away without disturbing the
-//! others. Real QEMUs throughout.
+//! others. Real QEMUs throughout, and a fake one that never answers.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{Control, GatewayBuilder, Qemu, QmpClient, http_get, tempdir, with_status};
+use qmpgate_tests::{
+    Control, FakeAction, FakeQemu, GatewayBuilder, Qemu, QmpClient, http_get, tempdir, with_status,
+};
 use serde_json::{Value, json};
 
 fn spec(id: &str, qemu: &Qemu, extra: &str) -> String {
@@ -363,4 +365,55 @@ fn the_control_monitor_adds_and_removes_upstreams_at_run_time() {
         control.execute(json!({"execute": "query-chardev"}), none),
         json!({"return": []})
     );
+}
+
+#[test]
+fn a_wedged_qemu_delays_only_its_own_clients_and_a_reload_keeps_each_policy() {
+    // A QEMU that never answers `query-name`, next to a healthy one.
+    let wedged = FakeQemu::start(|command| match command {
+        "query-name" => FakeAction::Ignore,
+        _ => FakeAction::Return,
+    });
+    let healthy = Qemu::start();
+    let builder = GatewayBuilder::base().args([
+        "--upstream".to_string(),
+        format!("socket,id=wedged,path={}", wedged.path.display()),
+        "--upstream".to_string(),
+        spec("healthy", &healthy, ",profile=readonly"),
+        "--command-timeout-ms".to_string(),
+        "1500".to_string(),
+    ]);
+    let (builder, gw) = builder.listener_with("gw", 3, "upstream=wedged");
+    let (builder, gh) = builder.listener_with("gh", 4, "upstream=healthy");
+    let gateway = builder.spawn_raw();
+    let mut stuck = QmpClient::negotiated(&gw);
+    let mut fine = QmpClient::negotiated(&gh);
+
+    stuck.send(&json!({"execute": "query-name", "id": "hang"}));
+    let started = Instant::now();
+    for _ in 0..20 {
+        let reply = fine.execute("query-status", json!({}));
+        assert_eq!(reply["return"]["status"], "prelaunch");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the healthy VM's clients waited for the wedged one: {:?}",
+        started.elapsed()
+    );
+    let reply = stuck.read_reply();
+    assert_eq!(reply["id"], "hang");
+    assert_eq!(
+        reply["error"]["desc"],
+        "QEMU did not answer 'query-name' within 1500 ms; qmpgate stopped waiting (a late reply will be discarded)"
+    );
+
+    // SIGHUP rebuilds each upstream's chain from its own policy.
+    gateway.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the reload", || gateway.stderr().contains("reloaded"));
+    assert_eq!(
+        fine.execute("cont", json!({}))["error"]["class"],
+        "GenericError",
+        "still read-only after the reload"
+    );
+    assert_eq!(stuck.execute("cont", json!({})), json!({"return": {}}));
 }
