@@ -1165,3 +1165,20 @@ fn filter_event(workers: &mut [Worker], client: &Client, mut event: WitEvent) ->
         None => EventDecision::Deliver,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_is_compiled_once_per_process() {
+        let runtime = Runtime::new(None, None).unwrap();
+        let bytes = crate::config::BUILTIN_POLICY;
+        let first = runtime.compile("a", bytes).unwrap();
+        let second = runtime.compile("b", bytes).unwrap();
+        // The same compiled code, mapped once, whatever name or configuration.
+        assert_eq!(first.image_range(), second.image_range());
+        let other = runtime.compile("hmp", crate::config::BUILTIN_HMP).unwrap();
+        assert_ne!(first.image_range(), other.image_range());
+    }
+}
