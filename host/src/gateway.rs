@@ -210,18 +210,6 @@ impl Shared {
         *self.chain.write().unwrap_or_else(|e| e.into_inner()) = chain;
     }
 
-    /// Runs `task` under the gateway's shutdown tracking.
-    pub fn spawn<F>(&self, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.tracker.spawn(task);
-    }
-
-    /// A token cancelled when this upstream is removed or the gateway shuts down.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
 }
 
 /// The plugin chains policies select, built on demand and shared: upstreams with the
