@@ -209,7 +209,6 @@ impl Shared {
     fn replace_chain(&self, chain: PluginChain) {
         *self.chain.write().unwrap_or_else(|e| e.into_inner()) = chain;
     }
-
 }
 
 /// The plugin chains policies select, built on demand and shared: upstreams with the

@@ -6,7 +6,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use qmpgate_tests::{
-    Control, FakeAction, FakeQemu, GatewayBuilder, Qemu, QmpClient, http_get, tempdir, with_status,
+    Control, FakeAction, FakeQemu, GatewayBuilder, Qemu, QmpClient, http_get, python, tempdir,
+    with_status,
 };
 use serde_json::{Value, json};
 
@@ -79,6 +80,12 @@ fn one_gateway_serves_several_qemus_each_with_its_listeners_and_policy() {
             json!({"return": {"name": name}})
         );
     }
+    // The official Python client sees each VM through its own listener too.
+    let steps = json!([{"execute": "query-name"}, {"execute": "cont"}]).to_string();
+    let replies: Value =
+        serde_json::from_str(&python("qmp_steps.py", &[g2.to_str().unwrap(), &steps])).unwrap();
+    assert_eq!(replies[0], json!({"return": {"name": "vm2"}}));
+    assert_eq!(replies[1]["error"]["class"], "GenericError", "{replies}");
     // Each upstream has its own policy: vm2's is read-only.
     assert_eq!(c1.execute("cont", json!({})), json!({"return": {}}));
     let denied = c2.execute("cont", json!({}));
@@ -105,7 +112,7 @@ fn one_gateway_serves_several_qemus_each_with_its_listeners_and_policy() {
         .collect();
     assert_eq!(policies, ["default", "profile=readonly", "default"]);
     assert_eq!(s["upstreams"][1]["listeners"], json!(["g2"]));
-    assert_eq!(s["upstreams"][1]["counters"]["denied"], 1);
+    assert_eq!(s["upstreams"][1]["counters"]["denied"], 2);
     assert_eq!(s["counters"]["clients_connected"], 3);
     // vm1 and vm3 share one chain (one set of instances); vm2 has its own.
     let users: Vec<&Value> = s["plugins"]
@@ -119,12 +126,12 @@ fn one_gateway_serves_several_qemus_each_with_its_listeners_and_policy() {
     let (_, _, metrics) = http_get(&format!("{url}/metrics"));
     assert!(metrics.contains("\nqmpgate_upstreams 3\n"), "{metrics}");
     assert!(
-        metrics.contains("\nqmpgate_denied_total{upstream=\"vm2\"} 1\n"),
+        metrics.contains("\nqmpgate_denied_total{upstream=\"vm2\"} 2\n"),
         "{metrics}"
     );
     assert!(
         metrics.contains(
-            "qmpgate_plugin_denials_total{plugin=\"policy\",policy=\"profile=readonly\"} 1\n"
+            "qmpgate_plugin_denials_total{plugin=\"policy\",policy=\"profile=readonly\"} 2\n"
         ),
         "{metrics}"
     );
