@@ -41,25 +41,26 @@ pub enum ChardevError {
     /// `fd=N` names an fd that is not open in this process.
     #[error("chardev '{id}': fd {fd} is not open (did the parent process pass it?)")]
     FdNotOpen { id: String, fd: RawFd },
-    /// `fd=N` is open but not a socket.
-    #[error("chardev '{id}': fd {fd} is not a socket")]
-    NotASocket { id: String, fd: RawFd },
+    /// The fd is open but not a socket. `fd` says which, as the user named it
+    /// (`fd 3`, `fd 'vm7'`, `systemd socket 'qmp'`).
+    #[error("chardev '{id}': {fd} is not a socket")]
+    NotASocket { id: String, fd: String },
     /// The socket is not a stream socket.
-    #[error("chardev '{id}': fd {fd} is not a stream socket (SOCK_STREAM)")]
-    NotStream { id: String, fd: RawFd },
+    #[error("chardev '{id}': {fd} is not a stream socket (SOCK_STREAM)")]
+    NotStream { id: String, fd: String },
     /// `server=on` on a socket that is not listening, or the reverse.
-    #[error("chardev '{id}': fd {fd} is {actual}, but the spec says server={expected}")]
+    #[error("chardev '{id}': {fd} is {actual}, but the spec says server={expected}")]
     WrongMode {
         id: String,
-        fd: RawFd,
+        fd: String,
         actual: &'static str,
         expected: &'static str,
     },
     /// The socket's family is neither unix nor inet.
-    #[error("chardev '{id}': fd {fd} has unsupported address family {family}")]
+    #[error("chardev '{id}': {fd} has unsupported address family {family}")]
     Family {
         id: String,
-        fd: RawFd,
+        fd: String,
         family: String,
     },
     /// Two chardevs name the same fd.
@@ -398,8 +399,8 @@ impl ChardevSpec {
                 ))
             }
             Address::Fd(_) | Address::Systemd(_) | Address::Named(_) => {
-                let (fd, socket) = inherited.take(self)?;
-                let socket = adopt::validate(&self.id, fd, socket, true)?;
+                let socket = inherited.take(self)?;
+                let socket = adopt::validate(&self.id, &self.address, socket, true)?;
                 socket
                     .into_listener()
                     .map_err(io("register with tokio".into()))
@@ -426,8 +427,8 @@ impl ChardevSpec {
                     .map_err(io(format!("connect to {host}:{port}")))?,
             )),
             Address::Fd(_) | Address::Systemd(_) | Address::Named(_) => {
-                let (fd, socket) = inherited.take(self)?;
-                let socket = adopt::validate(&self.id, fd, socket, false)?;
+                let socket = inherited.take(self)?;
+                let socket = adopt::validate(&self.id, &self.address, socket, false)?;
                 socket
                     .into_stream()
                     .map_err(io("register with tokio".into()))
@@ -739,7 +740,7 @@ impl Inherited {
     }
 
     /// Claims the fd of an `fd=` or `systemd=` chardev.
-    fn take(&mut self, spec: &ChardevSpec) -> Result<(RawFd, OwnedFd), ChardevError> {
+    fn take(&mut self, spec: &ChardevSpec) -> Result<OwnedFd, ChardevError> {
         let fd = match &spec.address {
             Address::Fd(fd) => *fd,
             Address::Systemd(name) => {
@@ -766,7 +767,7 @@ impl Inherited {
                         id: spec.id.clone(),
                         name: name.clone(),
                     })?;
-                return Ok((fd.as_raw_fd(), fd));
+                return Ok(fd);
             }
             _ => unreachable!("only fd= and systemd= chardevs claim inherited fds"),
         };
@@ -785,7 +786,7 @@ impl Inherited {
                 fd,
             })?;
         self.claimed.push((fd, spec.id.clone()));
-        Ok((fd, owned))
+        Ok(owned)
     }
 }
 
@@ -841,10 +842,16 @@ mod adopt {
     /// close-on-exec and non-blocking.
     pub(super) fn validate(
         id: &str,
-        fd: RawFd,
+        address: &Address,
         owned: OwnedFd,
         listening: bool,
     ) -> Result<Socket, ChardevError> {
+        // Name the fd as the user did: a number, a getfd name, a systemd name.
+        let fd = match address {
+            Address::Systemd(name) => format!("systemd socket '{name}'"),
+            Address::Named(name) => format!("fd '{name}'"),
+            _ => format!("fd {}", owned.as_raw_fd()),
+        };
         let io = |action: &str| {
             let (id, action) = (id.to_string(), action.to_string());
             move |e: nix::Error| ChardevError::Io {
@@ -1062,7 +1069,7 @@ mod tests {
         ));
         let spec = ChardevSpec::parse(&format!("socket,id=x,fd={raw},server=on")).unwrap();
         assert!(
-            matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == raw)
+            matches!(spec.listen(&mut inherited), Err(ChardevError::NotASocket { fd, .. }) if fd == format!("fd {raw}"))
         );
     }
 

@@ -354,6 +354,11 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the gateway said (cargo test prints it with the
+        // test's output).
+        if std::thread::panicking() {
+            eprintln!("--- qmpgate's stderr ---\n{}", self.stderr());
+        }
     }
 }
 

@@ -316,6 +316,16 @@ fn the_control_monitor_adds_and_removes_upstreams_at_run_time() {
         ))["return"],
         "Error: upstream 'vm9': no plugin named 'nope' is configured (configured: hmp, policy)\r\n"
     );
+    let wrong = UnixListener::bind(dir.path().join("wrong.sock")).unwrap();
+    control.execute(
+        json!({"execute": "getfd", "arguments": {"fdname": "wrong"}}),
+        Some(&wrong),
+    );
+    assert_eq!(
+        control.hmp("chardev-add socket,id=vm9,fd=wrong")["return"],
+        "Error: upstream 'vm9': chardev 'vm9': fd 'wrong' is a listening socket, but the spec says server=off\r\n",
+        "a listening socket is not a link to QEMU"
+    );
     let chardevs = control.execute(json!({"execute": "query-chardev"}), none);
     let labels: Vec<(&str, &str)> = chardevs["return"]
         .as_array()
