@@ -1,8 +1,8 @@
 //! The audit sink: one JSON line per record that a plugin emits with `audit`.
 //!
-//! Plugins decide *what* to record; the host decides *where*, adds the time and the
-//! plugin's name (which a plugin cannot forge), and writes whole lines so that a
-//! crash never leaves half a record.
+//! Plugins decide *what* to record; the host decides *where*, adds the time, the
+//! plugin's name and the upstream (VM) the call was about, which a plugin cannot
+//! forge, and writes whole lines so that a crash never leaves half a record.
 
 use std::fs::File;
 use std::io::Write;
@@ -34,13 +34,16 @@ impl AuditSink {
 
     /// Writes one record. A record that is not a JSON object is kept, as a string,
     /// under `"record"`: an audit trail should not lose what a buggy plugin sent.
-    pub fn write(&self, plugin: &str, entry: &str) {
+    pub fn write(&self, plugin: &str, upstream: Option<&str>, entry: &str) {
         let mut record = Map::new();
         let time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         record.insert("time".into(), Value::from(time.as_secs_f64()));
         record.insert("plugin".into(), Value::from(plugin));
+        if let Some(upstream) = upstream {
+            record.insert("upstream".into(), Value::from(upstream));
+        }
         match serde_json::from_str::<Value>(entry) {
             Ok(Value::Object(fields)) => {
                 for (k, v) in fields {

@@ -337,6 +337,7 @@ impl Hub {
             id: spec.id.clone(),
             source,
         })?;
+        let chain = chain.for_upstream(&spec.id);
         let shared = Arc::new(Shared {
             upstream: handle,
             upstream_spec: spec,
@@ -522,7 +523,7 @@ impl Hub {
         }
         let mut current = self.chains.lock().unwrap_or_else(|e| e.into_inner());
         for (shared, chain) in upstreams.iter().zip(next) {
-            shared.replace_chain(chain);
+            shared.replace_chain(chain.for_upstream(&shared.upstream_spec.id));
         }
         *current = chains;
         Ok(())

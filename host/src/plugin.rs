@@ -221,6 +221,7 @@ impl Runtime {
             live: None,
             recent_restarts: Default::default(),
             stats: Arc::new(PluginStats::default()),
+            upstream: None,
         }))
     }
 
@@ -343,6 +344,9 @@ fn check_version(name: &str, component: &Component, engine: &Engine) -> Result<(
 /// Per-store host state: the empty WASI context and the plugin's limits.
 struct HostState {
     plugin: Arc<str>,
+    /// The upstream of the call in progress: the host adds it to audit records, where
+    /// a plugin cannot forge it.
+    upstream: Option<Arc<str>>,
     wasi: WasiCtx,
     table: ResourceTable,
     memory: MemoryCap,
@@ -374,7 +378,7 @@ impl bindings::qmpgate::plugin::host::Host for HostState {
 
     fn audit(&mut self, entry: String) {
         match &self.audit {
-            Some(sink) => sink.write(&self.plugin, &entry),
+            Some(sink) => sink.write(&self.plugin, self.upstream.as_deref(), &entry),
             None => tracing::info!(target: "qmpgate::audit", plugin = &*self.plugin, "{entry}"),
         }
     }
@@ -516,6 +520,8 @@ struct Worker {
     /// When the instance was recreated within the last `RESTART_WINDOW`.
     recent_restarts: std::collections::VecDeque<Instant>,
     stats: Arc<PluginStats>,
+    /// The upstream whose traffic the current job is about, for audit records.
+    upstream: Option<Arc<str>>,
 }
 
 impl Worker {
@@ -526,6 +532,7 @@ impl Worker {
     fn instantiate(&self) -> Result<Live, String> {
         let state = HostState {
             plugin: self.name.clone(),
+            upstream: None,
             // No environment, arguments, preopened directories, sockets or stdin.
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
@@ -607,6 +614,7 @@ impl Worker {
         let deadline = self.deadline_ticks();
         let live = self.live.as_mut().expect("just ensured");
         live.store.set_epoch_deadline(deadline);
+        live.store.data_mut().upstream = self.upstream.clone();
         let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
@@ -727,6 +735,8 @@ pub struct PluginChain {
     /// Sends work to the chain's thread; `None` for an empty chain.
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     plugins: Vec<PluginInfo>,
+    /// The upstream this handle serves (see [`PluginChain::for_upstream`]).
+    upstream: Option<Arc<str>>,
 }
 
 impl PluginChain {
@@ -735,6 +745,7 @@ impl PluginChain {
         PluginChain {
             jobs: None,
             plugins: Vec::new(),
+            upstream: None,
         }
     }
 
@@ -783,6 +794,7 @@ impl PluginChain {
             Ok(Ok(())) => Ok(PluginChain {
                 jobs: Some(jobs),
                 plugins,
+                upstream: None,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PluginError::Init {
@@ -795,6 +807,15 @@ impl PluginChain {
     /// The plugins, in order.
     pub fn plugins(&self) -> &[PluginInfo] {
         &self.plugins
+    }
+
+    /// A handle on the same chain (the same instances) for upstream `id`'s traffic:
+    /// audit records made during its calls name the upstream.
+    pub fn for_upstream(&self, id: &str) -> PluginChain {
+        PluginChain {
+            upstream: Some(id.into()),
+            ..self.clone()
+        }
     }
 
     /// Whether `other` is a clone of this chain (the same instances).
@@ -817,7 +838,11 @@ impl PluginChain {
             return fallback;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let upstream = self.upstream.clone();
         let job: Job = Box::new(move |workers| {
+            for worker in workers.iter_mut() {
+                worker.upstream = upstream.clone();
+            }
             let _ = tx.send(job(workers));
         });
         if jobs.send(job).is_err() {

@@ -434,3 +434,66 @@ fn a_wedged_qemu_delays_only_its_own_clients_and_a_reload_keeps_each_policy() {
     );
     assert_eq!(stuck.execute("cont", json!({})), json!({"return": {}}));
 }
+
+#[test]
+fn audit_records_name_the_vm_even_when_vms_share_a_chain() {
+    let vm1 = Qemu::start();
+    let vm2 = Qemu::start();
+    let builder = GatewayBuilder::base();
+    let config = builder.dir().join("audit.toml");
+    let log = builder.dir().join("audit.jsonl");
+    std::fs::write(
+        &config,
+        r#"
+        [[plugin]]
+        name = "policy"
+        builtin = "qmp-policy"
+        [[plugin]]
+        name = "audit"
+        builtin = "audit"
+        "#,
+    )
+    .unwrap();
+    let builder = builder.args([
+        "--config".to_string(),
+        config.display().to_string(),
+        "--audit-log".to_string(),
+        log.display().to_string(),
+        "--upstream".to_string(),
+        spec("vm1", &vm1, ""),
+        "--upstream".to_string(),
+        spec("vm2", &vm2, ""),
+    ]);
+    let (builder, g1) = builder.listener_with("g1", 3, "upstream=vm1");
+    let (builder, g2) = builder.listener_with("g2", 4, "upstream=vm2");
+    let _gateway = builder.spawn_raw();
+    let mut c1 = QmpClient::negotiated(&g1);
+    let mut c2 = QmpClient::negotiated(&g2);
+    c1.execute("query-status", json!({}));
+    c2.execute("screendump", json!({"filename": "/tmp/x.ppm"}));
+    c1.execute("query-name", json!({}));
+
+    let records: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["upstream"].as_str().unwrap(),
+                r["command"].as_str().unwrap(),
+                r["verdict"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("vm1", "query-status", "forwarded"),
+            ("vm2", "screendump", "denied"),
+            ("vm1", "query-name", "forwarded"),
+        ]
+    );
+}
