@@ -86,12 +86,8 @@ pub struct Shared {
     /// Plugins run on every listener's traffic; replaced whole on reload, while
     /// commands already deciding finish on the chain they started with.
     chain: RwLock<PluginChain>,
-    /// Framing limit on one client message, in bytes.
-    pub max_message: usize,
-    /// Framing limit on nesting depth.
-    pub max_depth: usize,
-    /// How long a client waits for QEMU's answer, per command.
-    pub timeouts: Timeouts,
+    /// Limits for its sessions: the gateway's, shared by every upstream.
+    pub limits: Arc<SessionLimits>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Connected clients, QEMU's exit, for status.
@@ -260,7 +256,7 @@ pub fn load_chain(wasm: &Runtime, specs: &[PluginSpec]) -> anyhow::Result<Plugin
 pub struct Hub {
     upstreams: Mutex<BTreeMap<String, Arc<Shared>>>,
     chains: Mutex<Chains>,
-    limits: SessionLimits,
+    limits: Arc<SessionLimits>,
     /// The status endpoint's and control monitor's chardevs: (id, role, address).
     services: Mutex<Vec<(String, &'static str, String)>>,
     /// Where reload requests go (SIGHUP and the control monitor's `x-qmpgate-reload`).
@@ -342,9 +338,7 @@ impl Hub {
             upstream: handle,
             upstream_spec: spec,
             chain: RwLock::new(chain),
-            max_message: self.limits.max_message,
-            max_depth: self.limits.max_depth,
-            timeouts: self.limits.timeouts.clone(),
+            limits: self.limits.clone(),
             metrics: Arc::new(Metrics::default()),
             registry: Arc::new(Registry::default()),
             tracker: self.tracker.clone(),
@@ -721,7 +715,7 @@ impl Gateway {
         let hub = Arc::new(Hub {
             upstreams: Mutex::new(BTreeMap::new()),
             chains: Mutex::new(settings.chains),
-            limits: settings.limits,
+            limits: Arc::new(settings.limits),
             services: Mutex::new(Vec::new()),
             reload: Mutex::new(None),
             keep_ended: settings.keep_ended,

@@ -50,7 +50,7 @@ pub async fn serve(
     let mut line = Vec::new();
     loop {
         line.clear();
-        let mut limited = (&mut reader).take(ctx.max_message as u64 + 1);
+        let mut limited = (&mut reader).take(ctx.limits.max_message as u64 + 1);
         let read = tokio::select! {
             _ = shutdown.cancelled() => return,
             read = limited.read_until(b'\n', &mut line) => read,
@@ -59,7 +59,7 @@ pub async fn serve(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let output = if line.len() > ctx.max_message {
+        let output = if line.len() > ctx.limits.max_message {
             // Skip the rest of the over-long line before answering.
             let mut rest = Vec::new();
             while !line.ends_with(b"\n") {
@@ -75,7 +75,7 @@ pub async fn serve(
             }
             format!(
                 "Error: command line exceeds the limit of {} bytes\r\n",
-                ctx.max_message
+                ctx.limits.max_message
             )
         } else {
             let text = String::from_utf8_lossy(&line);
@@ -100,7 +100,7 @@ pub async fn serve(
 async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) -> String {
     match ctx.chain().on_hmp(client, line).await {
         Decision::Forward(command) => {
-            let limit = ctx.timeouts.for_command(&command.name);
+            let limit = ctx.limits.timeouts.for_command(&command.name);
             let name = command.name.clone();
             let pending = ctx.upstream.submit(command, None).await;
             let reply = crate::gateway::await_reply(pending, &name, limit)

@@ -174,7 +174,7 @@ impl Session {
             return "write failed";
         }
 
-        let mut framer = Framer::new(self.ctx.max_message, self.ctx.max_depth);
+        let mut framer = Framer::new(self.ctx.limits.max_message, self.ctx.limits.max_depth);
         let mut frames = std::collections::VecDeque::new();
         let mut scratch = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
@@ -257,7 +257,7 @@ impl Session {
                     None,
                     error(format!(
                         "JSON message exceeds the limit of {} bytes",
-                        self.ctx.max_message
+                        self.ctx.limits.max_message
                     )),
                 );
             }
@@ -266,7 +266,7 @@ impl Session {
                     None,
                     error(format!(
                         "JSON nesting exceeds the limit of {} levels",
-                        self.ctx.max_depth
+                        self.ctx.limits.max_depth
                     )),
                 );
             }
@@ -435,7 +435,7 @@ impl Session {
             self.upstream_slots.clone().acquire_owned().await.ok()
         };
         let pending = self.ctx.upstream.submit(command.clone(), permit).await;
-        let limit = self.ctx.timeouts.for_command(&command.name);
+        let limit = self.ctx.limits.timeouts.for_command(&command.name);
         let pending: Pending = Box::pin(async move {
             let reply = crate::gateway::await_reply(pending, &command.name, limit).await;
             Outgoing {
