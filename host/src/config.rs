@@ -302,12 +302,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
                 spec.id
             )));
         }
-        if spec.server {
-            return Err(ConfigError::Invalid(format!(
-                "upstream '{}' must be a client chardev (server=off): qmpgate connects to QEMU's monitor",
-                spec.id
-            )));
-        }
+        crate::gateway::check_upstream(&spec).map_err(ConfigError::Invalid)?;
         upstreams.push(spec);
     }
     let mut listeners = Vec::new();

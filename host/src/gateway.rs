@@ -298,12 +298,7 @@ impl Hub {
         spec: ChardevSpec,
         inherited: &mut Inherited,
     ) -> Result<Arc<Shared>, AddError> {
-        if spec.server {
-            return Err(AddError::Invalid(format!(
-                "upstream '{}' must be a client chardev (server=off): qmpgate connects to QEMU's monitor",
-                spec.id
-            )));
-        }
+        check_upstream(&spec).map_err(AddError::Invalid)?;
         if self.id_in_use(&spec.id) {
             return Err(AddError::Invalid(format!(
                 "Chardev '{}' already exists",
@@ -681,6 +676,17 @@ pub enum StartError {
     /// A listener spec is not usable as a listener.
     #[error("listener '{0}': {1}")]
     Invalid(String, String),
+}
+
+/// Checks that a spec can be an upstream (a link to QEMU's monitor).
+pub fn check_upstream(spec: &ChardevSpec) -> Result<(), String> {
+    if spec.server {
+        return Err(format!(
+            "upstream '{}' must be a client chardev (server=off): qmpgate connects to QEMU's monitor",
+            spec.id
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that a spec can be a QMP listener.

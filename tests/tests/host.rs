@@ -205,6 +205,11 @@ fn listeners_must_name_their_upstream_when_there_are_several() {
         .listener("g", 3)
         .0
         .fails_with("chardev id 'vm1' is used twice");
+    GatewayBuilder::base()
+        .args(["--upstream", &spec("vm1", &vm1, ",server=on")])
+        .listener("g", 3)
+        .0
+        .fails_with("upstream 'vm1' must be a client chardev (server=off): qmpgate connects to QEMU's monitor");
 }
 
 #[test]
