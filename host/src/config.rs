@@ -316,7 +316,10 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
                 spec.id
             )));
         }
-        spec.upstream = Some(bound_upstream(&spec, &upstreams)?);
+        spec.upstream = Some(bound_upstream(
+            &spec,
+            upstreams.iter().map(|u| u.id.as_str()),
+        )?);
         listeners.push(spec);
     }
     if listeners.is_empty() && !control_given {
@@ -458,11 +461,11 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
 }
 
 /// The upstream a listener serves: its `upstream=`, or the only upstream there is.
-pub fn bound_upstream(
+pub fn bound_upstream<'a>(
     listener: &ChardevSpec,
-    upstreams: &[ChardevSpec],
+    upstream_ids: impl IntoIterator<Item = &'a str>,
 ) -> Result<String, ConfigError> {
-    let ids: Vec<&str> = upstreams.iter().map(|u| u.id.as_str()).collect();
+    let ids: Vec<&str> = upstream_ids.into_iter().collect();
     match (&listener.upstream, ids.as_slice()) {
         (Some(id), _) if ids.contains(&id.as_str()) => Ok(id.clone()),
         (Some(id), _) => Err(ConfigError::Invalid(format!(

@@ -476,11 +476,8 @@ impl Hub {
         if self.id_in_use_locked(&upstreams, &spec.id) {
             return Err(format!("Chardev '{}' already exists", spec.id));
         }
-        let specs: Vec<ChardevSpec> = upstreams
-            .values()
-            .map(|u| u.upstream_spec.clone())
-            .collect();
-        let id = crate::config::bound_upstream(spec, &specs).map_err(|e| e.to_string())?;
+        let id = crate::config::bound_upstream(spec, upstreams.keys().map(String::as_str))
+            .map_err(|e| e.to_string())?;
         upstreams[&id].add_listener(spec, listener)
     }
 
