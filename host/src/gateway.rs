@@ -515,15 +515,16 @@ impl Hub {
         Ok(())
     }
 
-    /// The distinct chains in use, each with the upstreams that use it.
-    pub fn chains_in_use(&self) -> Vec<(PluginChain, Vec<String>)> {
-        let mut out: Vec<(PluginChain, Vec<String>)> = Vec::new();
+    /// The distinct chains in use, each with the policy that selected it and the
+    /// upstreams that use it.
+    pub fn chains_in_use(&self) -> Vec<(PluginChain, Policy, Vec<String>)> {
+        let mut out: Vec<(PluginChain, Policy, Vec<String>)> = Vec::new();
         for shared in self.upstreams() {
             let chain = shared.chain();
             let id = shared.upstream_spec.id.clone();
-            match out.iter_mut().find(|(c, _)| c.same_as(&chain)) {
-                Some((_, ids)) => ids.push(id),
-                None => out.push((chain, vec![id])),
+            match out.iter_mut().find(|(c, _, _)| c.same_as(&chain)) {
+                Some((_, _, ids)) => ids.push(id),
+                None => out.push((chain, shared.upstream_spec.policy.clone(), vec![id])),
             }
         }
         out

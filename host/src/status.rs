@@ -251,16 +251,72 @@ fn origin(address: &str) -> &'static str {
     }
 }
 
-fn counters_json(shared: &Shared) -> Value {
-    let m = &shared.metrics;
-    json!({
-        "clients_connected": m.clients_connected.load(Ordering::Relaxed),
-        "clients_total": m.clients_total.load(Ordering::Relaxed),
-        "commands": m.commands.load(Ordering::Relaxed),
-        "denied": m.denied.load(Ordering::Relaxed),
-        "slow_clients": m.slow_clients.load(Ordering::Relaxed),
-        "late_replies_discarded": shared.upstream.discarded_replies(),
-    })
+/// An upstream counter: its key in `/status`, its metric's name, type and help, and
+/// how to read it. Both documents come from this one table.
+struct Counter {
+    key: &'static str,
+    metric: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    read: fn(&Shared) -> u64,
+}
+
+const COUNTERS: [Counter; 6] = [
+    Counter {
+        key: "clients_connected",
+        metric: "qmpgate_clients_connected",
+        kind: "gauge",
+        help: "Clients connected now.",
+        read: |s| s.metrics.clients_connected.load(Ordering::Relaxed),
+    },
+    Counter {
+        key: "clients_total",
+        metric: "qmpgate_clients_total",
+        kind: "counter",
+        help: "Clients accepted since start.",
+        read: |s| s.metrics.clients_total.load(Ordering::Relaxed),
+    },
+    Counter {
+        key: "commands",
+        metric: "qmpgate_messages_total",
+        kind: "counter",
+        help: "Messages received from clients.",
+        read: |s| s.metrics.commands.load(Ordering::Relaxed),
+    },
+    Counter {
+        key: "denied",
+        metric: "qmpgate_denied_total",
+        kind: "counter",
+        help: "Commands refused by a plugin.",
+        read: |s| s.metrics.denied.load(Ordering::Relaxed),
+    },
+    Counter {
+        key: "late_replies_discarded",
+        metric: "qmpgate_late_replies_discarded_total",
+        kind: "counter",
+        help: "QEMU replies that came after their client stopped waiting.",
+        read: |s| s.upstream.discarded_replies(),
+    },
+    Counter {
+        key: "slow_clients",
+        metric: "qmpgate_slow_clients_total",
+        kind: "counter",
+        help: "Clients disconnected for not reading.",
+        read: |s| s.metrics.slow_clients.load(Ordering::Relaxed),
+    },
+];
+
+/// The counters of `upstreams`, summed, as a `/status` object.
+fn counters_json(upstreams: &[Arc<Shared>]) -> Value {
+    Value::Object(
+        COUNTERS
+            .iter()
+            .map(|c| {
+                let total: u64 = upstreams.iter().map(|u| (c.read)(u)).sum();
+                (c.key.to_string(), Value::from(total))
+            })
+            .collect(),
+    )
 }
 
 /// The `/status` document.
@@ -269,7 +325,6 @@ pub fn status_json(hub: &Hub) -> Value {
     let mut chardevs = Vec::new();
     let mut clients = Vec::new();
     let mut per_upstream = Vec::new();
-    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     for shared in &upstreams {
         let info = shared.upstream.info();
         let spec = &shared.upstream_spec;
@@ -300,10 +355,6 @@ pub fn status_json(hub: &Hub) -> Value {
                 .iter()
                 .map(|(id, c)| json!({ "id": id, "upstream": spec.id, "listener": c.listener, "peer": peer_json(&c.peer), "connected_since": c.since })),
         );
-        let counters = counters_json(shared);
-        for (key, value) in counters.as_object().into_iter().flatten() {
-            *totals.entry(key.clone()).or_default() += value.as_u64().unwrap_or(0);
-        }
         per_upstream.push(json!({
             "id": spec.id,
             "policy": spec.policy.to_string(),
@@ -313,7 +364,7 @@ pub fn status_json(hub: &Hub) -> Value {
             "oob": info.oob,
             "exit": *shared.registry.qemu_exit.lock().unwrap_or_else(|e| e.into_inner()),
             "listeners": listeners.iter().map(|l| l.id.clone()).collect::<Vec<_>>(),
-            "counters": counters,
+            "counters": counters_json(std::slice::from_ref(shared)),
         }));
     }
     for (id, role, address) in hub.services() {
@@ -323,7 +374,7 @@ pub fn status_json(hub: &Hub) -> Value {
     }
     clients.sort_by_key(|c| c["id"].as_u64());
     let mut plugins = Vec::new();
-    for (chain, users) in hub.chains_in_use() {
+    for (chain, _, users) in hub.chains_in_use() {
         for p in chain.plugins() {
             let s = &p.stats;
             let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -351,7 +402,7 @@ pub fn status_json(hub: &Hub) -> Value {
         "chardevs": chardevs,
         "clients": clients,
         "plugins": plugins,
-        "counters": totals,
+        "counters": counters_json(&upstreams),
     })
 }
 
@@ -361,44 +412,6 @@ pub fn status_json(hub: &Hub) -> Value {
 pub fn metrics_text(hub: &Hub) -> String {
     let mut out = String::new();
     let upstreams = hub.upstreams();
-    let per_upstream: [PerUpstream; 6] = [
-        (
-            "qmpgate_clients_connected",
-            "gauge",
-            "Clients connected now.",
-            |s| s.metrics.clients_connected.load(Ordering::Relaxed),
-        ),
-        (
-            "qmpgate_clients_total",
-            "counter",
-            "Clients accepted since start.",
-            |s| s.metrics.clients_total.load(Ordering::Relaxed),
-        ),
-        (
-            "qmpgate_messages_total",
-            "counter",
-            "Messages received from clients.",
-            |s| s.metrics.commands.load(Ordering::Relaxed),
-        ),
-        (
-            "qmpgate_denied_total",
-            "counter",
-            "Commands refused by a plugin.",
-            |s| s.metrics.denied.load(Ordering::Relaxed),
-        ),
-        (
-            "qmpgate_late_replies_discarded_total",
-            "counter",
-            "QEMU replies that came after their client stopped waiting.",
-            |s| s.upstream.discarded_replies(),
-        ),
-        (
-            "qmpgate_slow_clients_total",
-            "counter",
-            "Clients disconnected for not reading.",
-            |s| s.metrics.slow_clients.load(Ordering::Relaxed),
-        ),
-    ];
     let _ = writeln!(
         out,
         "# HELP qmpgate_upstreams Upstreams served.\n# TYPE qmpgate_upstreams gauge\nqmpgate_upstreams {}",
@@ -416,7 +429,14 @@ pub fn metrics_text(hub: &Hub) -> String {
             u.upstream.info().connected as u64
         );
     }
-    for (name, kind, help, read) in per_upstream {
+    for Counter {
+        metric: name,
+        kind,
+        help,
+        read,
+        ..
+    } in &COUNTERS
+    {
         let total: u64 = upstreams.iter().map(|u| read(u)).sum();
         let _ = writeln!(
             out,
@@ -435,13 +455,7 @@ pub fn metrics_text(hub: &Hub) -> String {
     let chains: Vec<(crate::plugin::PluginChain, String)> = hub
         .chains_in_use()
         .into_iter()
-        .map(|(chain, users)| {
-            let policy = hub
-                .upstream(&users[0])
-                .map(|u| u.upstream_spec.policy.to_string())
-                .unwrap_or_default();
-            (chain, escape_label(&policy))
-        })
+        .map(|(chain, policy, _)| (chain, escape_label(&policy.to_string())))
         .collect();
     let per_plugin: [PerPlugin; 8] = [
         (
@@ -537,9 +551,6 @@ pub fn metrics_text(hub: &Hub) -> String {
     }
     out
 }
-
-/// A per-upstream metric: name, type, help, and how to read it.
-type PerUpstream = (&'static str, &'static str, &'static str, fn(&Shared) -> u64);
 
 /// A per-plugin metric: name, type, help, and how to read it.
 type PerPlugin = (
