@@ -484,6 +484,9 @@ fn spawn_reloader(
                     None => FileConfig::default(),
                 };
                 let resolved = config::resolve(file, overrides)?;
+                // Otherwise every changed plugin file would stay compiled in memory
+                // for the life of the process.
+                wasm.forget_compiled();
                 let names = resolved.plugins.iter().map(|p| p.name.clone()).collect();
                 hub.replace_chains(Chains::new(wasm, resolved.plugins))
                     .map_err(anyhow::Error::msg)?;

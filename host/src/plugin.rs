@@ -167,6 +167,16 @@ impl Runtime {
         })
     }
 
+    /// Drops the in-memory compile cache, so that it holds only what the current
+    /// configuration uses: a reload calls this first (components in use live on in
+    /// their instances; the `.cwasm` files make reloading them cheap).
+    pub fn forget_compiled(&self) {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Loads a plugin: compiles (or loads from cache), checks the WIT version and
     /// links it. [`PluginChain::start`] then instantiates it and calls `init`.
     pub fn load(
@@ -1205,5 +1215,9 @@ mod tests {
         assert_eq!(first.image_range(), second.image_range());
         let other = runtime.compile("hmp", crate::config::BUILTIN_HMP).unwrap();
         assert_ne!(first.image_range(), other.image_range());
+        // After a reload forgets them, nothing keeps old components in memory.
+        runtime.forget_compiled();
+        let again = runtime.compile("a", bytes).unwrap();
+        assert_ne!(first.image_range(), again.image_range());
     }
 }
