@@ -350,18 +350,7 @@ impl ChardevSpec {
                 },
             ));
         }
-        if server && policy != Policy::Default {
-            return Err(fail(
-                "'profile' and 'plugins' select an upstream's policy; a listener (server=on) takes its upstream's".into(),
-            ));
-        }
-        if !server && upstream.is_some() {
-            return Err(fail(
-                "'upstream' binds a listener (server=on) to an upstream; this chardev is a client"
-                    .into(),
-            ));
-        }
-        Ok(ChardevSpec {
+        let spec = ChardevSpec {
             id,
             address,
             server,
@@ -370,7 +359,26 @@ impl ChardevSpec {
             tls_creds,
             upstream,
             policy,
-        })
+        };
+        spec.check_own_keys("on").map_err(fail)?;
+        Ok(spec)
+    }
+
+    /// qmpgate's own keys each belong to one role: `upstream=` to listeners,
+    /// `profile=`/`plugins=` to upstreams. `on` is how the caller's syntax spells
+    /// server=on (`on` in specs, `true` in QAPI).
+    pub fn check_own_keys(&self, on: &str) -> Result<(), String> {
+        if self.server && self.policy != Policy::Default {
+            return Err(format!(
+                "'profile' and 'plugins' select an upstream's policy; a listener (server={on}) takes its upstream's"
+            ));
+        }
+        if !self.server && self.upstream.is_some() {
+            return Err(format!(
+                "'upstream' binds a listener (server={on}) to an upstream; this chardev is a client"
+            ));
+        }
+        Ok(())
     }
 
     /// Opens the listening socket of a `server=on` chardev.

@@ -409,16 +409,6 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
             ));
         }
     };
-    if server && policy != Policy::Default {
-        return Err(QmpError::generic(
-            "'profile' and 'plugins' select an upstream's policy; a listener (server=true) takes its upstream's",
-        ));
-    }
-    if !server && upstream.is_some() {
-        return Err(QmpError::generic(
-            "'upstream' binds a listener (server=true) to an upstream; this chardev is a client",
-        ));
-    }
     let reconnect_ms = match (data.get("reconnect-ms"), data.get("reconnect")) {
         (Some(ms), _) => Some(ms.as_u64().ok_or_else(|| {
             QmpError::generic("Invalid parameter type for 'reconnect-ms', expected: integer")
@@ -442,7 +432,7 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
             "Parameter 'id' expects an identifier, got '{id}'"
         )));
     }
-    Ok(ChardevSpec {
+    let spec = ChardevSpec {
         id: id.to_string(),
         address,
         server,
@@ -451,5 +441,7 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
         tls_creds,
         upstream,
         policy,
-    })
+    };
+    spec.check_own_keys("true").map_err(QmpError::generic)?;
+    Ok(spec)
 }

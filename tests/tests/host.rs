@@ -321,6 +321,30 @@ fn the_control_monitor_adds_and_removes_upstreams_at_run_time() {
         ))["return"],
         "Error: upstream 'vm9': no plugin named 'nope' is configured (configured: hmp, policy)\r\n"
     );
+    // qmpgate's own members belong to one role each (QAPI form).
+    let qapi = |data: Value| json!({"execute": "chardev-add", "arguments": {"id": "x", "backend": {"type": "socket", "data": data}}});
+    let unix = json!({"type": "unix", "data": {"path": "/nonexistent/x.sock"}});
+    assert_eq!(
+        err(control.execute(
+            qapi(json!({"addr": unix, "server": true, "profile": "safe"})),
+            none
+        )),
+        "'profile' and 'plugins' select an upstream's policy; a listener (server=true) takes its upstream's"
+    );
+    assert_eq!(
+        err(control.execute(
+            qapi(json!({"addr": unix, "server": false, "upstream": "vm7"})),
+            none
+        )),
+        "'upstream' binds a listener (server=true) to an upstream; this chardev is a client"
+    );
+    assert_eq!(
+        err(control.execute(
+            qapi(json!({"addr": unix, "server": false, "plugins": "hmp"})),
+            none
+        )),
+        "Invalid parameter type for 'plugins', expected: array of names"
+    );
     let wrong = UnixListener::bind(dir.path().join("wrong.sock")).unwrap();
     control.execute(
         json!({"execute": "getfd", "arguments": {"fdname": "wrong"}}),
