@@ -8,6 +8,8 @@
 //! - [`chardev`]: QEMU-style socket specs, fd adoption (the only `unsafe` code);
 //! - [`framing`]: splitting a byte stream into JSON messages, with limits;
 //! - [`qmp`]: QMP message shapes and QEMU's error messages;
+//! - [`schema`]: QEMU's QMP schema (`query-qmp-schema`): argument checks with QEMU's texts;
+//! - [`json_keys`]: duplicate keys in a JSON object, which QEMU refuses;
 //! - [`plugin`]: the wasmtime runtime, limits and the plugin chain;
 //! - [`upstream`]: the one QMP session with QEMU: id rewriting, events, reconnects;
 //! - [`session`]: one client's QMP session: negotiation, ordering, back-pressure;
@@ -18,6 +20,7 @@
 //! - [`control`]: the control monitor: named fds over SCM_RIGHTS, run-time listeners;
 //! - [`tls`]: TLS listeners, with QEMU's credentials layout;
 //! - [`config`]: the TOML file and command-line merging;
+//! - [`policy_table`]: the built-in policy's allowlist, for `qmpgate policy show|check`;
 //! - [`audit`]: the JSON-lines audit sink.
 
 #![deny(unsafe_code)]
@@ -30,9 +33,12 @@ pub mod control;
 pub mod framing;
 pub mod gateway;
 pub mod hmp_session;
+pub mod json_keys;
 pub mod launcher;
 pub mod plugin;
+pub mod policy_table;
 pub mod qmp;
+pub mod schema;
 pub mod session;
 pub mod status;
 pub mod tls;

@@ -98,6 +98,13 @@ pub fn parse_request(bytes: &[u8], allow_oob: bool) -> Result<Request, RequestEr
         };
         RequestError::without_id(desc)
     })?;
+    // serde_json keeps the last of repeated keys; QEMU's parser refuses the whole
+    // input, so a policy can never judge one reading while QEMU sees another.
+    if crate::json_keys::find_duplicate_key(bytes).is_some() {
+        return Err(RequestError::without_id(
+            crate::json_keys::DUPLICATE_KEY_DESC,
+        ));
+    }
     let Value::Object(mut object) = value else {
         return Err(RequestError::without_id("QMP input must be a JSON object"));
     };
@@ -299,6 +306,21 @@ mod tests {
         assert_eq!(
             desc(r#"{"execute": "a", "exec-oob": "b"}"#, true).1,
             "QMP input member 'exec-oob' clashes with 'execute'"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_as_qemu_refuses_them() {
+        assert_eq!(
+            desc(
+                r#"{"execute": "migrate", "arguments": {"uri": "tcp:x", "uri": "exec:true"}}"#,
+                false
+            ),
+            (None, "JSON parse error, duplicate key".to_string())
+        );
+        assert_eq!(
+            desc(r#"{"execute": "stop", "execute": "quit"}"#, false),
+            (None, "JSON parse error, duplicate key".to_string())
         );
     }
 

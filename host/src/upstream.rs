@@ -34,6 +34,7 @@ use crate::chardev::{ChardevError, ChardevSpec, Inherited};
 use crate::framing::{Frame, Framer};
 use crate::plugin::Command;
 use crate::qmp::{self, QmpError, Upstream as Message};
+use crate::schema::QmpSchema;
 
 /// QEMU's own limit on queued in-band commands with OOB enabled
 /// (`QMP_REQ_QUEUE_LEN_MAX`); without OOB it runs one at a time anyway.
@@ -42,6 +43,10 @@ pub const MAX_IN_FLIGHT: usize = 8;
 /// How long QEMU may take to greet us. A QEMU that accepts but never greets is
 /// almost always serving another client on that monitor (it serves one at a time).
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long QEMU may take to answer the negotiation that follows its greeting
+/// (`qmp_capabilities`, `query-status`, `query-qmp-schema`): milliseconds normally.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Events buffered per session before a session that does not keep up is cut off.
 const EVENT_BUFFER: usize = 1024;
@@ -60,6 +65,14 @@ pub enum UpstreamError {
         "QEMU accepted the connection but sent no QMP greeting within {0:?}: is another client connected to its monitor?"
     )]
     NoGreeting(Duration),
+    /// QEMU greeted but did not answer the negotiation in time.
+    #[error("QEMU greeted but did not answer {step} within {timeout:?}")]
+    NegotiationTimeout {
+        /// The command QEMU did not answer.
+        step: &'static str,
+        /// The deadline.
+        timeout: Duration,
+    },
     /// QEMU closed the link during negotiation.
     #[error("QEMU closed the monitor connection during negotiation")]
     Closed,
@@ -85,6 +98,20 @@ pub struct UpstreamInfo {
     pub connected: bool,
     /// QEMU's run state (`query-status`'s `status`), kept current from events.
     pub run_state: String,
+    /// QEMU's QMP schema, read at connect (and again at each reconnect: it may be
+    /// another QEMU): commands QEMU does not have, or whose arguments do not fit,
+    /// are answered by the gateway. `None` if QEMU gave none that could be read.
+    pub schema: Option<SchemaRef>,
+}
+
+/// A shared, read-only QMP schema; equal when it is the same one.
+#[derive(Debug, Clone)]
+pub struct SchemaRef(pub Arc<QmpSchema>);
+
+impl PartialEq for SchemaRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// An event from QEMU (or qmpgate's own `QMPGATE_*` events), in arrival order.
@@ -240,6 +267,11 @@ impl UpstreamHandle {
         self.discarded.load(Ordering::Relaxed)
     }
 
+    /// QEMU's QMP schema, when it gave one.
+    pub fn schema(&self) -> Option<Arc<QmpSchema>> {
+        self.info.borrow().schema.as_ref().map(|s| s.0.clone())
+    }
+
     /// The latest facts about QEMU.
     pub fn info(&self) -> UpstreamInfo {
         self.info.borrow().clone()
@@ -276,14 +308,99 @@ struct Link {
     reader: Reader,
     writer: Writer,
     framer: Framer,
+    /// Frames read during negotiation after its last reply (events QEMU sent in
+    /// the same write): the task handles them first, so none is lost.
+    early: VecDeque<Frame>,
     info: UpstreamInfo,
 }
 
-/// Opens the upstream chardev (one attempt), reads the greeting and negotiates.
+/// The negotiation's reader: it owns the frames of each read, so messages QEMU
+/// sends together (an event and a reply in one write) are all seen, in order.
+struct Negotiation {
+    reader: Reader,
+    framer: Framer,
+    frames: VecDeque<Frame>,
+}
+
+impl Negotiation {
+    async fn next(&mut self) -> Result<Message, UpstreamError> {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            if let Some(frame) = self.frames.pop_front() {
+                return match frame {
+                    Frame::Message(bytes) => qmp::parse_upstream(&bytes)
+                        .map_err(|e| UpstreamError::Protocol(e.to_string())),
+                    _ => Err(UpstreamError::Protocol("oversized message".into())),
+                };
+            }
+            let n = self.reader.read(&mut buf).await?;
+            if n == 0 {
+                return Err(UpstreamError::Closed);
+            }
+            let mut frames = Vec::new();
+            self.framer.push(&buf[..n], &mut frames);
+            self.frames.extend(frames);
+        }
+    }
+
+    /// Sends `command` (with id 0) and returns its reply's body, within
+    /// [`NEGOTIATION_TIMEOUT`]; events that come first are dropped (nobody is
+    /// subscribed yet).
+    async fn execute(
+        &mut self,
+        writer: &mut Writer,
+        command: Value,
+    ) -> Result<Map<String, Value>, UpstreamError> {
+        let step = match command["execute"].as_str() {
+            Some("qmp_capabilities") => "qmp_capabilities",
+            Some("query-status") => "query-status",
+            _ => "query-qmp-schema",
+        };
+        let exchange = async {
+            writer.write_all(&qmp::encode(&command)).await?;
+            loop {
+                if let Message::Reply { body, .. } = self.next().await? {
+                    return Ok(body);
+                }
+            }
+        };
+        tokio::time::timeout(NEGOTIATION_TIMEOUT, exchange)
+            .await
+            .map_err(|_| UpstreamError::NegotiationTimeout {
+                step,
+                timeout: NEGOTIATION_TIMEOUT,
+            })?
+    }
+}
+
+/// Opens the upstream chardev (one attempt), reads the greeting (within
+/// [`GREETING_TIMEOUT`]) and negotiates (within [`NEGOTIATION_TIMEOUT`]): a peer
+/// that stalls anywhere in it cannot hang start-up, `chardev-add` or a reconnect.
 async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, UpstreamError> {
-    let (mut reader, mut writer) = spec.connect(inherited).await?.into_split();
-    let mut framer = Framer::new(MAX_UPSTREAM_MESSAGE, 1024);
-    let greeting = tokio::time::timeout(GREETING_TIMEOUT, next_message(&mut reader, &mut framer))
+    let (reader, mut writer) = spec.connect(inherited).await?.into_split();
+    let mut negotiation = Negotiation {
+        reader,
+        framer: Framer::new(MAX_UPSTREAM_MESSAGE, 1024),
+        frames: VecDeque::new(),
+    };
+    let info = tokio::time::timeout(GREETING_TIMEOUT, negotiate(&mut negotiation, &mut writer))
+        .await
+        .map_err(|_| UpstreamError::NoGreeting(GREETING_TIMEOUT))??;
+    Ok(Link {
+        reader: negotiation.reader,
+        writer,
+        framer: negotiation.framer,
+        early: negotiation.frames,
+        info,
+    })
+}
+
+/// The greeting, `qmp_capabilities`, the run state and the schema.
+async fn negotiate(
+    negotiation: &mut Negotiation,
+    writer: &mut Writer,
+) -> Result<UpstreamInfo, UpstreamError> {
+    let greeting = tokio::time::timeout(GREETING_TIMEOUT, negotiation.next())
         .await
         .map_err(|_| UpstreamError::NoGreeting(GREETING_TIMEOUT))??;
     let Message::Greeting {
@@ -296,69 +413,46 @@ async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, Ups
         )));
     };
     let oob = capabilities.iter().any(|c| c == "oob");
-    let negotiate = if oob {
+    let command = if oob {
         json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 0})
     } else {
         json!({"execute": "qmp_capabilities", "id": 0})
     };
-    writer.write_all(&qmp::encode(&negotiate)).await?;
-    loop {
-        match next_message(&mut reader, &mut framer).await? {
-            Message::Reply { body, .. } if body.contains_key("return") => break,
-            Message::Reply { body, .. } => {
-                return Err(UpstreamError::Negotiation(Value::Object(body).to_string()));
-            }
-            // Events may come before the reply; nobody is subscribed yet.
-            _ => continue,
-        }
+    let reply = negotiation.execute(writer, command).await?;
+    if !reply.contains_key("return") {
+        return Err(UpstreamError::Negotiation(Value::Object(reply).to_string()));
     }
-    writer
-        .write_all(&qmp::encode(&json!({"execute": "query-status", "id": 0})))
+    let reply = negotiation
+        .execute(writer, json!({"execute": "query-status", "id": 0}))
         .await?;
-    let run_state = loop {
-        if let Message::Reply { body, .. } = next_message(&mut reader, &mut framer).await? {
-            break body
-                .get("return")
-                .and_then(|r| r.get("status"))
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_string();
+    let run_state = reply
+        .get("return")
+        .and_then(|r| r.get("status"))
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string();
+    let reply = negotiation
+        .execute(writer, json!({"execute": "query-qmp-schema", "id": 0}))
+        .await?;
+    let schema = match reply.get("return").map(QmpSchema::from_introspection) {
+        Some(Ok(schema)) => Some(SchemaRef(Arc::new(schema))),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "QEMU's QMP schema is unreadable; commands are not checked against it");
+            None
+        }
+        None => {
+            let reply = Value::Object(reply);
+            tracing::warn!(%reply, "QEMU did not give its QMP schema; commands are not checked against it");
+            None
         }
     };
-    Ok(Link {
-        reader,
-        writer,
-        framer,
-        info: UpstreamInfo {
-            version,
-            oob,
-            connected: true,
-            run_state,
-        },
+    Ok(UpstreamInfo {
+        version,
+        oob,
+        connected: true,
+        run_state,
+        schema,
     })
-}
-
-async fn next_message(reader: &mut Reader, framer: &mut Framer) -> Result<Message, UpstreamError> {
-    let mut frames = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if !frames.is_empty() {
-            // Negotiation reads one message at a time; QEMU sends nothing unasked
-            // before the greeting, and only events around the negotiation reply.
-            let frame = frames.remove(0);
-            return match frame {
-                Frame::Message(bytes) => {
-                    qmp::parse_upstream(&bytes).map_err(|e| UpstreamError::Protocol(e.to_string()))
-                }
-                _ => Err(UpstreamError::Protocol("oversized message".into())),
-            };
-        }
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            return Err(UpstreamError::Closed);
-        }
-        framer.push(&buf[..n], &mut frames);
-    }
 }
 
 /// Connects to QEMU once and starts the upstream task. Returns the handle and the
@@ -521,6 +615,9 @@ impl Upstream {
         let mut buf = vec![0u8; 64 * 1024];
         let mut frames = Vec::new();
         let mut quit_sent = false;
+        for frame in std::mem::take(&mut link.early) {
+            self.receive(frame);
+        }
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(Outcome::Shutdown),
