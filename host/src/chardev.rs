@@ -137,9 +137,11 @@ pub enum MonitorMode {
     Readline,
 }
 
-/// Which plugin chain an upstream's traffic passes: qmpgate's own keys on an upstream
-/// chardev, `profile=NAME` or `plugins=A:B:C`. Upstreams that select the same policy
-/// share one chain (one set of plugin instances).
+/// Which plugin chain traffic passes: qmpgate's own keys `profile=NAME` or
+/// `plugins=A:B:C`, on an upstream chardev (for every listener of that VM) or on a
+/// listener (for its clients only: a tenant's socket `readonly` beside a
+/// management socket). Chardevs that select the same policy share one chain (one
+/// set of plugin instances).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Policy {
     /// The configured plugins (or, with none configured, the built-in policy).
@@ -181,7 +183,8 @@ pub struct ChardevSpec {
     /// `upstream=ID` (qmpgate's own key, listeners only): the upstream whose clients
     /// this listener accepts; needed once qmpgate has more than one upstream.
     pub upstream: Option<String>,
-    /// `profile=`/`plugins=` (qmpgate's own keys, upstreams only).
+    /// `profile=`/`plugins=` (qmpgate's own keys): the upstream's policy, or on a
+    /// listener the policy of its clients (`Default`: its upstream's).
     pub policy: Policy,
 }
 
@@ -364,15 +367,10 @@ impl ChardevSpec {
         Ok(spec)
     }
 
-    /// qmpgate's own keys each belong to one role: `upstream=` to listeners,
-    /// `profile=`/`plugins=` to upstreams. `on` is how the caller's syntax spells
+    /// qmpgate's own keys each belong to a role: `upstream=` to listeners,
+    /// `profile=`/`plugins=` to either. `on` is how the caller's syntax spells
     /// server=on (`on` in specs, `true` in QAPI).
     pub fn check_own_keys(&self, on: &str) -> Result<(), String> {
-        if self.server && self.policy != Policy::Default {
-            return Err(format!(
-                "'profile' and 'plugins' select an upstream's policy; a listener (server={on}) takes its upstream's"
-            ));
-        }
         if !self.server && self.upstream.is_some() {
             return Err(format!(
                 "'upstream' binds a listener (server={on}) to an upstream; this chardev is a client"
@@ -1045,7 +1043,12 @@ mod tests {
         );
         let s = ChardevSpec::parse("socket,id=g,path=/g,server=on,upstream=vm1").unwrap();
         assert_eq!(s.upstream.as_deref(), Some("vm1"));
-        assert!(err("socket,id=g,path=/g,server=on,profile=safe").contains("takes its upstream's"));
+        assert_eq!(
+            ChardevSpec::parse("socket,id=g,path=/g,server=on,profile=readonly")
+                .unwrap()
+                .policy,
+            Policy::Profile("readonly".into())
+        );
         assert!(err("socket,id=q,path=/q,upstream=vm1").contains("this chardev is a client"));
         assert!(err("socket,id=q,path=/q,profile=safe,plugins=a").contains("not both"));
         assert!(err("socket,id=q,path=/q,plugins=a::b").contains("separated by ':'"));

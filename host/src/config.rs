@@ -380,14 +380,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             "two plugins have the same name".into(),
         ));
     }
-    if plugins.is_empty() && !cli.no_default_policy {
-        let profile = cli.profile.as_deref().unwrap_or("safe");
-        plugins = builtin_policy(profile);
-    } else if cli.profile.is_some() {
-        return Err(ConfigError::Invalid(
-            "--profile applies to the built-in policy, which is not used when plugins are configured".into(),
-        ));
-    }
+    plugins = compose(plugins, cli.profile.as_deref(), cli.no_default_policy)?;
 
     for upstream in &upstreams {
         select(&plugins, &upstream.policy)
@@ -494,7 +487,29 @@ pub fn bound_upstream<'a>(
 pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>, ConfigError> {
     match policy {
         Policy::Default => Ok(plugins.to_vec()),
-        Policy::Profile(profile) => Ok(builtin_policy(profile)),
+        // The profile replaces the built-in policy's; the operator's other plugins
+        // (audit, say) stay in the chain.
+        Policy::Profile(profile) => {
+            let mut chain = plugins.to_vec();
+            let mut found = false;
+            for p in chain.iter_mut().filter(|p| is_builtin(p, BUILTIN_POLICY)) {
+                if let Value::Object(config) = &mut p.config {
+                    config.insert("profile".into(), Value::from(profile.as_str()));
+                } else {
+                    p.config = serde_json::json!({ "profile": profile });
+                }
+                found = true;
+            }
+            if found {
+                Ok(chain)
+            } else {
+                let without_builtins = chain
+                    .into_iter()
+                    .filter(|p| !is_builtin(p, BUILTIN_HMP))
+                    .collect();
+                compose(without_builtins, Some(profile), false)
+            }
+        }
         Policy::Plugins(names) => names
             .iter()
             .map(|name| {
@@ -512,6 +527,60 @@ pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>
             })
             .collect(),
     }
+}
+
+/// Whether `spec` is the embedded plugin `bytes` (configured as `builtin = ...`).
+fn is_builtin(spec: &PluginSpec, bytes: &'static [u8]) -> bool {
+    matches!(spec.source, PluginSource::Builtin(b) if std::ptr::eq(b, bytes))
+}
+
+/// The default chain around the operator's plugins: the built-in HMP interpreter
+/// first (so that every plugin sees inside HMP lines), the operator's plugins, then
+/// the built-in policy with `profile` last, so that it judges the command as the
+/// other plugins left it. Configuring a plugin never drops the policy silently:
+/// only `--no-default-policy` does (and an operator who configures the built-in
+/// `qmp-policy` or `hmp` themselves places it where they want).
+fn compose(
+    configured: Vec<PluginSpec>,
+    profile: Option<&str>,
+    no_default_policy: bool,
+) -> Result<Vec<PluginSpec>, ConfigError> {
+    if no_default_policy {
+        if profile.is_some() {
+            return Err(ConfigError::Invalid(
+                "--profile applies to the built-in policy, which --no-default-policy leaves out"
+                    .into(),
+            ));
+        }
+        return Ok(configured);
+    }
+    let own_policy = configured.iter().any(|p| is_builtin(p, BUILTIN_POLICY));
+    if own_policy && profile.is_some() {
+        return Err(ConfigError::Invalid(
+            "--profile applies to the built-in policy; the configuration places its own 'qmp-policy' plugin (set its config's profile there)".into(),
+        ));
+    }
+    let [hmp, policy] = <[PluginSpec; 2]>::try_from(builtin_policy(profile.unwrap_or("safe")))
+        .expect("the built-in chain has two plugins");
+    let mut chain = Vec::new();
+    if !configured.iter().any(|p| is_builtin(p, BUILTIN_HMP)) {
+        chain.push(hmp);
+    }
+    chain.extend(configured);
+    if !own_policy {
+        chain.push(policy);
+    }
+    if let Some(p) = chain
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| chain[..i].iter().find(|q| q.name == p.name))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "two plugins are named '{}' (the built-in chain uses 'hmp' and 'policy'; name yours otherwise, or give --no-default-policy)",
+            p.name
+        )));
+    }
+    Ok(chain)
 }
 
 /// The built-in chain: the HMP interpreter first, so that the policy sees inside HMP
@@ -620,8 +689,47 @@ mod tests {
         )
         .unwrap();
         let r = resolve(file, Overrides::default()).unwrap();
-        assert_eq!(r.plugins[0].limits.cpu, Duration::from_millis(10));
-        assert_eq!(r.plugins[0].config["rules"][0]["commands"][0], "quit");
+        // The configuration places the built-in policy itself: only the HMP reader
+        // is added in front of it.
+        let names: Vec<&str> = r.plugins.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["hmp", "p"]);
+        assert_eq!(r.plugins[1].limits.cpu, Duration::from_millis(10));
+        assert_eq!(r.plugins[1].config["rules"][0]["commands"][0], "quit");
+    }
+
+    #[test]
+    fn a_configured_plugin_does_not_drop_the_builtin_policy() {
+        let file = || -> FileConfig {
+            toml::from_str(
+                r#"
+                upstream = "socket,id=q,path=/q"
+                listen = ["socket,id=l,path=/l,server=on"]
+                [[plugin]]
+                name = "audit"
+                builtin = "audit"
+                "#,
+            )
+            .unwrap()
+        };
+        let names =
+            |r: &Resolved| -> Vec<String> { r.plugins.iter().map(|p| p.name.clone()).collect() };
+        let r = resolve(file(), Overrides::default()).unwrap();
+        assert_eq!(names(&r), ["hmp", "audit", "policy"]);
+        assert_eq!(r.plugins[2].config, serde_json::json!({"profile": "safe"}));
+        let readonly = Overrides {
+            profile: Some("readonly".into()),
+            ..Default::default()
+        };
+        let r = resolve(file(), readonly).unwrap();
+        assert_eq!(
+            r.plugins[2].config,
+            serde_json::json!({"profile": "readonly"})
+        );
+        let bare = Overrides {
+            no_default_policy: true,
+            ..Default::default()
+        };
+        assert_eq!(names(&resolve(file(), bare).unwrap()), ["audit"]);
     }
 
     #[test]
@@ -654,12 +762,13 @@ mod tests {
                 .map(|p| p.name)
                 .collect()
         };
-        assert_eq!(names(&r.upstreams[0].policy), ["strict", "audit"]);
+        assert_eq!(names(&r.upstreams[0].policy), ["hmp", "strict", "audit"]);
         assert_eq!(names(&r.upstreams[1].policy), ["strict"]);
-        assert_eq!(
-            names(&Policy::Profile("readonly".into())),
-            ["hmp", "policy"]
-        );
+        // A profile keeps the chain and sets the built-in policy's profile.
+        let readonly = select(&r.plugins, &Policy::Profile("safe".into())).unwrap();
+        let names_of: Vec<&str> = readonly.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names_of, ["hmp", "strict", "audit"]);
+        assert_eq!(readonly[1].config, serde_json::json!({"profile": "safe"}));
     }
 
     #[test]

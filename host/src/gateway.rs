@@ -62,6 +62,9 @@ struct ListenerEntry {
     address: String,
     /// What it is bound to, e.g. `unix:/run/vm1.sock`.
     bound: String,
+    /// The listener's own policy (`profile=`/`plugins=` on it), with the chain it
+    /// selects; `None`: its clients pass the upstream's chain.
+    own: Option<(Policy, Arc<RwLock<PluginChain>>)>,
 }
 
 /// Limits every session works under, whichever upstream it serves.
@@ -108,8 +111,21 @@ pub struct ListenerContext {
     pub mode: MonitorMode,
     /// Set for `tls-creds=` listeners: the handshake comes before the session.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The listener's own chain (its `profile=`/`plugins=`), shared with its entry
+    /// so that a reload replaces it; `None`: the upstream's.
+    own_chain: Option<Arc<RwLock<PluginChain>>>,
     /// Shared state.
     pub shared: Arc<Shared>,
+}
+
+impl ListenerContext {
+    /// The chain this listener's clients pass: its own, or its upstream's.
+    pub fn chain(&self) -> PluginChain {
+        match &self.own_chain {
+            Some(chain) => chain.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            None => self.shared.chain(),
+        }
+    }
 }
 
 impl std::ops::Deref for ListenerContext {
@@ -128,6 +144,8 @@ pub struct ListenerInfo {
     pub address: String,
     /// What it is bound to.
     pub bound: String,
+    /// Its own policy, when it has one (else its upstream's applies).
+    pub policy: Option<Policy>,
 }
 
 impl Shared {
@@ -137,6 +155,7 @@ impl Shared {
         self: &Arc<Self>,
         spec: &ChardevSpec,
         listener: Listener,
+        own_chain: Option<PluginChain>,
     ) -> Result<(), String> {
         let tls = match &spec.tls_creds {
             Some(dir) => Some(crate::tls::acceptor(dir).map_err(|e| e.to_string())?),
@@ -146,18 +165,21 @@ impl Shared {
         let bound = listener.local_description();
         tracing::info!(listener = %spec.id, upstream = %self.upstream_spec.id, address = %bound, "listening");
         let stop = self.shutdown.child_token();
+        let own_chain = own_chain.map(|chain| Arc::new(RwLock::new(chain)));
         listeners.insert(
             spec.id.clone(),
             ListenerEntry {
                 stop: stop.clone(),
                 address: spec.address.to_string(),
                 bound,
+                own: own_chain.clone().map(|chain| (spec.policy.clone(), chain)),
             },
         );
         let ctx = Arc::new(ListenerContext {
             id: spec.id.clone(),
             mode: spec.mode,
             tls,
+            own_chain,
             shared: self.clone(),
         });
         self.tracker.spawn(accept_loop(listener, ctx, stop));
@@ -192,6 +214,7 @@ impl Shared {
                 id: id.clone(),
                 address: entry.address.clone(),
                 bound: entry.bound.clone(),
+                policy: entry.own.as_ref().map(|(policy, _)| policy.clone()),
             })
             .collect()
     }
@@ -204,6 +227,19 @@ impl Shared {
     /// Puts a new plugin chain in place for every command decided from now on.
     fn replace_chain(&self, chain: PluginChain) {
         *self.chain.write().unwrap_or_else(|e| e.into_inner()) = chain;
+    }
+
+    /// The policies of the listeners that have their own, with their chain slots.
+    fn own_listener_chains(&self) -> Vec<(String, Policy, Arc<RwLock<PluginChain>>)> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(id, entry)| {
+                let (policy, chain) = entry.own.as_ref()?;
+                Some((id.clone(), policy.clone(), chain.clone()))
+            })
+            .collect()
     }
 }
 
@@ -351,7 +387,12 @@ impl Hub {
             }
             upstreams.insert(id.clone(), shared.clone());
         }
-        tracing::info!(upstream = %id, policy = %shared.upstream_spec.policy, "upstream added");
+        tracing::info!(
+            upstream = %id,
+            policy = %shared.upstream_spec.policy,
+            chain = %shared.chain().describe().join(" -> "),
+            "upstream added"
+        );
         let hub = self.clone();
         let watched = shared.clone();
         self.tracker.spawn(async move {
@@ -470,15 +511,33 @@ impl Hub {
 
     /// Starts accepting on `listener` as chardev `spec.id`, for the upstream its
     /// `upstream=` names (or the only upstream).
+    /// A listener with its own `profile=`/`plugins=` gets that chain (blocks while
+    /// its plugins load, before any lock is taken).
     pub fn add_listener(&self, spec: &ChardevSpec, listener: Listener) -> Result<(), String> {
         check_listener(spec).map_err(|e| format!("chardev '{}': {e}", spec.id))?;
+        let own_chain = match &spec.policy {
+            Policy::Default => None,
+            policy => Some(
+                self.chain_for(policy)
+                    .map_err(|e| format!("listener '{}': {e}", spec.id))?,
+            ),
+        };
         let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
         if self.id_in_use_locked(&upstreams, &spec.id) {
             return Err(format!("Chardev '{}' already exists", spec.id));
         }
         let id = crate::config::bound_upstream(spec, upstreams.keys().map(String::as_str))
             .map_err(|e| e.to_string())?;
-        upstreams[&id].add_listener(spec, listener)
+        let own_chain = own_chain.map(|chain| chain.for_upstream(&id));
+        if let Some(chain) = &own_chain {
+            tracing::info!(
+                listener = %spec.id,
+                policy = %spec.policy,
+                chain = %chain.describe().join(" -> "),
+                "listener has its own policy"
+            );
+        }
+        upstreams[&id].add_listener(spec, listener, own_chain)
     }
 
     /// Stops accepting on listener `id` (its clients stay connected); false if
@@ -501,15 +560,26 @@ impl Hub {
     pub fn replace_chains(&self, mut chains: Chains) -> Result<(), String> {
         let upstreams = self.upstreams();
         let mut next = Vec::new();
+        let mut next_listeners = Vec::new();
         for shared in &upstreams {
+            let id = &shared.upstream_spec.id;
             let chain = chains
                 .get(&shared.upstream_spec.policy)
-                .map_err(|e| format!("upstream '{}': {e}", shared.upstream_spec.id))?;
+                .map_err(|e| format!("upstream '{id}': {e}"))?;
             next.push(chain);
+            for (listener, policy, slot) in shared.own_listener_chains() {
+                let chain = chains
+                    .get(&policy)
+                    .map_err(|e| format!("listener '{listener}': {e}"))?;
+                next_listeners.push((slot, chain.for_upstream(id)));
+            }
         }
         let mut current = self.chains.lock().unwrap_or_else(|e| e.into_inner());
         for (shared, chain) in upstreams.iter().zip(next) {
             shared.replace_chain(chain.for_upstream(&shared.upstream_spec.id));
+        }
+        for (slot, chain) in next_listeners {
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = chain;
         }
         *current = chains;
         Ok(())
@@ -517,14 +587,26 @@ impl Hub {
 
     /// The distinct chains in use, each with the policy that selected it and the
     /// upstreams that use it.
+    /// Listeners with a policy of their own count as users of their chain by
+    /// their own id.
     pub fn chains_in_use(&self) -> Vec<(PluginChain, Policy, Vec<String>)> {
         let mut out: Vec<(PluginChain, Policy, Vec<String>)> = Vec::new();
+        let mut add = |chain: PluginChain, policy: &Policy, id: String| match out
+            .iter_mut()
+            .find(|(c, _, _)| c.same_as(&chain))
+        {
+            Some((_, _, ids)) => ids.push(id),
+            None => out.push((chain, policy.clone(), vec![id])),
+        };
         for shared in self.upstreams() {
-            let chain = shared.chain();
-            let id = shared.upstream_spec.id.clone();
-            match out.iter_mut().find(|(c, _, _)| c.same_as(&chain)) {
-                Some((_, _, ids)) => ids.push(id),
-                None => out.push((chain, shared.upstream_spec.policy.clone(), vec![id])),
+            add(
+                shared.chain(),
+                &shared.upstream_spec.policy,
+                shared.upstream_spec.id.clone(),
+            );
+            for (listener, policy, slot) in shared.own_listener_chains() {
+                let chain = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
+                add(chain, &policy, listener);
             }
         }
         out

@@ -98,7 +98,7 @@ pub async fn serve(
 
 /// Decides on one line and, if allowed, runs it in QEMU; returns what to print.
 async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) -> String {
-    match ctx.chain().on_hmp(client, line).await {
+    match ctx.chain().on_hmp(client, line, None).await {
         Decision::Forward(command) => {
             let limit = ctx.limits.timeouts.for_command(&command.name);
             let name = command.name.clone();

@@ -59,6 +59,36 @@ enum Command {
         #[command(subcommand)]
         action: PluginAction,
     },
+    /// The built-in policy's rules: what each profile allows, and whether a QEMU's
+    /// schema is covered.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyAction {
+    /// Print what a profile allows (each command, argument and variant, with the
+    /// reason it is harmless), then what the table names and refuses.
+    Show {
+        /// safe or readonly.
+        #[arg(long, default_value = "safe")]
+        profile: String,
+        /// Print Markdown tables (as in the README).
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// Check a QEMU's QMP schema against the table: every command and every union
+    /// variant of an allowed command should be allowed or refused by name. Exits 1
+    /// if something is unclassified (it is refused all the same).
+    ///
+    /// Example: get the schema with {"execute": "query-qmp-schema"} and save the reply.
+    Check {
+        /// The reply to query-qmp-schema (or its return value), as JSON.
+        #[arg(long, value_name = "FILE")]
+        schema: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +193,46 @@ impl GatewayArgs {
     }
 }
 
+/// `qmpgate policy show|check`.
+fn policy(action: &PolicyAction) -> anyhow::Result<u8> {
+    use qmpgate::policy_table::{self, Format, allowlist};
+    let table = allowlist::Table::builtin();
+    match action {
+        PolicyAction::Show { profile, markdown } => {
+            let level = match profile.as_str() {
+                "safe" => allowlist::Level::Safe,
+                "readonly" => allowlist::Level::Readonly,
+                "permissive" => {
+                    println!(
+                        "Profile 'permissive' has no table: only the operator's rules decide."
+                    );
+                    return Ok(0);
+                }
+                other => {
+                    anyhow::bail!("no profile '{other}' (profiles: safe, readonly, permissive)")
+                }
+            };
+            let format = if *markdown {
+                Format::Markdown
+            } else {
+                Format::Text
+            };
+            print!("{}", policy_table::show(&table, level, format));
+            Ok(0)
+        }
+        PolicyAction::Check { schema } => {
+            let text = std::fs::read_to_string(schema)
+                .with_context(|| format!("cannot read {}", schema.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", schema.display()))?;
+            let coverage = policy_table::check(&table, &value)
+                .with_context(|| schema.display().to_string())?;
+            print!("{}", coverage.report());
+            Ok(if coverage.complete() { 0 } else { 1 })
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Before anything opens a file: every fd above stderr now is one the parent
     // passed, and none may be confused with, or leak like, one of our own.
@@ -208,6 +278,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
                     uid,
                 },
         }) => return plugin_test(plugin, config.as_deref(), listener, *uid).await,
+        Some(Command::Policy { action }) => return policy(action),
         None => (&cli.gateway, None),
     };
     let file = match &args.config {
@@ -423,7 +494,7 @@ async fn plugin_test(
             }
         };
         let mut out = if let Some(Value::String(hmp)) = input.get("hmp") {
-            verdict(chain.on_hmp(&client(Protocol::Hmp), hmp).await)
+            verdict(chain.on_hmp(&client(Protocol::Hmp), hmp, None).await)
         } else if let Some(Value::String(event)) = input.get("event") {
             let body = input.as_object().cloned().unwrap_or_default();
             match chain.on_event(&client(Protocol::Qmp), event, &body).await {

@@ -662,6 +662,9 @@ pub struct Loaded(Worker);
 pub struct PluginInfo {
     /// The configured name.
     pub name: Arc<str>,
+    /// The `profile` of its configuration, when it has one (the built-in policy's),
+    /// so that status shows which profile a chain enforces.
+    pub profile: Option<String>,
     /// Its counters.
     pub stats: Arc<PluginStats>,
 }
@@ -770,6 +773,9 @@ impl PluginChain {
             .iter()
             .map(|w| PluginInfo {
                 name: w.name.clone(),
+                profile: serde_json::from_str::<Value>(&w.config)
+                    .ok()
+                    .and_then(|c| c.get("profile")?.as_str().map(str::to_string)),
                 stats: w.stats.clone(),
             })
             .collect();
@@ -814,7 +820,19 @@ impl PluginChain {
         }
     }
 
-    /// The plugins, in order.
+    /// The chain as status and logs show it: each plugin's name, with the profile
+    /// it enforces when it has one (`["hmp", "policy (profile=safe)"]`).
+    pub fn describe(&self) -> Vec<String> {
+        self.plugins()
+            .iter()
+            .map(|p| match &p.profile {
+                Some(profile) => format!("{} (profile={profile})", p.name),
+                None => p.name.to_string(),
+            })
+            .collect()
+    }
+
+    /// The plugins, in chain order.
     pub fn plugins(&self) -> &[PluginInfo] {
         &self.plugins
     }
@@ -913,13 +931,18 @@ impl PluginChain {
     /// is in QMP terms, then the chain decides on that, with the line attached.
     /// `Forward` carries the `human-monitor-command` to send: QEMU runs the line
     /// itself, so its HMP output is what the user sees.
-    pub async fn on_hmp(&self, client: &Client, line: &str) -> Decision {
+    ///
+    /// `cpu_index` is `human-monitor-command`'s own argument (the vCPU the line
+    /// runs on), passed on as the client gave it.
+    pub async fn on_hmp(&self, client: &Client, line: &str, cpu_index: Option<Value>) -> Decision {
+        let mut arguments = Map::new();
+        arguments.insert("command-line".into(), Value::from(line));
+        if let Some(cpu_index) = cpu_index {
+            arguments.insert("cpu-index".into(), cpu_index);
+        }
         let passthrough = Command {
             name: "human-monitor-command".into(),
-            arguments: serde_json::json!({ "command-line": line })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
+            arguments,
             oob: false,
         };
         if self.jobs.is_none() {

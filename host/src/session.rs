@@ -309,6 +309,18 @@ impl Session {
                 ),
             ),
             (Phase::Commands { .. }, _) => {
+                // QEMU's schema first: a command QEMU does not have, or arguments
+                // that do not fit it, get QEMU's own answer before any plugin sees
+                // them (qmpgate's own command has its own checks).
+                if name == QUERY_EVENTS {
+                    if let Err(error) = check_query_events(&arguments) {
+                        return self.answer(id, error);
+                    }
+                } else if let Some(schema) = self.ctx.upstream.schema()
+                    && let Err(error) = schema.check_arguments(&name, &arguments)
+                {
+                    return self.answer(id, qmp::error_response(&error.to_qmp_error(), None));
+                }
                 // HMP inside QMP gets the same interpretation and policy as an HMP
                 // listener's lines, so it is no way around the policy.
                 let hmp_line = match (name.as_str(), arguments.get("command-line")) {
@@ -316,7 +328,24 @@ impl Session {
                     _ => None,
                 };
                 let decision = match hmp_line {
-                    Some(line) => self.ctx.chain().on_hmp(&self.client, &line).await,
+                    Some(line) => {
+                        // QEMU's own members only: the line and the vCPU it runs on.
+                        match arguments
+                            .keys()
+                            .find(|k| !matches!(k.as_str(), "command-line" | "cpu-index"))
+                        {
+                            Some(extra) => Decision::Deny(QmpError::generic(format!(
+                                "Parameter '{extra}' is unexpected"
+                            ))),
+                            None => {
+                                let cpu_index = arguments.get("cpu-index").cloned();
+                                self.ctx
+                                    .chain()
+                                    .on_hmp(&self.client, &line, cpu_index)
+                                    .await
+                            }
+                        }
+                    }
                     None => {
                         let command = Command {
                             name,
@@ -350,18 +379,10 @@ impl Session {
     /// `query-qmpgate-events {"since": SEQ}`: the events qmpgate kept, after SEQ
     /// (default: all), as this client's plugins let it see them, each with its `seq`.
     async fn query_events(&mut self, arguments: &Map<String, Value>) -> Value {
-        let since = match arguments.get("since") {
-            None => 0,
-            Some(v) => match v.as_u64() {
-                Some(n) => n,
-                None => {
-                    return error("Invalid parameter type for 'since', expected: integer".into());
-                }
-            },
-        };
-        if let Some(key) = arguments.keys().find(|k| *k != "since") {
-            return error(format!("Parameter '{key}' is unexpected"));
+        if let Err(error) = check_query_events(arguments) {
+            return error;
         }
+        let since = arguments.get("since").and_then(Value::as_u64).unwrap_or(0);
         let mut list = Vec::new();
         for event in self.ctx.upstream.events_since(since) {
             let name = event
@@ -561,6 +582,21 @@ fn write_failed(e: std::io::Error) -> &'static str {
 
 fn error(desc: String) -> Value {
     qmp::error_response(&QmpError::generic(desc), None)
+}
+
+/// `query-qmpgate-events`'s arguments, with QEMU's texts: `since`, an integer.
+fn check_query_events(arguments: &Map<String, Value>) -> Result<(), Value> {
+    if let Some(since) = arguments.get("since")
+        && since.as_u64().is_none()
+    {
+        return Err(error(
+            "Invalid parameter type for 'since', expected: integer".into(),
+        ));
+    }
+    match arguments.keys().find(|k| *k != "since") {
+        Some(key) => Err(error(format!("Parameter '{key}' is unexpected"))),
+        None => Ok(()),
+    }
 }
 
 async fn recv_event(

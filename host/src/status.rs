@@ -344,6 +344,7 @@ pub fn status_json(hub: &Hub) -> Value {
                 "origin": origin(&l.address),
                 "address": l.address,
                 "bound": l.bound,
+                "policy": l.policy.as_ref().map(ToString::to_string),
             }));
         }
         clients.extend(
@@ -358,6 +359,7 @@ pub fn status_json(hub: &Hub) -> Value {
         per_upstream.push(json!({
             "id": spec.id,
             "policy": spec.policy.to_string(),
+            "chain": shared.chain().describe(),
             "connected": info.connected,
             "qemu": info.version,
             "run_state": info.run_state,

@@ -31,13 +31,15 @@
 //! per client which events it sees (first match; default deliver), and can replace
 //! values in `data` by `"<redacted>"`.
 //!
-//! Profiles: `safe` (allow, but deny what spawns processes, touches host files, opens
-//! listeners, injects fds or cuts the gateway's link), `readonly` (queries only) and
-//! `permissive` (no built-in rules).
+//! Profiles: `safe` and `readonly` are allowlists ([`allowlist`], the table in
+//! `profiles.toml`): a command, argument or union variant the table does not list
+//! is refused. `readonly` allows what only reads the VM's state; `safe` adds what
+//! changes the VM but cannot make QEMU touch the host. `permissive` has no table:
+//! only the operator's rules, then `default` (allow unless set to `deny`).
 //!
-//! Layout: [`Config`] and [`Rule`] are the configuration; [`profile_rules`] holds the
-//! built-in profiles; [`Policy::decide`] evaluates; [`glob`] and [`values_at`] are the
-//! matchers.
+//! Layout: [`Config`] and [`Rule`] are the configuration; [`allowlist`] holds the
+//! profiles' table and its checker; [`Policy::decide`] evaluates; [`glob`] and
+//! [`values_at`] are the operator rules' matchers.
 
 #![forbid(unsafe_code)]
 
@@ -48,6 +50,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+pub mod allowlist;
+
+use allowlist::{Level, Table};
+
 /// The plugin's configuration.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,7 +61,9 @@ struct Config {
     /// Built-in rule set appended after the operator's rules.
     #[serde(default)]
     profile: Profile,
-    /// What happens when no rule matches; the profile decides when unset.
+    /// What happens when no rule matches, with the `permissive` profile (allow
+    /// when unset). `safe` and `readonly` refuse whatever their table does not
+    /// allow, so `default` is an error with them.
     default: Option<Action>,
     /// The operator's rules, tried before the profile's.
     #[serde(default)]
@@ -189,32 +197,6 @@ struct Rule {
 }
 
 impl Rule {
-    fn deny(commands: &[&str], desc: &str) -> Self {
-        Self::deny_with(commands, &[], desc)
-    }
-
-    fn deny_with(commands: &[&str], arguments: &[(&str, &str)], desc: &str) -> Self {
-        Rule {
-            action: Action::Deny,
-            commands: Some(commands.iter().map(|s| s.to_string()).collect()),
-            arguments: arguments
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            uids: None,
-            listeners: None,
-            identities: None,
-            desc: Some(desc.to_string()),
-        }
-    }
-
-    fn allow(commands: &[&str]) -> Self {
-        Rule {
-            action: Action::Allow,
-            ..Rule::deny(commands, "")
-        }
-    }
-
     fn matches(&self, client: &Client, command: &Command, arguments: &Value) -> bool {
         if let Some(patterns) = &self.commands
             && !patterns.iter().any(|p| glob(p, &command.name))
@@ -238,193 +220,71 @@ impl Rule {
     }
 }
 
-/// The built-in rules of a profile and its default action.
-fn profile_rules(profile: Profile) -> (Vec<Rule>, Action) {
-    match profile {
-        Profile::Permissive => (Vec::new(), Action::Allow),
-        Profile::Readonly => (
-            vec![Rule::allow(&[
-                "query-*",
-                "qom-get",
-                "qom-list",
-                "qom-list-types",
-                "qom-list-properties",
-                "device-list-properties",
-                "hmp:info *",
-                "hmp:help",
-            ])],
-            Action::Deny,
-        ),
-        Profile::Safe => (safe_rules(), Action::Allow),
-    }
-}
-
-/// What the `safe` profile refuses, and why (the reason is shown to the client).
-fn safe_rules() -> Vec<Rule> {
-    const HOST_FILE: &str = "it writes or reads a file on the QEMU host";
-    const SPAWNS: &str = "it makes QEMU run a host program";
-    const FDS: &str = "it injects file descriptors into QEMU";
-    const LINK: &str = "it can cut or bypass the gateway's own monitor link";
-    const LISTENER: &str = "it opens a host socket, file or device";
-    vec![
-        Rule::deny_with(
-            &["migrate", "migrate-incoming"],
-            &[("uri", "exec:*")],
-            SPAWNS,
-        ),
-        Rule::deny_with(&["migrate", "migrate-incoming"], &[("uri", "fd:*")], FDS),
-        Rule::deny_with(
-            &["migrate", "migrate-incoming"],
-            &[("uri", "file:*")],
-            HOST_FILE,
-        ),
-        Rule::deny_with(
-            &["migrate", "migrate-incoming"],
-            &[("uri", "unix:*")],
-            LISTENER,
-        ),
-        Rule::deny(
-            &["dump-guest-memory", "screendump", "memsave", "pmemsave"],
-            HOST_FILE,
-        ),
-        Rule::deny(&["getfd", "add-fd", "get-win32-socket"], FDS),
-        Rule::deny(&["add_client", "yank"], LINK),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("backend.type", "file")],
-            HOST_FILE,
-        ),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("backend.type", "pipe")],
-            HOST_FILE,
-        ),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("backend.type", "serial")],
-            LISTENER,
-        ),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("backend.type", "parallel")],
-            LISTENER,
-        ),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("backend.type", "socket")],
-            LISTENER,
-        ),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("backend.type", "udp")],
-            LISTENER,
-        ),
-        Rule::deny_with(
-            &["chardev-add", "chardev-change"],
-            &[("**.logfile", "*")],
-            HOST_FILE,
-        ),
-        Rule::deny(&["chardev-remove"], LINK),
-        Rule::deny_with(
-            &["blockdev-add", "blockdev-create", "blockdev-reopen"],
-            &[("**.filename", "*")],
-            HOST_FILE,
-        ),
-        Rule::deny_with(
-            &["blockdev-add", "blockdev-create", "blockdev-reopen"],
-            &[("**.driver", "file")],
-            HOST_FILE,
-        ),
-        Rule::deny_with(&["object-add"], &[("**.mem-path", "*")], HOST_FILE),
-        Rule::deny_with(&["object-add"], &[("**.file", "*")], HOST_FILE),
-        Rule::deny_with(&["object-add"], &[("**.filename", "*")], HOST_FILE),
-        Rule::deny_with(&["object-add"], &[("**.dir", "*")], HOST_FILE),
-        Rule::deny_with(&["object-add"], &[("**.path", "*")], HOST_FILE),
-        Rule::deny_with(&["netdev_add"], &[("**.script", "*")], SPAWNS),
-        Rule::deny_with(&["netdev_add"], &[("**.downscript", "*")], SPAWNS),
-        Rule::deny_with(&["netdev_add"], &[("**.helper", "*")], SPAWNS),
-        Rule::deny_with(&["netdev_add"], &[("**.fd", "*")], FDS),
-        Rule::deny_with(&["netdev_add"], &[("**.fds", "*")], FDS),
-        Rule::deny_with(&["netdev_add"], &[("**.vhostfd", "*")], FDS),
-        Rule::deny_with(&["netdev_add"], &[("**.vhostfds", "*")], FDS),
-        Rule::deny_with(&["blockdev-change-medium"], &[("filename", "*")], HOST_FILE),
-        Rule::deny(
-            &[
-                "blockdev-snapshot-sync",
-                "drive-mirror",
-                "drive-backup",
-                "dump-skeys",
-            ],
-            HOST_FILE,
-        ),
-        Rule::deny(&["x-*"], "experimental commands are not allowed"),
-        // HMP commands with no QMP equivalent (see the hmp plugin).
-        Rule::deny(&["hmp:gdbserver", "hmp:hostfwd_add"], LISTENER),
-        Rule::deny(
-            &[
-                "hmp:logfile",
-                "hmp:wavcapture",
-                "hmp:drive_add",
-                "hmp:commit",
-            ],
-            HOST_FILE,
-        ),
-        Rule::deny(
-            &["hmp:qemu-io"],
-            "it runs qemu-io commands on block devices",
-        ),
-        Rule::deny(&["hmp:o", "hmp:i"], "it accesses I/O ports directly"),
-        Rule::deny(
-            &["hmp:gpa2hva", "hmp:gpa2hpa"],
-            "it reveals host memory addresses",
-        ),
-        Rule::deny(
-            &["human-monitor-command"],
-            "HMP command lines are refused unless an HMP plugin interprets them",
-        ),
-    ]
-}
-
 /// The loaded policy.
 struct Policy {
+    /// The operator's rules, tried first.
     rules: Vec<Rule>,
+    /// The profile's table and level; `None` for `permissive`.
+    profile: Option<(Table, Level)>,
+    /// With `permissive`: what happens when no operator rule matches.
     default: Action,
     events: Vec<EventRule>,
 }
 
 impl Policy {
-    fn from_config(config: Config) -> Self {
-        let (profile_rules, profile_default) = profile_rules(config.profile);
-        let mut rules = config.rules;
-        rules.extend(profile_rules);
-        Policy {
-            rules,
-            default: config.default.unwrap_or(profile_default),
-            events: config.events,
+    fn from_config(config: Config) -> Result<Self, String> {
+        let level = match config.profile {
+            Profile::Safe => Some(Level::Safe),
+            Profile::Readonly => Some(Level::Readonly),
+            Profile::Permissive => None,
+        };
+        if level.is_some() && config.default.is_some() {
+            return Err(
+                "'default' applies to the permissive profile only: safe and readonly \
+                 refuse whatever their allowlist does not list (add 'allow' rules instead)"
+                    .into(),
+            );
         }
+        Ok(Policy {
+            rules: config.rules,
+            profile: level.map(|level| (Table::builtin(), level)),
+            default: config.default.unwrap_or(Action::Allow),
+            events: config.events,
+        })
     }
 
     fn decide(&self, client: &Client, command: &Command) -> Verdict {
         let arguments = command.arguments_json();
-        let matched = self
+        if let Some(rule) = self
             .rules
             .iter()
-            .find(|rule| rule.matches(client, command, &arguments));
-        let (action, desc) = match matched {
-            Some(rule) => (rule.action, rule.desc.as_deref()),
-            None => (self.default, None),
-        };
-        match action {
-            Action::Allow => Verdict::Forward,
-            Action::Deny => {
-                let desc = match desc {
+            .find(|rule| rule.matches(client, command, &arguments))
+        {
+            return match rule.action {
+                Action::Allow => Verdict::Forward,
+                Action::Deny => Verdict::Deny(QmpError::generic(match rule.desc.as_deref() {
                     Some(reason) if !reason.is_empty() => {
                         format!("Command '{}' is denied by policy: {reason}", command.name)
                     }
                     _ => format!("Command '{}' is denied by policy", command.name),
-                };
-                Verdict::Deny(QmpError::generic(desc))
-            }
+                })),
+            };
+        }
+        match &self.profile {
+            None => match self.default {
+                Action::Allow => Verdict::Forward,
+                Action::Deny => Verdict::Deny(QmpError::generic(format!(
+                    "Command '{}' is denied by policy",
+                    command.name
+                ))),
+            },
+            Some((table, level)) => match table.judge(*level, &command.name, &arguments) {
+                Ok(()) => Verdict::Forward,
+                Err(refusal) => Verdict::Deny(QmpError::generic(format!(
+                    "Command '{}' is refused by the {level} profile: {refusal}",
+                    command.name
+                ))),
+            },
         }
     }
 }
@@ -443,7 +303,7 @@ impl Plugin for Policy {
                 ));
             }
         }
-        Ok(Policy::from_config(config))
+        Policy::from_config(config)
     }
 
     fn on_command(
@@ -562,7 +422,7 @@ mod tests {
     }
 
     fn policy(config: Value) -> Policy {
-        Policy::from_config(serde_json::from_value(config).unwrap())
+        Policy::from_config(serde_json::from_value(config).unwrap()).unwrap()
     }
 
     fn denied(p: &Policy, name: &str, args: Value) -> bool {
@@ -582,10 +442,26 @@ mod tests {
     }
 
     #[test]
-    fn safe_profile_denies_host_access_but_allows_queries() {
+    fn safe_profile_refuses_host_access_but_allows_management() {
         let p = policy(json!({}));
         assert!(!denied(&p, "query-status", json!({})));
-        assert!(!denied(&p, "migrate", json!({"uri": "tcp:10.0.0.1:4444"})));
+        assert!(!denied(&p, "stop", json!({})));
+        assert!(!denied(
+            &p,
+            "device_add",
+            json!({"driver": "e1000", "id": "n1"})
+        ));
+        assert!(denied(
+            &p,
+            "device_add",
+            json!({"driver": "e1000", "id": "n1", "romfile": "/etc/shadow"})
+        ));
+        assert!(denied(
+            &p,
+            "device_add",
+            json!({"driver": "vhost-vsock-pci", "vhostfd": "4"})
+        ));
+        assert!(denied(&p, "migrate", json!({"uri": "tcp:10.0.0.1:4444"})));
         assert!(denied(&p, "migrate", json!({"uri": "exec:cat > /tmp/x"})));
         assert!(denied(&p, "screendump", json!({"filename": "/tmp/x.ppm"})));
         assert!(denied(
@@ -603,7 +479,49 @@ mod tests {
             "blockdev-add",
             json!({"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": "/etc/shadow"}})
         ));
+        assert!(denied(
+            &p,
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "n", "file": {"driver": "file", "filename": "/etc/shadow"}})
+        ));
+        assert!(!denied(
+            &p,
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "n", "file": "disk0"})
+        ));
+        assert!(denied(
+            &p,
+            "netdev_add",
+            json!({"type": "user", "id": "u", "hostfwd": [{"str": "tcp::2222-:22"}]})
+        ));
         assert!(denied(&p, "x-exit-preconfig", json!({})));
+        assert!(denied(&p, "a-command-from-qemu-12", json!({})));
+        match p.decide(
+            &client(1000, "qmp"),
+            &command("screendump", json!({"filename": "x"})),
+        ) {
+            Verdict::Deny(e) => assert_eq!(
+                e.desc,
+                "Command 'screendump' is refused by the safe profile: it writes a host file named by the client"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn default_applies_to_permissive_only() {
+        let config = |v: Value| serde_json::from_value::<Config>(v).unwrap();
+        assert!(Policy::from_config(config(json!({"default": "allow"}))).is_err());
+        let p = policy(
+            json!({"profile": "permissive", "default": "deny", "rules": [{"action": "allow", "commands": ["query-*"]}]}),
+        );
+        assert!(!denied(&p, "query-status", json!({})));
+        assert!(denied(&p, "stop", json!({})));
+        assert!(!denied(
+            &policy(json!({"profile": "permissive"})),
+            "screendump",
+            json!({"filename": "x"})
+        ));
     }
 
     #[test]
