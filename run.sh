@@ -5,7 +5,7 @@
 # Extra arguments go to qmpgate (see: target/release/qmpgate --help).
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup.sh
+scripts/setup.sh run
 cargo build --release --locked -p qmpgate
 socket="${QMPGATE_SOCKET:-$PWD/qmpgate.sock}"
 echo "qmpgate: clients connect to $socket" >&2

@@ -4,7 +4,7 @@
 # plugins' own unit tests, and a short fuzz run of each parser.
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup.sh
+scripts/setup.sh test
 cargo build --release --locked --workspace --bins
 cargo test --release --locked --workspace
 (cd guest-plugins && cargo test --locked -p qmp-policy -p hmp)

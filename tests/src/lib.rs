@@ -1,12 +1,14 @@
 //! Helpers for qmpgate's end-to-end tests: real processes on real sockets.
 //!
 //! - [`Qemu`]: a real QEMU (`-M none`, TCG) whose monitor is a listening socket the
-//!   test created before QEMU started (so connecting cannot race its start-up);
+//!   test created before QEMU started (so connecting cannot race its start-up), of
+//!   either version the tests run against ([`QemuVersion`]: Debian's 7.2 and 10.0);
 //! - [`GatewayBuilder`]: spawns the `qmpgate` binary with inherited fds, the way a
 //!   parent process would;
 //! - [`QmpClient`]: a small blocking QMP client that shows the bytes a user sees;
 //! - [`FakeQemu`]: a scripted QMP server for faults real QEMU will not produce;
-//! - [`guest`]: paths of the plugin components built from source by `build.rs`.
+//! - [`guest`]: paths of the plugin components built from source by `build.rs`;
+//! - [`effects`]: what QEMU did to the host (files, listeners, fds), for security tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
@@ -16,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
+
+pub mod effects;
 use serde_json::{Value, json};
 
 /// How long any single wait in a test may take before the test fails.
@@ -66,6 +70,98 @@ pub const QEMU_NONE: &[&str] = &[
     "-S",
 ];
 
+/// The QEMU builds the end-to-end tests run against: bookworm's 7.2 (the system's
+/// `qemu-system-x86_64`) and bookworm-backports' 10.0, unpacked by
+/// `scripts/setup.sh test` under `.qemu/10.0` in the repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuVersion {
+    /// Debian bookworm's QEMU 7.2.
+    V7_2,
+    /// Debian bookworm-backports' QEMU 10.0.
+    V10_0,
+}
+
+impl QemuVersion {
+    /// Every version, oldest first.
+    pub const ALL: [QemuVersion; 2] = [QemuVersion::V7_2, QemuVersion::V10_0];
+
+    /// The `major.minor.` prefix of the version QEMU reports.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            QemuVersion::V7_2 => "7.2.",
+            QemuVersion::V10_0 => "10.0.",
+        }
+    }
+
+    fn root(self) -> Option<PathBuf> {
+        match self {
+            QemuVersion::V7_2 => None,
+            QemuVersion::V10_0 => Some(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../.qemu/10.0")
+                    .canonicalize()
+                    .expect("QEMU 10.0 is missing: run scripts/setup.sh test"),
+            ),
+        }
+    }
+
+    /// A command that runs this QEMU: its binary, its own modules (the system's
+    /// belong to 7.2) and its own firmware.
+    pub fn command(self) -> Command {
+        match self.root() {
+            None => Command::new("qemu-system-x86_64"),
+            Some(root) => {
+                let mut cmd = Command::new(root.join("usr/bin/qemu-system-x86_64"));
+                cmd.env(
+                    "QEMU_MODULE_DIR",
+                    root.join("usr/lib/x86_64-linux-gnu/qemu"),
+                )
+                .arg("-L")
+                .arg(root.join("usr/share/qemu"));
+                cmd
+            }
+        }
+    }
+
+    /// The argv that runs this QEMU from a plain `execvp` (for `qmpgate run`):
+    /// `env` sets its module directory.
+    pub fn argv(self) -> Vec<String> {
+        match self.root() {
+            None => vec!["qemu-system-x86_64".into()],
+            Some(root) => vec![
+                "env".into(),
+                format!(
+                    "QEMU_MODULE_DIR={}",
+                    root.join("usr/lib/x86_64-linux-gnu/qemu").display()
+                ),
+                root.join("usr/bin/qemu-system-x86_64")
+                    .display()
+                    .to_string(),
+                "-L".into(),
+                root.join("usr/share/qemu").display().to_string(),
+            ],
+        }
+    }
+}
+
+/// A PC machine with nothing attached, paused, TCG: devices, netdevs and display
+/// commands exist on it (they do not under `-M none`), so security tests can show
+/// a harmful command *would* have worked.
+pub const QEMU_PC: &[&str] = &[
+    "-M",
+    "pc",
+    "-accel",
+    "tcg",
+    "-m",
+    "128",
+    "-nodefaults",
+    "-vga",
+    "std",
+    "-display",
+    "none",
+    "-S",
+];
+
 /// A real QEMU with its QMP monitor on a socket created by the test.
 pub struct Qemu {
     child: Child,
@@ -89,6 +185,22 @@ impl Qemu {
             monitor,
             _dir: dir,
         }
+    }
+
+    /// QEMU `version` with `args` (e.g. [`QEMU_PC`]) instead of `-M none`.
+    pub fn start_version(version: QemuVersion, args: &[&str]) -> Qemu {
+        let dir = tempdir();
+        let monitor = dir.path().join("qemu.sock");
+        Qemu {
+            child: spawn_qemu_as(version.command(), &monitor, args),
+            monitor,
+            _dir: dir,
+        }
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
     /// The gateway's `--upstream` spec for this QEMU.
     pub fn upstream_spec(&self) -> String {
@@ -136,10 +248,15 @@ impl Drop for Qemu {
 /// Starts QEMU with its monitor on a listening socket bound at `monitor` by us and
 /// passed as fd 3, so the monitor exists before QEMU runs.
 fn spawn_qemu(monitor: &Path, extra: &[&str]) -> Child {
-    let listener = UnixListener::bind(monitor).expect("bind QEMU monitor");
     let mut cmd = Command::new(QEMU_NONE[0]);
-    cmd.args(&QEMU_NONE[1..])
-        .args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
+    cmd.args(&QEMU_NONE[1..]);
+    spawn_qemu_as(cmd, monitor, extra)
+}
+
+/// Runs `cmd` (a QEMU with its machine arguments) with its monitor on `monitor`.
+fn spawn_qemu_as(mut cmd: Command, monitor: &Path, extra: &[&str]) -> Child {
+    let listener = UnixListener::bind(monitor).expect("bind QEMU monitor");
+    cmd.args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
         .args(["-mon", "chardev=mon,mode=control"])
         .args(extra)
         .stdin(Stdio::null());

@@ -59,7 +59,7 @@ not json
     );
     assert_eq!(
         lines[2]["error"]["desc"],
-        "Command 'migrate' is denied by policy: it makes QEMU run a host program"
+        "Command 'migrate' is refused by the safe profile: its URI or channels make QEMU run a host program (exec:), write a host file (file:), use an fd (fd:) or open host sockets"
     );
     assert_eq!(lines[3], json!({"line": 4, "error": "not a JSON object"}));
 }
@@ -201,7 +201,7 @@ fn the_audit_plugin_writes_one_record_per_decision() {
         records[1]["error"]
             .as_str()
             .unwrap()
-            .contains("denied by policy")
+            .contains("refused by the safe profile")
     );
     assert_eq!(
         records[2]["command"], "query-status",
@@ -299,7 +299,8 @@ fn sighup_and_the_control_monitor_reload_plugins_without_dropping_clients() {
     write_rules("\"quit\"");
     assert_eq!(
         ctl.execute("x-qmpgate-reload", json!({})),
-        json!({"return": "reloaded plugins: policy"})
+        json!({"return": "reloaded plugins: hmp, policy"}),
+        "the configuration's own policy, behind the built-in HMP reader"
     );
     assert!(c.execute("query-name", json!({})).get("return").is_some());
 }

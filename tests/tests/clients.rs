@@ -153,7 +153,7 @@ fn commands_that_would_cut_the_gateways_link_are_refused_by_default() {
         let reply = c.execute(name, args);
         let desc = reply["error"]["desc"].as_str().unwrap_or_default();
         assert!(
-            desc.starts_with(&format!("Command '{name}' is denied by policy")),
+            desc.starts_with(&format!("Command '{name}' is refused by the safe profile")),
             "{name}: {reply}"
         );
     }

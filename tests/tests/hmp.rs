@@ -64,93 +64,111 @@ enum Expect {
 }
 use Expect::*;
 
-const HOST_FILE: &str = "denied by policy: it writes or reads a file on the QEMU host";
-const SPAWNS: &str = "denied by policy: it makes QEMU run a host program";
-const LISTENER: &str = "denied by policy: it opens a host socket, file or device";
-const FDS: &str = "denied by policy: it injects file descriptors into QEMU";
-const LINK: &str = "denied by policy: it can cut or bypass the gateway's own monitor link";
+/// What the safe profile says when its table refuses a command.
+const SAFE: &str = "is refused by the safe profile: ";
+/// What qmpgate says when a line does not parse as QEMU would read it.
+const UNREADABLE: &str = "HMP command line refused: ";
 
-/// The safe profile, line by line.
+/// The safe profile, line by line: each line's meaning is judged by the same table
+/// as QMP (the host effects of the refused ones are checked in `policy.rs`).
 const TABLE: &[(&str, Expect)] = &[
-    ("screendump /tmp/qg-shot.ppm", Refused(HOST_FILE)),
-    ("dump-guest-memory /tmp/qg-dump", Refused(HOST_FILE)),
-    ("dump-guest-memory -p /tmp/qg-dump", Refused(HOST_FILE)),
-    ("memsave 0 4096 /tmp/qg-mem", Refused(HOST_FILE)),
-    ("pmemsave 0 4096 /tmp/qg-pmem", Refused(HOST_FILE)),
-    ("migrate exec:touch /tmp/qg-pwned", Refused(SPAWNS)),
-    ("migrate -d \"exec:cat > /tmp/qg-pwned\"", Refused(SPAWNS)),
-    ("migrate fd:3", Refused(FDS)),
-    ("migrate file:/tmp/qg-mig", Refused(HOST_FILE)),
-    ("migrate unix:/tmp/qg-mig.sock", Refused(LISTENER)),
-    ("migrate_incoming exec:touch /tmp/qg-pwned", Refused(SPAWNS)),
     (
-        "chardev-add file,id=f1,path=/tmp/qg-file",
-        Refused(HOST_FILE),
+        "screendump /nonexistent/shot.ppm",
+        Refused(
+            "Command 'screendump' is refused by the safe profile: it writes a host file named by the client",
+        ),
+    ),
+    ("dump-guest-memory /nonexistent/dump", Refused(SAFE)),
+    ("dump-guest-memory -p /nonexistent/dump", Refused(SAFE)),
+    ("memsave 0 4096 \"/nonexistent/mem\"", Refused(SAFE)),
+    ("pmemsave 0 4096 \"/nonexistent/pmem\"", Refused(SAFE)),
+    (
+        "migrate exec:true",
+        Refused("Command 'migrate' is refused by the safe profile"),
+    ),
+    ("migrate -d \"exec:cat > /nonexistent/x\"", Refused(SAFE)),
+    ("migrate fd:3", Refused(SAFE)),
+    ("migrate file:/nonexistent/mig", Refused(SAFE)),
+    ("migrate unix:/nonexistent/mig.sock", Refused(SAFE)),
+    ("migrate_incoming exec:true", Refused(SAFE)),
+    (
+        "chardev-add file,id=f1,path=/nonexistent/file",
+        Refused("argument 'backend.type' 'file' is refused: it opens a host file"),
     ),
     (
-        "chardev-add pipe,id=p1,path=/tmp/qg-pipe",
-        Refused(HOST_FILE),
+        "chardev-add pipe,id=p1,path=/nonexistent/pipe",
+        Refused(SAFE),
     ),
     (
-        "chardev-add socket,id=s1,path=/tmp/qg-s.sock,server=on,wait=off",
-        Refused(LISTENER),
+        "chardev-add socket,id=s1,path=/nonexistent/s.sock,server=on,wait=off",
+        Refused(SAFE),
     ),
     (
         "chardev-add udp,id=u1,host=127.0.0.1,port=7777",
-        Refused(LISTENER),
+        Refused(SAFE),
     ),
     (
-        "chardev-add null,id=n1,logfile=/tmp/qg-log",
-        Refused(HOST_FILE),
+        "chardev-add tty,id=t1,path=/dev/null",
+        Refused("'serial' is refused"),
     ),
-    ("chardev-remove mon", Refused(LINK)),
-    ("getfd somefd", Refused(FDS)),
-    ("add_client vnc somefd", Refused(LINK)),
     (
-        "object_add memory-backend-file,id=m1,mem-path=/tmp/qg-mem,size=1M",
-        Refused(HOST_FILE),
+        "chardev-add null,id=n1,logfile=/nonexistent/log",
+        Refused("argument 'backend.data.logfile' is not allowed"),
+    ),
+    ("chardev-remove mon", Refused(SAFE)),
+    ("getfd somefd", Refused(SAFE)),
+    ("add_client vnc somefd", Refused(UNREADABLE)), // QMP only: no such HMP command
+    (
+        "object_add memory-backend-file,id=m1,mem-path=/nonexistent/mem,size=1M",
+        Refused(SAFE),
     ),
     (
         "object_add secret,id=sec1,file=/etc/shadow",
-        Refused(HOST_FILE),
+        Refused("argument 'file' is not allowed"),
     ),
     (
-        "netdev_add tap,id=t1,script=/tmp/qg-script",
-        Refused(SPAWNS),
+        "netdev_add tap,id=t1,script=/nonexistent/script",
+        Refused(SAFE),
     ),
-    ("netdev_add tap,id=t2,fd=3", Refused(FDS)),
-    ("gdbserver tcp::1234", Refused(LISTENER)),
-    ("o 0x80 1", Refused("it accesses I/O ports directly")),
+    ("netdev_add tap,id=t2,fd=3", Refused(SAFE)),
     (
-        "qemu-io drive0 \"read 0 512\"",
-        Refused("it runs qemu-io commands on block devices"),
+        "netdev_add user,id=u2,hostfwd=tcp::2222-:22",
+        Refused("argument 'hostfwd' is not allowed"),
     ),
+    ("gdbserver tcp::1234", Refused("it opens a host listener")),
+    ("o 0x80 1", Refused("it writes to I/O ports directly")),
+    ("qemu-io drive0 \"read 0 512\"", Refused(SAFE)),
     ("gpa2hva 0", Refused("it reveals host memory addresses")),
-    ("logfile /tmp/qg-log", Refused(HOST_FILE)),
-    ("wavcapture /tmp/qg.wav", Refused(HOST_FILE)),
-    ("drive_add 0 file=/tmp/qg.img", Refused(HOST_FILE)),
-    ("hostfwd_add tcp::2222-:22", Refused(LISTENER)),
-    ("change ide0 /etc/passwd", Refused(HOST_FILE)),
-    ("snapshot_blkdev drive0 /tmp/qg-snap", Refused(HOST_FILE)),
-    ("drive_mirror drive0 /tmp/qg-mirror", Refused(HOST_FILE)),
-    ("drive_backup drive0 /tmp/qg-backup", Refused(HOST_FILE)),
-    ("dump-skeys /tmp/qg-skeys", Refused(HOST_FILE)),
+    ("logfile /nonexistent/log", Refused(SAFE)),
+    ("wavcapture /nonexistent/x.wav", Refused(UNREADABLE)), // 10.0 also needs an audiodev
+    ("drive_add 0 file=/nonexistent/x.img", Refused(SAFE)),
+    ("hostfwd_add tcp::2222-:22", Refused(SAFE)),
+    ("change ide0 /etc/passwd", Refused(SAFE)),
+    ("snapshot_blkdev drive0 /nonexistent/snap", Refused(SAFE)),
+    ("drive_mirror drive0 /nonexistent/mirror", Refused(SAFE)),
+    ("drive_backup drive0 /nonexistent/backup", Refused(SAFE)),
+    ("exit_preconfig", Refused(SAFE)),
+    // Lines QEMU would read differently from how they look are refused unread.
     (
-        "exit_preconfig",
-        Refused("experimental commands are not allowed"),
+        "migrate -dexec:true",
+        Refused("not in canonical form; write it as: migrate -d exec:true"),
     ),
     (
-        "frobnicate now",
-        Refused("HMP command line refused: unknown command: 'frobnicate'"),
+        "chardev-add \"file,id=c,path=/nonexistent/x\"",
+        Refused(UNREADABLE),
     ),
     (
-        "memsave 0x1000",
-        Refused("HMP command line refused: memsave: missing argument: size"),
+        "chardev-add null,id=c,backend=file,path=/nonexistent/x",
+        Refused(UNREADABLE),
     ),
     (
-        "info nosuchthing",
-        Refused("HMP command line refused: info: unknown info subcommand"),
+        "object_add {\"qom-type\": \"iothread\", \"id\": \"j1\"}",
+        Refused(UNREADABLE),
     ),
+    ("info\u{a0}status", Refused(UNREADABLE)),
+    ("frobnicate now", Refused(UNREADABLE)),
+    ("memsave 0x1000", Refused(UNREADABLE)),
+    ("info nosuchthing", Refused(UNREADABLE)),
     ("info status", Runs),
     ("info version", Runs),
     ("info name", Runs),
@@ -164,14 +182,13 @@ const TABLE: &[(&str, Expect)] = &[
     ("object_add memory-backend-ram,id=ram1,size=1M", Runs),
     ("object_del ram1", Runs),
     ("chardev-add null,id=nul1", Runs),
-    ("chardev-remove nul1", Refused(LINK)),
+    ("chardev-remove nul1", Refused(SAFE)),
     ("qom-list /machine", Runs),
-    ("print 1+2", Runs),
+    ("x/4x 0", Runs),
 ];
 
 #[test]
 fn one_policy_decides_qmp_and_hmp_alike() {
-    assert!(TABLE.len() >= 40);
     let qemu = Qemu::start();
     let (builder, hmp_path) =
         GatewayBuilder::new(&qemu.upstream_spec()).listener_with("hmp", 4, "mode=readline");
@@ -188,10 +205,7 @@ fn one_policy_decides_qmp_and_hmp_alike() {
                     reply["return"].is_string(),
                     "QMP {line:?} should run: {reply}"
                 );
-                assert!(
-                    !typed.contains("denied by policy") && !typed.contains("refused"),
-                    "HMP {line:?}: {typed:?}"
-                );
+                assert!(!typed.contains("refused"), "HMP {line:?}: {typed:?}");
             }
             Refused(why) => {
                 let desc = reply["error"]["desc"]
@@ -205,17 +219,6 @@ fn one_policy_decides_qmp_and_hmp_alike() {
                 );
             }
         }
-    }
-    // What the refused lines would have done did not happen.
-    for path in [
-        "/tmp/qg-pwned",
-        "/tmp/qg-shot.ppm",
-        "/tmp/qg-dump",
-        "/tmp/qg-mem",
-        "/tmp/qg-file",
-        "/tmp/qg-log",
-    ] {
-        assert!(!Path::new(path).exists(), "{path} exists");
     }
     // The HMP listener shows QEMU's own output for allowed lines.
     assert_eq!(hmp.run("info status"), "VM status: paused\r\n");
@@ -231,7 +234,7 @@ fn quit_on_hmp_is_denied_exactly_when_qmp_quit_is() {
     let gateway = builder.spawn();
     let mut qmp = gateway.negotiated();
     let mut hmp = Hmp::connect(&hmp_path);
-    let refusal = "Command 'quit' is denied by policy";
+    let refusal = "Command 'quit' is refused by the readonly profile: it needs the 'safe' profile";
     assert_eq!(qmp.execute("quit", json!({}))["error"]["desc"], refusal);
     assert_eq!(
         qmp.execute("human-monitor-command", json!({"command-line": "q"}))["error"]["desc"],
@@ -244,7 +247,7 @@ fn quit_on_hmp_is_denied_exactly_when_qmp_quit_is() {
     assert!(hmp.run("info registers").contains("No CPU available"));
     assert_eq!(
         hmp.run("stop"),
-        "Error: Command 'stop' is denied by policy\r\n"
+        "Error: Command 'stop' is refused by the readonly profile: it needs the 'safe' profile\r\n"
     );
     let version: Value = qmp.execute(
         "human-monitor-command",
@@ -274,7 +277,7 @@ fn an_hmp_listener_survives_bad_input() {
     );
     assert_eq!(
         hmp.run("screendump \"unterminated"),
-        "Error: HMP command line refused: unterminated string\r\n"
+        "Error: HMP command line refused: screendump: filename expected (unterminated string)\r\n"
     );
     assert_eq!(hmp.run("info status"), "VM status: paused (prelaunch)\r\n");
     // QMP clients on the same gateway are unaffected.

@@ -26,7 +26,7 @@ fn a_plugin_that_loops_forever_is_stopped_by_its_cpu_deadline() {
     let mut gateway = gateway_with(&qemu, "fixture_spin");
     let mut c = gateway.negotiated();
     let started = std::time::Instant::now();
-    let reply = c.execute("spin", json!({}));
+    let reply = c.execute("query-uuid", json!({}));
     assert_eq!(
         desc(&reply),
         "qmpgate plugin 'fixture_spin' exceeded its CPU time limit (50 ms); the command was not executed"
@@ -59,7 +59,7 @@ fn a_plugin_that_allocates_without_bound_is_stopped_by_its_memory_cap() {
     let mut c = gateway.negotiated();
     let mut other = gateway.negotiated();
     assert_eq!(
-        desc(&c.execute("hog", json!({}))),
+        desc(&c.execute("query-kvm", json!({}))),
         "qmpgate plugin 'fixture_hog' exceeded its memory limit (32 MiB); the command was not executed"
     );
     assert_eq!(
@@ -77,7 +77,7 @@ fn a_plugin_that_panics_or_lies_fails_closed() {
     let qemu = Qemu::start();
     let gateway = gateway_with(&qemu, "fixture_trap");
     let mut c = gateway.negotiated();
-    let reply = c.execute("boom", json!({}));
+    let reply = c.execute("query-name", json!({}));
     assert_eq!(
         desc(&reply),
         "qmpgate plugin 'fixture_trap' trapped: wasm trap: wasm `unreachable` instruction executed; the command was not executed"
@@ -94,13 +94,13 @@ fn a_plugin_that_panics_or_lies_fails_closed() {
         gateway.stderr().contains("boom requested by client 1"),
         "`log` records reach the log"
     );
-    let reply = c.execute("garbage", json!({}));
+    let reply = c.execute("query-version", json!({}));
     assert!(
         desc(&reply).starts_with("qmpgate plugin 'fixture_trap' returned an invalid result"),
         "{reply}"
     );
     for _ in 0..5 {
-        assert!(desc(&c.execute("boom", json!({}))).contains("trapped"));
+        assert!(desc(&c.execute("query-name", json!({}))).contains("trapped"));
         assert_eq!(
             c.execute("query-status", json!({}))["return"]["status"],
             "prelaunch"
@@ -153,7 +153,7 @@ fn a_plugin_that_traps_on_every_call_uses_up_its_restart_budget_and_stays_closed
     // The first trap kills the live instance; each later call needs a restart, and
     // ten restarts a minute are allowed.
     for _ in 0..11 {
-        assert!(desc(&c.execute("boom", json!({}))).contains("trapped"));
+        assert!(desc(&c.execute("query-name", json!({}))).contains("trapped"));
     }
     let refused = c.execute("query-status", json!({}));
     assert_eq!(
