@@ -7,7 +7,8 @@
 //! selects. Upstreams that select the same policy share one chain, and every chain
 //! shares the process's compiled plugins ([`Chains`]).
 //!
-//! [`Gateway::start`] opens every listener, connects to each QEMU once and spawns
+//! [`Gateway::open_listeners`] opens every listener; [`Gateway::start`] connects to
+//! each QEMU once and spawns
 //! one accept loop per listener; upstreams and listeners can be added and removed
 //! later (the control monitor does). An upstream whose QEMU goes away is removed
 //! with its listeners and clients. [`Gateway::run`] waits for a stop request, or for
@@ -675,8 +676,9 @@ impl Hub {
 pub struct Settings {
     /// QEMU monitors.
     pub upstreams: Vec<ChardevSpec>,
-    /// Where clients connect; each names its upstream in `upstream`.
-    pub listeners: Vec<ChardevSpec>,
+    /// Where clients connect, each already listening ([`Gateway::open_listeners`]);
+    /// each spec names its upstream in `upstream`.
+    pub listeners: Vec<(ChardevSpec, Listener)>,
     /// Plugin chains for the upstreams' policies.
     pub chains: Chains,
     /// Limits for every session.
@@ -788,15 +790,27 @@ impl Gateway {
     /// Opens listeners first (so fd and path errors show before touching QEMU), then
     /// connects to each QEMU once, then starts accepting. `inherited` keeps the fds
     /// no chardev claimed.
+    /// Opens the listeners' sockets (before anything else starts, so that a listener
+    /// that cannot bind fails start-up before QEMU is started).
+    pub fn open_listeners(
+        specs: Vec<ChardevSpec>,
+        inherited: &mut Inherited,
+    ) -> Result<Vec<(ChardevSpec, Listener)>, StartError> {
+        let mut listeners = Vec::new();
+        for spec in specs {
+            check_listener(&spec).map_err(|e| StartError::Invalid(spec.id.clone(), e))?;
+            let listener = spec.listen(inherited)?;
+            listeners.push((spec, listener));
+        }
+        Ok(listeners)
+    }
+
+    /// Connects every upstream once and starts accepting on `settings.listeners`.
     pub async fn start(
         settings: Settings,
         inherited: &mut Inherited,
     ) -> Result<Gateway, StartError> {
-        let mut listeners = Vec::new();
-        for spec in &settings.listeners {
-            check_listener(spec).map_err(|e| StartError::Invalid(spec.id.clone(), e))?;
-            listeners.push((spec, spec.listen(inherited)?));
-        }
+        let listeners = settings.listeners;
         let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
         let hub = Arc::new(Hub {
             upstreams: Mutex::new(BTreeMap::new()),
@@ -819,7 +833,7 @@ impl Gateway {
             }
         }
         for (spec, listener) in listeners {
-            if let Err(e) = hub.add_listener(spec, listener) {
+            if let Err(e) = hub.add_listener(&spec, listener) {
                 hub.shutdown.cancel();
                 return Err(StartError::Invalid(spec.id.clone(), e));
             }

@@ -1,15 +1,26 @@
 //! `qmpgate run -- qemu-system-x86_64 ...`: start QEMU on a monitor socket that
 //! qmpgate created, and connect to it exactly once.
 //!
-//! qmpgate binds a listening unix socket in a fresh private directory (mode 0700:
-//! nobody else can reach QEMU's monitor), hands it to QEMU as an inherited fd with
-//! `-chardev socket,id=qmpgate-mon,fd=3,server=on,wait=off -mon
-//! chardev=qmpgate-mon,mode=control`, and closes its own copy. Because the socket
-//! is listening before QEMU starts, the one `connect()` cannot race QEMU's start-up;
-//! and because qmpgate keeps no copy, a QEMU that dies at start-up makes that
-//! connect fail at once instead of hanging in the backlog.
+//! [`prepare`] binds a listening unix socket in a fresh private directory (created
+//! 0700 and the socket chmod-ed 0600 whatever the umask: whoever reaches QEMU's
+//! monitor skips every policy). `main` then checks everything that can fail
+//! (configuration, plugins, listeners) before [`Prepared::spawn`] starts QEMU with
+//! the socket as an inherited fd (`-chardev socket,id=qmpgate-mon,fd=3,server=on,
+//! wait=off -mon chardev=qmpgate-mon,mode=control`) and closes its own copy.
+//! Because the socket is listening before QEMU starts, the one `connect()` cannot
+//! race QEMU's start-up; and because qmpgate keeps no copy, a QEMU that dies at
+//! start-up makes that connect fail at once instead of hanging in the backlog.
+//!
+//! QEMU never outlives qmpgate: it gets `PR_SET_PDEATHSIG` (SIGKILL), set in the
+//! child before `exec` (the signal follows the thread that forked, so [`spawn`] is
+//! called from the main thread, which lives as long as the process). And it runs
+//! under QEMU's own seccomp sandbox unless its arguments say otherwise:
+//! [`DEFAULT_SANDBOX`], as libvirt starts QEMU.
+//!
+//! [`spawn`]: Prepared::spawn
 
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
@@ -18,6 +29,12 @@ use thiserror::Error;
 
 /// The fd number QEMU sees its monitor socket on.
 const QEMU_MONITOR_FD: i32 = 3;
+
+/// QEMU's seccomp sandbox as libvirt starts QEMU: no obsolete system calls, no
+/// privilege changes, no new processes, no resource-control calls. It does not stop
+/// file access (the policy must); it does stop a policy gap from running programs.
+pub const DEFAULT_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Errors launching QEMU.
 #[derive(Debug, Error)]
@@ -38,6 +55,15 @@ pub enum LaunchError {
     Fd(String),
 }
 
+/// The monitor socket, bound and listening, before QEMU starts.
+pub struct Prepared {
+    listener: std::os::unix::net::UnixListener,
+    /// The monitor socket's path, in a private directory.
+    pub monitor: PathBuf,
+    /// Removed when dropped (with the socket in it).
+    dir: tempfile::TempDir,
+}
+
 /// A QEMU process started on a pre-opened monitor socket.
 pub struct Launched {
     /// The running QEMU.
@@ -48,51 +74,100 @@ pub struct Launched {
     _dir: tempfile::TempDir,
 }
 
-/// Starts `argv` (QEMU's program and arguments) with the monitor appended.
-pub fn launch(argv: &[String]) -> Result<Launched, LaunchError> {
-    let (program, args) = argv
-        .split_first()
-        .expect("clap requires the QEMU command line");
+/// Creates the private directory and binds the monitor socket in it.
+pub fn prepare() -> Result<Prepared, LaunchError> {
+    // mkdir's mode is masked by the umask, so 0700 is never widened; the chmod
+    // that follows also undoes a umask that took the owner's own bits.
     let dir = tempfile::Builder::new()
         .prefix("qmpgate-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()
+        .map_err(LaunchError::Socket)?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
         .map_err(LaunchError::Socket)?;
     let path: PathBuf = dir.path().join("monitor.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).map_err(LaunchError::Socket)?;
-
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(args)
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=qmpgate-mon,fd={QEMU_MONITOR_FD},server=on,wait=off"
-        ))
-        .arg("-mon")
-        .arg("chardev=qmpgate-mon,mode=control")
-        // Socket activation variables were for us, not for QEMU.
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("NOTIFY_SOCKET")
-        .kill_on_drop(true);
-    command
-        .fd_mappings(vec![FdMapping {
-            parent_fd: OwnedFd::from(listener),
-            child_fd: QEMU_MONITOR_FD,
-        }])
-        .map_err(|e| LaunchError::Fd(e.to_string()))?;
-    let child = command.spawn().map_err(|source| LaunchError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    // `command` (and with it our copy of the listening socket) is dropped here, so
-    // QEMU holds the only copy: if it dies, connecting fails instead of hanging.
-    drop(command);
-    Ok(Launched {
-        child,
+    // Nobody else can reach into the directory; the socket is the owner's alone too.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(LaunchError::Socket)?;
+    Ok(Prepared {
+        listener,
         monitor: path,
-        _dir: dir,
+        dir,
     })
+}
+
+/// Whether QEMU's own arguments choose its sandbox.
+fn sets_sandbox(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "-sandbox" || a == "--sandbox" || a.starts_with("-sandbox="))
+}
+
+impl Prepared {
+    /// Starts `argv` (QEMU's program and arguments) with the monitor appended, and
+    /// [`DEFAULT_SANDBOX`] unless `argv` has a `-sandbox` of its own.
+    pub fn spawn(self, argv: &[String]) -> Result<Launched, LaunchError> {
+        let (program, args) = argv
+            .split_first()
+            .expect("clap requires the QEMU command line");
+        let mut command = tokio::process::Command::new(program);
+        command.args(args);
+        if !sets_sandbox(args) {
+            command.arg("-sandbox").arg(DEFAULT_SANDBOX);
+        }
+        command
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=qmpgate-mon,fd={QEMU_MONITOR_FD},server=on,wait=off"
+            ))
+            .arg("-mon")
+            .arg("chardev=qmpgate-mon,mode=control")
+            // Socket activation variables were for us, not for QEMU.
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("NOTIFY_SOCKET")
+            .kill_on_drop(true);
+        die_with_parent(&mut command);
+        command
+            .fd_mappings(vec![FdMapping {
+                parent_fd: OwnedFd::from(self.listener),
+                child_fd: QEMU_MONITOR_FD,
+            }])
+            .map_err(|e| LaunchError::Fd(e.to_string()))?;
+        let child = command.spawn().map_err(|source| LaunchError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        // `command` (and with it our copy of the listening socket) is dropped here, so
+        // QEMU holds the only copy: if it dies, connecting fails instead of hanging.
+        drop(command);
+        Ok(Launched {
+            child,
+            monitor: self.monitor,
+            _dir: self.dir,
+        })
+    }
+}
+
+/// Makes the child get SIGKILL when qmpgate dies, however it dies (`kill -9`, the
+/// OOM killer): a QEMU with nobody gating its monitor must not run on.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: prctl(2) and getppid(2) are system calls
+    // with no allocation and no locks.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // qmpgate may have died before prctl took effect.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::other("qmpgate exited while starting QEMU"));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Describes how a process ended, for logs and errors.

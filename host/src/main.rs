@@ -243,6 +243,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes are for a terminal, not for a file or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     raise_fd_limit();
@@ -286,17 +288,19 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         None => FileConfig::default(),
     };
     let mut overrides = args.overrides();
-    let mut launched = match &qemu {
-        Some(argv) => {
+    // `qmpgate run`: the monitor socket now, QEMU itself only once everything that
+    // can fail (configuration, plugins, sockets) has been checked.
+    let prepared = match &qemu {
+        Some(_) => {
             if !overrides.upstreams.is_empty() || !matches!(file.upstream, config::OneOrMany::None)
             {
                 anyhow::bail!("'qmpgate run' creates the upstream itself; do not give --upstream");
             }
-            let launched = qmpgate::launcher::launch(argv)?;
+            let prepared = qmpgate::launcher::prepare()?;
             // `,,` escapes a comma inside a chardev value.
-            let path = launched.monitor.display().to_string().replace(',', ",,");
+            let path = prepared.monitor.display().to_string().replace(',', ",,");
             overrides.upstreams = vec![format!("socket,id=qemu,path={path}")];
-            Some(launched)
+            Some(prepared)
         }
         None => None,
     };
@@ -316,9 +320,16 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     chains
         .get(&qmpgate::chardev::Policy::Default)
         .map_err(anyhow::Error::msg)?;
+    // And every policy an upstream or listener selects.
+    for spec in resolved.upstreams.iter().chain(&resolved.listeners) {
+        chains
+            .get(&spec.policy)
+            .map_err(|e| anyhow::anyhow!("chardev '{}': {e}", spec.id))?;
+    }
+    let listeners = Gateway::open_listeners(resolved.listeners.clone(), &mut inherited)?;
     let settings = Settings {
         upstreams: resolved.upstreams,
-        listeners: resolved.listeners,
+        listeners,
         chains,
         limits: SessionLimits {
             max_message: resolved.max_message,
@@ -327,7 +338,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             event_history: resolved.event_history,
         },
         persistent: resolved.control.is_some(),
-        keep_ended: launched.is_some(),
+        keep_ended: prepared.is_some(),
     };
     // Open the status and control sockets first: their errors are start-up errors.
     let status_listener = resolved
@@ -340,6 +351,10 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         .as_ref()
         .map(|spec| spec.listen(&mut inherited))
         .transpose()?;
+    let mut launched = match (prepared, &qemu) {
+        (Some(prepared), Some(argv)) => Some(prepared.spawn(argv)?),
+        _ => None,
+    };
     let gateway = match Gateway::start(settings, &mut inherited).await {
         Ok(gateway) => gateway,
         Err(e) => {

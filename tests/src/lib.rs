@@ -144,6 +144,15 @@ impl QemuVersion {
     }
 }
 
+/// The children of process `pid` (from /proc).
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// A PC machine with nothing attached, paused, TCG: devices, netdevs and display
 /// commands exist on it (they do not under `-M none`), so security tests can show
 /// a harmful command *would* have worked.
@@ -278,6 +287,8 @@ pub struct GatewayBuilder {
     args: Vec<String>,
     fds: Vec<FdMapping>,
     env: Vec<(String, String)>,
+    /// The umask qmpgate starts with (`None`: the test's).
+    umask: Option<u32>,
     dir: tempfile::TempDir,
 }
 
@@ -309,6 +320,7 @@ impl GatewayBuilder {
             ],
             fds: Vec::new(),
             env: Vec::new(),
+            umask: None,
             dir: tempdir(),
         }
     }
@@ -322,6 +334,12 @@ impl GatewayBuilder {
     /// Sets an environment variable for the gateway.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts qmpgate with this umask (e.g. `0o000`, the careless operator's).
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.umask = Some(mask);
         self
     }
 
@@ -403,6 +421,18 @@ impl GatewayBuilder {
             .stdout(Stdio::null())
             .stderr(stderr);
         cmd.fd_mappings(self.fds).unwrap();
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            let mode = nix::sys::stat::Mode::from_bits_truncate(mask);
+            // SAFETY: umask(2) is async-signal-safe; nothing else runs between
+            // fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::stat::umask(mode);
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().expect("spawn qmpgate");
         drop(cmd);
         Gateway {

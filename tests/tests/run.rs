@@ -1,0 +1,194 @@
+//! `qmpgate run`: the gateway is the only way into the QEMU it starts. The monitor
+//! socket is private whatever the umask; nothing starts QEMU before the
+//! configuration, plugins and sockets are known good; QEMU never outlives
+//! qmpgate; QEMU runs under its seccomp sandbox unless told otherwise.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, QmpClient, children, tempdir};
+use serde_json::json;
+
+/// A gateway under `qmpgate run` with a QMP listener at `dir/gate.sock`.
+fn run(dir: &Path, builder: GatewayBuilder, qemu: &[&str]) -> qmpgate_tests::Gateway {
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("gate.sock")).unwrap();
+    builder
+        .fd(listener, 3)
+        .args(["--listen", "socket,id=qmp,fd=3,server=on"])
+        .spawn_run(qemu)
+}
+
+/// QEMU's process under a `qmpgate run` gateway.
+fn qemu_pid(gateway: &qmpgate_tests::Gateway) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = children(gateway.pid()).first() {
+            return *pid;
+        }
+        assert!(Instant::now() < deadline, "qmpgate started no QEMU");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The monitor socket qmpgate connected to, from its log.
+fn monitor_path(gateway: &qmpgate_tests::Gateway) -> PathBuf {
+    let stderr = gateway.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("connected to QEMU"))
+        .unwrap_or_else(|| panic!("no upstream address in the log:\n{stderr}"));
+    let start = line.find("path=/").expect("a path upstream") + "path=".len();
+    let stderr = line;
+    let end = stderr[start..]
+        .find(|c: char| c.is_whitespace() || c == '\u{1b}')
+        .unwrap();
+    PathBuf::from(&stderr[start..start + end])
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn the_monitor_socket_is_private_even_under_umask_000() {
+    let dir = tempdir();
+    let gateway = run(dir.path(), GatewayBuilder::base().umask(0o000), QEMU_NONE);
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    let monitor = monitor_path(&gateway);
+    assert_eq!(
+        mode(monitor.parent().unwrap()),
+        0o700,
+        "{}",
+        monitor.display()
+    );
+    assert_eq!(mode(&monitor), 0o600);
+}
+
+/// A stand-in "QEMU" that only leaves a mark that it ran.
+fn marking_program(dir: &Path) -> (PathBuf, PathBuf) {
+    let marker = dir.join("qemu-ran");
+    let program = dir.join("fake-qemu.sh");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\ntouch '{}'\nexit 1\n", marker.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (program, marker)
+}
+
+#[test]
+fn nothing_that_can_fail_is_checked_after_qemu_starts() {
+    let dir = tempdir();
+    let (program, marker) = marking_program(dir.path());
+    let program = program.to_str().unwrap();
+
+    // A plugin that does not exist.
+    let mut gateway = run(
+        dir.path(),
+        GatewayBuilder::base().args(["--plugin", "nope=/nonexistent/nope.wasm"]),
+        &[program],
+    );
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("nope"), "{stderr}");
+    assert!(
+        !marker.exists(),
+        "QEMU was started before the plugins were loaded"
+    );
+
+    // A listener that cannot be bound.
+    std::fs::remove_file(dir.path().join("gate.sock")).unwrap();
+    let mut gateway = run(
+        dir.path(),
+        GatewayBuilder::base().args([
+            "--listen",
+            "socket,id=second,path=/nonexistent/dir/x.sock,server=on",
+        ]),
+        &[program],
+    );
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/dir/x.sock"), "{stderr}");
+    assert!(
+        !marker.exists(),
+        "QEMU was started before the listeners were bound"
+    );
+
+    // A good configuration does start it (so the marker can appear at all).
+    std::fs::remove_file(dir.path().join("gate.sock")).unwrap();
+    let mut gateway = run(dir.path(), GatewayBuilder::base(), &[program]);
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("QEMU exited at start-up"), "{stderr}");
+    assert!(marker.exists());
+}
+
+#[test]
+fn qemu_does_not_outlive_a_killed_qmpgate() {
+    let dir = tempdir();
+    let mut gateway = run(dir.path(), GatewayBuilder::base(), QEMU_NONE);
+    let _ = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    let qemu = qemu_pid(&gateway);
+    gateway.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = gateway.wait();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    // QEMU is reaped by init once it is gone; until then /proc shows it.
+    while Path::new(&format!("/proc/{qemu}/status")).exists()
+        && !std::fs::read_to_string(format!("/proc/{qemu}/status"))
+            .unwrap_or_default()
+            .contains("State:\tZ")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU ({qemu}) still runs 1 s after qmpgate was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn seccomp_mode(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn qemu_runs_in_its_seccomp_sandbox_unless_its_arguments_say_otherwise() {
+    let dir = tempdir();
+    let gateway = run(
+        dir.path(),
+        GatewayBuilder::base().args(["--profile", "permissive"]),
+        QEMU_NONE,
+    );
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    let qemu = qemu_pid(&gateway);
+    assert_eq!(seccomp_mode(qemu), "2", "seccomp filter mode");
+    // With no policy in the way, QEMU itself refuses to start a program.
+    let marker = dir.path().join("spawned");
+    let reply = c.execute(
+        "migrate",
+        json!({"uri": format!("exec:touch {}", marker.display())}),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !marker.exists(),
+        "QEMU ran a program under spawn=deny: {reply}"
+    );
+
+    let dir = tempdir();
+    let mut unsandboxed = QEMU_NONE.to_vec();
+    unsandboxed.extend(["-sandbox", "off"]);
+    let gateway = run(dir.path(), GatewayBuilder::base(), &unsandboxed);
+    let _ = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    assert_eq!(seccomp_mode(qemu_pid(&gateway)), "0");
+}
