@@ -163,6 +163,86 @@ impl fmt::Display for Policy {
     }
 }
 
+/// Who may reach a unix listener: the socket file's mode and owner, and which peers
+/// (by SO_PEERCRED) it serves. qmpgate's own keys `perm=0660`, `owner=`, `group=`
+/// (systemd's `SocketMode=`/`SocketUser=`/`SocketGroup=`), `uids=0:1000`,
+/// `gids=100`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Access {
+    /// The socket file's mode; `None`: whatever the umask gives.
+    pub perm: Option<u32>,
+    /// The socket file's owner.
+    pub owner: Option<u32>,
+    /// The socket file's group.
+    pub group: Option<u32>,
+    /// Peers served by uid (empty with `gids` empty: anyone who can connect).
+    pub uids: Vec<u32>,
+    /// Peers served by primary gid.
+    pub gids: Vec<u32>,
+}
+
+impl Access {
+    /// Whether the spec restricts peers at all.
+    pub fn restricts_peers(&self) -> bool {
+        !self.uids.is_empty() || !self.gids.is_empty()
+    }
+
+    /// Whether `peer` is one of the listed uids or gids.
+    pub fn lists(&self, peer: &Peer) -> bool {
+        match peer {
+            Peer::Unix { uid, gid, .. } => self.uids.contains(uid) || self.gids.contains(gid),
+            _ => false,
+        }
+    }
+
+    /// Whether the socket file needs its mode or owner set.
+    fn shapes_file(&self) -> bool {
+        self.perm.is_some() || self.owner.is_some() || self.group.is_some()
+    }
+}
+
+/// A user name or uid, as `owner=` takes it.
+fn parse_user(value: &str) -> Result<u32, String> {
+    if let Ok(uid) = value.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(value) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        _ => Err(format!("no user '{value}'")),
+    }
+}
+
+/// A group name or gid, as `group=` takes it.
+fn parse_group(value: &str) -> Result<u32, String> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(format!("no group '{value}'")),
+    }
+}
+
+/// `0:1000:users`-style lists of uids or gids.
+fn parse_ids(
+    key: &str,
+    value: &str,
+    one: fn(&str) -> Result<u32, String>,
+) -> Result<Vec<u32>, String> {
+    value
+        .split(':')
+        .map(|part| {
+            if part.is_empty() {
+                Err(format!(
+                    "Parameter '{key}' expects ids separated by ':', got '{value}'"
+                ))
+            } else {
+                one(part)
+            }
+        })
+        .collect()
+}
+
 /// A parsed `socket,...` chardev spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChardevSpec {
@@ -186,6 +266,9 @@ pub struct ChardevSpec {
     /// `profile=`/`plugins=` (qmpgate's own keys): the upstream's policy, or on a
     /// listener the policy of its clients (`Default`: its upstream's).
     pub policy: Policy,
+    /// `perm=`, `owner=`, `group=`, `uids=`, `gids=` (qmpgate's own keys, unix
+    /// listeners only): who may reach it.
+    pub access: Access,
 }
 
 impl ChardevSpec {
@@ -228,6 +311,7 @@ impl ChardevSpec {
         let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
         let mut tls_creds = None;
         let (mut upstream, mut policy) = (None, Policy::Default);
+        let mut access = Access::default();
         let mut seen = HashSet::new();
         for part in parts {
             let Some((key, value)) = part.split_once('=') else {
@@ -282,6 +366,20 @@ impl ChardevSpec {
                     }
                     policy = Policy::Plugins(names)
                 }
+                "perm" => access.perm = Some(
+                    u32::from_str_radix(&value, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o777)
+                        .ok_or_else(|| {
+                            fail(format!(
+                                "Parameter 'perm' expects an octal mode such as 0660, got '{value}'"
+                            ))
+                        })?,
+                ),
+                "owner" => access.owner = Some(parse_user(&value).map_err(fail)?),
+                "group" => access.group = Some(parse_group(&value).map_err(fail)?),
+                "uids" => access.uids = parse_ids(key, &value, parse_user).map_err(fail)?,
+                "gids" => access.gids = parse_ids(key, &value, parse_group).map_err(fail)?,
                 "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?),
                 "reconnect" => {
                     reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?.saturating_mul(1000))
@@ -362,6 +460,7 @@ impl ChardevSpec {
             tls_creds,
             upstream,
             policy,
+            access,
         };
         spec.check_own_keys("on").map_err(fail)?;
         Ok(spec)
@@ -371,6 +470,9 @@ impl ChardevSpec {
     /// `profile=`/`plugins=` to either. `on` is how the caller's syntax spells
     /// server=on (`on` in specs, `true` in QAPI).
     pub fn check_own_keys(&self, on: &str) -> Result<(), String> {
+        if self.access.shapes_file() && !matches!(self.address, Address::Path(_)) {
+            return Err("'perm', 'owner' and 'group' set a socket file's mode: give 'path'".into());
+        }
         if !self.server && self.upstream.is_some() {
             return Err(format!(
                 "'upstream' binds a listener (server={on}) to an upstream; this chardev is a client"
@@ -388,8 +490,12 @@ impl ChardevSpec {
         match &self.address {
             Address::Path(path) => {
                 remove_stale_socket(&self.id, path)?;
-                let listener =
-                    UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+                let listener = if self.access.shapes_file() {
+                    bind_shaped(path, &self.access)
+                        .map_err(io(format!("bind {}", path.display())))?
+                } else {
+                    UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?
+                };
                 Ok(Listener::Unix {
                     listener,
                     unlink: Some(UnlinkOnDrop(path.clone())),
@@ -495,6 +601,31 @@ fn remove_stale_socket(id: &str, path: &Path) -> Result<(), ChardevError> {
         }),
         Err(_) => Ok(()),
     }
+}
+
+/// Binds a unix socket at `path` with `access`'s mode and owner and no moment in
+/// which it is wider: bound in a fresh 0700 directory beside `path` (nobody else
+/// can reach into it), given its mode and owner there, then renamed into place.
+fn bind_shaped(path: &Path, access: &Access) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".qmpgate-bind-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)?;
+    let staged = private.path().join("socket");
+    let listener = UnixListener::bind(&staged)?;
+    if let Some(mode) = access.perm {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+    }
+    if access.owner.is_some() || access.group.is_some() {
+        std::os::unix::fs::chown(&staged, access.owner, access.group)?;
+    }
+    std::fs::rename(&staged, path)?;
+    Ok(listener)
 }
 
 /// A listening socket, ready to accept.

@@ -411,7 +411,15 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         Ok(Some(spec))
     };
     let status = server_chardev(cli.status.or(file.status), "status endpoint")?;
-    let control = server_chardev(cli.control.or(file.control), "control monitor")?;
+    let mut control = server_chardev(cli.control.or(file.control), "control monitor")?;
+    // The control monitor is root-equivalent: its socket is the owner's alone unless
+    // the operator says otherwise (perm=, with uids=/gids= for the peers it serves).
+    if let Some(spec) = &mut control
+        && matches!(spec.address, crate::chardev::Address::Path(_))
+        && spec.access.perm.is_none()
+    {
+        spec.access.perm = Some(0o600);
+    }
     if let (Some(s), Some(c)) = (&status, &control)
         && s.id == c.id
     {

@@ -27,22 +27,48 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::chardev::{
-    Address, ChardevSpec, Inherited, Listener, MonitorMode, Policy, Stream, recv_with_fds,
+    Access, Address, ChardevSpec, Inherited, Listener, MonitorMode, Peer, Policy, Stream,
+    recv_with_fds,
 };
 use crate::framing::{Frame, Framer};
 use crate::gateway::Hub;
 use crate::qmp::{self, ErrorClass, QmpError};
 
 /// Serves the control monitor until shutdown. Only unix sockets can carry fds.
-pub async fn serve(listener: Listener, hub: Arc<Hub>) {
+/// Only qmpgate's own uid and the uids/gids `access` lists get the control monitor
+/// (it is root-equivalent: it connects to any monitor socket qmpgate can reach and
+/// picks its policy). Others get one QMP error and are disconnected.
+pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
     let shutdown = hub.shutdown_token();
+    let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((Stream::Unix(stream), peer)) => {
+            Ok((Stream::Unix(mut stream), peer)) => {
+                let admitted =
+                    matches!(peer, Peer::Unix { uid, .. } if uid == own_uid) || access.lists(&peer);
+                if !admitted {
+                    tracing::warn!(
+                        ?peer,
+                        "control client refused: not qmpgate's uid nor listed in uids=/gids="
+                    );
+                    let refusal = qmp::error_response(
+                        &QmpError::generic(
+                            "qmpgate's control monitor serves only its own user and the uids/gids it lists",
+                        ),
+                        None,
+                    );
+                    // Best effort, bounded: the refused peer may not read.
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        stream.write_all(&qmp::encode(&refusal)),
+                    )
+                    .await;
+                    continue;
+                }
                 tracing::info!(?peer, "control client connected");
                 let session = ControlSession {
                     hub: hub.clone(),
@@ -441,6 +467,7 @@ fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> 
         tls_creds,
         upstream,
         policy,
+        access: Default::default(),
     };
     spec.check_own_keys("true").map_err(QmpError::generic)?;
     Ok(spec)

@@ -112,6 +112,8 @@ pub struct ListenerContext {
     pub mode: MonitorMode,
     /// Set for `tls-creds=` listeners: the handshake comes before the session.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Which peers it serves (`uids=`/`gids=`; by default, anyone who can connect).
+    pub access: crate::chardev::Access,
     /// The listener's own chain (its `profile=`/`plugins=`), shared with its entry
     /// so that a reload replaces it; `None`: the upstream's.
     own_chain: Option<Arc<RwLock<PluginChain>>>,
@@ -180,6 +182,7 @@ impl Shared {
             id: spec.id.clone(),
             mode: spec.mode,
             tls,
+            access: spec.access.clone(),
             own_chain,
             shared: self.clone(),
         });
@@ -768,6 +771,12 @@ pub fn check_upstream(spec: &ChardevSpec) -> Result<(), String> {
             spec.id
         ));
     }
+    if spec.access != crate::chardev::Access::default() {
+        return Err(format!(
+            "upstream '{}': 'perm', 'owner', 'group', 'uids' and 'gids' are for listeners",
+            spec.id
+        ));
+    }
     Ok(())
 }
 
@@ -882,6 +891,11 @@ async fn accept_loop(listener: Listener, ctx: Arc<ListenerContext>, stop: Cancel
             accepted = listener.accept() => accepted,
         };
         match accepted {
+            Ok((stream, peer)) if ctx.access.restricts_peers() && !ctx.access.lists(&peer) => {
+                // Not one of the listed uids/gids: no greeting, no session.
+                tracing::warn!(listener = %ctx.id, ?peer, "client refused: not in the listener's uids=/gids=");
+                drop(stream);
+            }
             Ok((stream, peer)) => {
                 let id = ctx.next_client.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.clients_total.fetch_add(1, Ordering::Relaxed);

@@ -387,7 +387,12 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     }
     if let Some(listener) = control_listener {
         tracing::info!(address = %listener.local_description(), "control monitor");
-        hub.spawn(qmpgate::control::serve(listener, hub.clone()));
+        let access = resolved
+            .control
+            .as_ref()
+            .map(|spec| spec.access.clone())
+            .unwrap_or_default();
+        hub.spawn(qmpgate::control::serve(listener, access, hub.clone()));
     }
     spawn_reloader(hub.clone(), wasm, args.config.clone(), overrides);
     notify_systemd("READY=1");
