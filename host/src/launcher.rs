@@ -50,6 +50,9 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// The `--runas` user cannot be used.
+    #[error("--runas: {0}")]
+    User(String),
     /// Mapping the fd into the child failed.
     #[error("cannot pass the monitor socket to QEMU: {0}")]
     Fd(String),
@@ -103,10 +106,44 @@ fn sets_sandbox(args: &[String]) -> bool {
         .any(|a| a == "-sandbox" || a == "--sandbox" || a.starts_with("-sandbox="))
 }
 
+/// The user QEMU runs as (`--runas`): its ids and groups, looked up before the fork.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    groups: Vec<nix::unistd::Gid>,
+}
+
+impl RunAs {
+    /// A user by name or uid; the group is the user's primary group, and the
+    /// supplementary groups are the user's (from the group database).
+    pub fn lookup(user: &str) -> Result<RunAs, LaunchError> {
+        use nix::unistd::User;
+        let found = match user.parse::<u32>() {
+            Ok(uid) => User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => User::from_name(user),
+        };
+        let user = match found {
+            Ok(Some(user)) => user,
+            _ => return Err(LaunchError::User(format!("no user '{user}'"))),
+        };
+        let name = std::ffi::CString::new(user.name.clone())
+            .map_err(|_| LaunchError::User("user name with a NUL byte".into()))?;
+        let groups = nix::unistd::getgrouplist(&name, user.gid)
+            .map_err(|e| LaunchError::User(format!("groups of '{}': {e}", user.name)))?;
+        Ok(RunAs {
+            uid: user.uid,
+            gid: user.gid,
+            groups,
+        })
+    }
+}
+
 impl Prepared {
     /// Starts `argv` (QEMU's program and arguments) with the monitor appended, and
-    /// [`DEFAULT_SANDBOX`] unless `argv` has a `-sandbox` of its own.
-    pub fn spawn(self, argv: &[String]) -> Result<Launched, LaunchError> {
+    /// [`DEFAULT_SANDBOX`] unless `argv` has a `-sandbox` of its own; as `runas`
+    /// when given.
+    pub fn spawn(self, argv: &[String], runas: Option<RunAs>) -> Result<Launched, LaunchError> {
         let (program, args) = argv
             .split_first()
             .expect("clap requires the QEMU command line");
@@ -128,7 +165,7 @@ impl Prepared {
             .env_remove("LISTEN_FDNAMES")
             .env_remove("NOTIFY_SOCKET")
             .kill_on_drop(true);
-        die_with_parent(&mut command);
+        in_child(&mut command, runas);
         command
             .fd_mappings(vec![FdMapping {
                 parent_fd: OwnedFd::from(self.listener),
@@ -150,16 +187,24 @@ impl Prepared {
     }
 }
 
-/// Makes the child get SIGKILL when qmpgate dies, however it dies (`kill -9`, the
-/// OOM killer): a QEMU with nobody gating its monitor must not run on.
+/// Sets up the child before `exec`: drops to `runas`'s ids when given, then makes
+/// the child get SIGKILL when qmpgate dies, however it dies (`kill -9`, the OOM
+/// killer): a QEMU with nobody gating its monitor must not run on. The death
+/// signal comes last because the kernel clears it when the credentials change.
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut tokio::process::Command) {
+fn in_child(command: &mut tokio::process::Command, runas: Option<RunAs>) {
     let parent = std::process::id();
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: prctl(2) and getppid(2) are system calls
-    // with no allocation and no locks.
+    // async-signal-safe calls are allowed: setgroups(2), setgid(2), setuid(2),
+    // prctl(2) and getppid(2) are system calls with no allocation and no locks (the
+    // group list was built before the fork).
     unsafe {
         command.pre_exec(move || {
+            if let Some(user) = &runas {
+                nix::unistd::setgroups(&user.groups)?;
+                nix::unistd::setgid(user.gid)?;
+                nix::unistd::setuid(user.uid)?;
+            }
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
             // qmpgate may have died before prctl took effect.
             if nix::unistd::getppid().as_raw() as u32 != parent {

@@ -50,6 +50,10 @@ enum Command {
     Run {
         #[command(flatten)]
         gateway: GatewayArgs,
+        /// Run QEMU as this user (name or uid), with its primary and supplementary
+        /// groups, so that a policy gap is not a gap with qmpgate's privileges.
+        #[arg(long, value_name = "USER")]
+        runas: Option<String>,
         /// QEMU's command line; qmpgate appends -chardev/-mon options for its monitor.
         #[arg(last = true, required = true, value_name = "QEMU")]
         qemu: Vec<String>,
@@ -270,7 +274,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let signalled = stop_on_signal()?;
     let (args, qemu) = match &cli.command {
-        Some(Command::Run { gateway, qemu }) => (gateway, Some(qemu.clone())),
+        Some(Command::Run { gateway, qemu, .. }) => (gateway, Some(qemu.clone())),
         Some(Command::Plugin {
             action:
                 PluginAction::Test {
@@ -296,9 +300,15 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             {
                 anyhow::bail!("'qmpgate run' creates the upstream itself; do not give --upstream");
             }
-            let prepared = qmpgate::launcher::prepare()?;
+            let runas = match &cli.command {
+                Some(Command::Run {
+                    runas: Some(user), ..
+                }) => Some(qmpgate::launcher::RunAs::lookup(user)?),
+                _ => None,
+            };
+            let prepared = (qmpgate::launcher::prepare()?, runas);
             // `,,` escapes a comma inside a chardev value.
-            let path = prepared.monitor.display().to_string().replace(',', ",,");
+            let path = prepared.0.monitor.display().to_string().replace(',', ",,");
             overrides.upstreams = vec![format!("socket,id=qemu,path={path}")];
             Some(prepared)
         }
@@ -352,7 +362,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         .map(|spec| spec.listen(&mut inherited))
         .transpose()?;
     let mut launched = match (prepared, &qemu) {
-        (Some(prepared), Some(argv)) => Some(prepared.spawn(argv)?),
+        (Some((prepared, runas)), Some(argv)) => Some(prepared.spawn(argv, runas)?),
         _ => None,
     };
     let gateway = match Gateway::start(settings, &mut inherited).await {

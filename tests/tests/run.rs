@@ -192,3 +192,55 @@ fn qemu_runs_in_its_seccomp_sandbox_unless_its_arguments_say_otherwise() {
     let _ = QmpClient::negotiated(&dir.path().join("gate.sock"));
     assert_eq!(seccomp_mode(qemu_pid(&gateway)), "0");
 }
+
+fn uid_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn runas_starts_qemu_as_that_user_and_it_still_dies_with_qmpgate() {
+    let dir = tempdir();
+    let mut gateway = run(
+        dir.path(),
+        GatewayBuilder::base().args(["--runas", "nobody"]),
+        QEMU_NONE,
+    );
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    let qemu = qemu_pid(&gateway);
+    // Real, effective, saved and filesystem uids.
+    assert_eq!(uid_of(qemu), "65534 65534 65534 65534");
+    // The death signal survives the change of user (it is set after it).
+    gateway.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = gateway.wait();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while std::fs::read_to_string(format!("/proc/{qemu}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(Instant::now() < deadline, "QEMU outlived qmpgate");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let dir = tempdir();
+    let mut gateway = run(
+        dir.path(),
+        GatewayBuilder::base().args(["--runas", "no-such-user-x"]),
+        QEMU_NONE,
+    );
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("--runas: no user 'no-such-user-x'"),
+        "{stderr}"
+    );
+}
