@@ -137,16 +137,19 @@ fn qemu_does_not_outlive_a_killed_qmpgate() {
     let qemu = qemu_pid(&gateway);
     gateway.signal(nix::sys::signal::Signal::SIGKILL);
     let _ = gateway.wait();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    // QEMU is reaped by init once it is gone; until then /proc shows it.
-    while Path::new(&format!("/proc/{qemu}/status")).exists()
-        && !std::fs::read_to_string(format!("/proc/{qemu}/status"))
-            .unwrap_or_default()
-            .contains("State:\tZ")
+    assert_gone_within(qemu, Duration::from_secs(1));
+}
+
+/// Fails unless process `pid` is gone (or a zombie) within `limit`.
+fn assert_gone_within(pid: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    // QEMU is reaped by init once it is gone; until then /proc shows a zombie.
+    while std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
     {
         assert!(
             Instant::now() < deadline,
-            "QEMU ({qemu}) still runs 1 s after qmpgate was killed"
+            "QEMU ({pid}) still runs {limit:?} after qmpgate was killed"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -223,13 +226,7 @@ fn runas_starts_qemu_as_that_user_and_it_still_dies_with_qmpgate() {
     // The death signal survives the change of user (it is set after it).
     gateway.signal(nix::sys::signal::Signal::SIGKILL);
     let _ = gateway.wait();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while std::fs::read_to_string(format!("/proc/{qemu}/status"))
-        .is_ok_and(|s| !s.contains("State:\tZ"))
-    {
-        assert!(Instant::now() < deadline, "QEMU outlived qmpgate");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_gone_within(qemu, Duration::from_secs(1));
 
     let dir = tempdir();
     let mut gateway = run(
