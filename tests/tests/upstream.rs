@@ -118,3 +118,47 @@ fn an_oob_reply_overtakes_an_in_band_one_and_each_reaches_its_client() {
     assert_eq!(a.read()["id"], 2);
     assert_eq!(a.read()["id"], 1);
 }
+
+/// A QEMU that sends an event and a reply in one write during negotiation (as QEMU
+/// may when an event fires at that moment): the gateway sees both, starts, and
+/// serves. (Before the negotiation owned its frames, the reply was dropped and
+/// start-up hung for good.)
+#[test]
+fn negotiation_sees_every_message_of_a_write() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = qmpgate_tests::tempdir();
+    let path = dir.path().join("qemu.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        writer
+            .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 99}, \"package\": \"\"}, \"capabilities\": []}}\r\n")
+            .unwrap();
+        let event =
+            "{\"event\": \"RESUME\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n";
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let reply = json!({"return": {"status": "running"}, "id": message["id"]});
+            // The event and the reply together, in one write.
+            if writer
+                .write_all(format!("{event}{reply}\r\n").as_bytes())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let gateway = GatewayBuilder::new(&format!("socket,id=fake,path={}", path.display()))
+        .args(["--profile", "permissive"])
+        .spawn();
+    let mut c = gateway.negotiated();
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "running"
+    );
+    drop(c);
+    drop(gateway);
+    let _ = server.join();
+}
