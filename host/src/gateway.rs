@@ -79,6 +79,8 @@ pub struct SessionLimits {
     pub timeouts: Timeouts,
     /// Events kept per upstream for clients that reconnect.
     pub event_history: usize,
+    /// How each upstream notices a QEMU that stopped answering.
+    pub liveness: crate::upstream::Liveness,
 }
 
 /// One upstream and what its listeners and sessions share.
@@ -361,6 +363,7 @@ impl Hub {
             spec.clone(),
             inherited,
             self.limits.event_history,
+            self.limits.liveness,
             shutdown.clone(),
         )
         .await

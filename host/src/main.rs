@@ -54,6 +54,10 @@ enum Command {
         /// groups, so that a policy gap is not a gap with qmpgate's privileges.
         #[arg(long, value_name = "USER")]
         runas: Option<String>,
+        /// Kill QEMU when its monitor link is lost or stops answering (a QEMU nobody
+        /// can manage any more); by default it runs on and qmpgate reports the loss.
+        #[arg(long)]
+        kill_qemu_on_link_loss: bool,
         /// QEMU's command line; qmpgate appends -chardev/-mon options for its monitor.
         #[arg(last = true, required = true, value_name = "QEMU")]
         qemu: Vec<String>,
@@ -173,9 +177,24 @@ struct GatewayArgs {
     /// (query-qmpgate-events, /events?since=) [default: 1000].
     #[arg(long, value_name = "N")]
     event_history: Option<usize>,
+    /// Probe a quiet QEMU with query-status after this many ms with nothing
+    /// outstanding; 0 never probes.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    probe_after_ms: u64,
+    /// A probe unanswered for this many ms means QEMU stopped answering: the link
+    /// counts as lost (QMPGATE_UPSTREAM_LOST with the reason).
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    probe_timeout_ms: u64,
 }
 
 impl GatewayArgs {
+    fn liveness(&self) -> qmpgate::upstream::Liveness {
+        qmpgate::upstream::Liveness {
+            quiet: (self.probe_after_ms > 0).then(|| Duration::from_millis(self.probe_after_ms)),
+            timeout: Duration::from_millis(self.probe_timeout_ms),
+        }
+    }
+
     fn overrides(&self) -> Overrides {
         Overrides {
             chardevs: self.chardev.clone(),
@@ -346,6 +365,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             max_depth: resolved.max_depth,
             timeouts: resolved.timeouts.clone(),
             event_history: resolved.event_history,
+            liveness: args.liveness(),
         },
         persistent: resolved.control.is_some(),
         keep_ended: prepared.is_some(),
@@ -420,8 +440,26 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         .context("the launched QEMU's upstream is gone")?;
     let gateway_stop = CancellationToken::new();
     let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone()));
+    let kill_on_loss = matches!(
+        cli.command,
+        Some(Command::Run {
+            kill_qemu_on_link_loss: true,
+            ..
+        })
+    );
     let status = tokio::select! {
         status = launched.child.wait() => status?,
+        _ = shared.upstream.lost(), if kill_on_loss => {
+            // The link also ends when QEMU quits: give an exiting QEMU a moment.
+            match tokio::time::timeout(Duration::from_secs(1), launched.child.wait()).await {
+                Ok(status) => status?,
+                Err(_) => {
+                    tracing::error!("the monitor link is lost; killing QEMU (--kill-qemu-on-link-loss)");
+                    launched.child.kill().await?;
+                    launched.child.wait().await?
+                }
+            }
+        }
         _ = signalled.cancelled() => {
             // Ask QEMU to quit through its monitor, so clients see its SHUTDOWN event,
             // then give it the grace period, then kill it.

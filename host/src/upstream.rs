@@ -54,6 +54,33 @@ const EVENT_BUFFER: usize = 1024;
 /// QEMU's messages are small; its replies to big queries reach a few MiB.
 const MAX_UPSTREAM_MESSAGE: usize = 64 << 20;
 
+/// How qmpgate notices a QEMU that keeps its link open but stopped answering
+/// (stopped, wedged, or its monitor chardev taken over from inside): after a quiet
+/// period with nothing outstanding it sends a cheap `query-status`; if QEMU says
+/// nothing before the deadline, the link counts as lost (clients get
+/// `QMPGATE_UPSTREAM_LOST` with the reason, pending commands an error). A command
+/// that legitimately takes long is never mistaken for silence: the probe goes out
+/// only when nothing else is outstanding, so it is answered first by a live QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Quiet time before a probe; `None` never probes.
+    pub quiet: Option<Duration>,
+    /// How long a probe may go unanswered.
+    pub timeout: Duration,
+}
+
+impl Default for Liveness {
+    /// Probe after 10 s of quiet, give up after 10 s of silence: long enough that a
+    /// busy host never trips it, short enough that an operator hears of a dead
+    /// monitor before a client's own timeout would tell them.
+    fn default() -> Self {
+        Liveness {
+            quiet: Some(Duration::from_secs(10)),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Errors establishing the upstream session.
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -272,6 +299,12 @@ impl UpstreamHandle {
         self.info.borrow().schema.as_ref().map(|s| s.0.clone())
     }
 
+    /// Waits until the link is down (lost, or QEMU stopped answering).
+    pub async fn lost(&self) {
+        let mut info = self.info.clone();
+        let _ = info.wait_for(|i| !i.connected).await;
+    }
+
     /// The latest facts about QEMU.
     pub fn info(&self) -> UpstreamInfo {
         self.info.borrow().clone()
@@ -461,6 +494,7 @@ pub async fn connect(
     spec: ChardevSpec,
     inherited: &mut Inherited,
     history_limit: usize,
+    liveness: Liveness,
     shutdown: CancellationToken,
 ) -> Result<(UpstreamHandle, tokio::task::JoinHandle<Outcome>), UpstreamError> {
     let link = open(&spec, inherited).await?;
@@ -501,6 +535,8 @@ pub async fn connect(
         in_flight: 0,
         discarded,
         log,
+        liveness,
+        probe: None,
         shutdown,
     };
     Ok((handle, tokio::spawn(upstream.run(link))))
@@ -543,6 +579,9 @@ struct Upstream {
     discarded: Arc<AtomicU64>,
     /// Numbers replies and events, keeps recent events (QEMU keeps none).
     log: Arc<EventLog>,
+    liveness: Liveness,
+    /// The liveness probe in flight: its id and when it went out.
+    probe: Option<(u64, tokio::time::Instant)>,
     shutdown: CancellationToken,
 }
 
@@ -615,12 +654,44 @@ impl Upstream {
         let mut buf = vec![0u8; 64 * 1024];
         let mut frames = Vec::new();
         let mut quit_sent = false;
+        self.probe = None;
+        let mut last_heard = tokio::time::Instant::now();
         for frame in std::mem::take(&mut link.early) {
             self.receive(frame);
         }
         loop {
+            // The next liveness step: a probe's deadline, or when to send one.
+            let next_check = match (self.probe, self.liveness.quiet) {
+                (Some((_, sent)), _) => Some(sent + self.liveness.timeout),
+                (None, Some(quiet)) if self.pending.is_empty() && !quit_sent => {
+                    Some(last_heard + quiet)
+                }
+                _ => None,
+            };
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(Outcome::Shutdown),
+                _ = tokio::time::sleep_until(next_check.unwrap_or_else(tokio::time::Instant::now)), if next_check.is_some() => {
+                    match self.probe {
+                        Some(_) => {
+                            let reason = format!(
+                                "QEMU stopped answering: no reply to a liveness probe (query-status) within {:?}",
+                                self.liveness.timeout
+                            );
+                            tracing::error!(upstream = %self.spec.id, %reason);
+                            return Err(reason);
+                        }
+                        None => {
+                            let id = self.next_id;
+                            self.next_id += 1;
+                            let probe = json!({"execute": "query-status", "id": id});
+                            link.writer
+                                .write_all(&qmp::encode(&probe))
+                                .await
+                                .map_err(|e| format!("writing to QEMU: {e}"))?;
+                            self.probe = Some((id, tokio::time::Instant::now()));
+                        }
+                    }
+                }
                 Some(submit) = self.oob.recv() => {
                     self.send(link, submit, &mut quit_sent).await?;
                 }
@@ -640,6 +711,7 @@ impl Upstream {
                         Err(e) => return Err(format!("reading from QEMU: {e}")),
                         Ok(n) => n,
                     };
+                    last_heard = tokio::time::Instant::now();
                     link.framer.push(&buf[..n], &mut frames);
                     for frame in frames.drain(..) {
                         self.receive(frame);
@@ -703,6 +775,10 @@ impl Upstream {
                     tracing::warn!(%id, "reply with an id qmpgate never sent");
                     return;
                 };
+                if self.probe.is_some_and(|(probe, _)| probe == id) {
+                    self.probe = None;
+                    return;
+                }
                 match self.pending.remove(&id) {
                     Some(in_flight) => {
                         if in_flight.in_band {

@@ -241,3 +241,49 @@ fn runas_starts_qemu_as_that_user_and_it_still_dies_with_qmpgate() {
         "{stderr}"
     );
 }
+
+/// A QEMU that stops answering (SIGSTOP) under `qmpgate run`: reported to clients,
+/// and killed only when the operator asked for it.
+#[test]
+fn a_silent_qemu_is_killed_only_with_kill_qemu_on_link_loss() {
+    // A generous deadline: a loaded machine must not make a live QEMU look silent.
+    let probe = ["--probe-after-ms", "100", "--probe-timeout-ms", "2000"];
+    for kill in [false, true] {
+        let dir = tempdir();
+        let mut builder = GatewayBuilder::base().args(probe);
+        if kill {
+            builder = builder.args(["--kill-qemu-on-link-loss"]);
+        }
+        let mut gateway = run(dir.path(), builder, QEMU_NONE);
+        let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+        let qemu = qemu_pid(&gateway);
+        let pid = nix::unistd::Pid::from_raw(qemu as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let mut reason = None;
+        while let Some(line) = c.read_line() {
+            let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if message["event"] == "QMPGATE_UPSTREAM_LOST" {
+                reason = Some(message["data"]["reason"].clone());
+                break;
+            }
+        }
+        assert!(
+            reason.is_some_and(|r| r.as_str().unwrap().starts_with("QEMU stopped answering")),
+            "clients are told"
+        );
+        if kill {
+            let (code, stderr) = gateway.wait();
+            assert_eq!(code, Some(137), "QEMU was killed: {stderr}");
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(gateway.is_running(), "qmpgate waits for QEMU");
+            assert!(
+                std::fs::read_to_string(format!("/proc/{qemu}/status"))
+                    .unwrap()
+                    .contains("State:\tT"),
+                "QEMU is left alone (stopped)"
+            );
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        }
+    }
+}

@@ -162,3 +162,66 @@ fn negotiation_sees_every_message_of_a_write() {
     drop(gateway);
     let _ = server.join();
 }
+
+/// A QEMU that keeps the link open but stops answering is noticed by a liveness
+/// probe: clients get `QMPGATE_UPSTREAM_LOST` with the reason, and a command waiting
+/// on it gets an error, long before its own timeout.
+#[test]
+fn a_qemu_that_stops_answering_is_noticed_and_reported() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let statuses = AtomicUsize::new(0);
+    // Answers the negotiation's query-status, then nothing that asks for the status.
+    let fake = FakeQemu::start(move |name| match name {
+        "query-status" if statuses.fetch_add(1, Ordering::SeqCst) > 0 => FakeAction::Ignore,
+        "hang" => FakeAction::Ignore,
+        _ => FakeAction::Return,
+    });
+    let mut gateway = GatewayBuilder::new(&fake.upstream_spec())
+        .args(["--profile", "permissive"])
+        .args(["--probe-after-ms", "100", "--probe-timeout-ms", "300"])
+        .args(["--command-timeout-ms", "20000"])
+        .spawn();
+    let mut c = gateway.negotiated();
+    let started = std::time::Instant::now();
+    let mut lost = None;
+    while let Some(line) = c.read_line() {
+        let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if message["event"] == "QMPGATE_UPSTREAM_LOST" {
+            lost = Some(message);
+            break;
+        }
+    }
+    let lost = lost.expect("the client is told");
+    assert_eq!(
+        lost["data"]["reason"],
+        "QEMU stopped answering: no reply to a liveness probe (query-status) within 300ms"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "noticed after {:?}",
+        started.elapsed()
+    );
+    let (code, stderr) = gateway.wait();
+    assert_eq!(
+        code,
+        Some(1),
+        "without reconnect-ms a lost upstream ends qmpgate"
+    );
+    assert!(stderr.contains("QEMU stopped answering"), "{stderr}");
+}
+
+/// A QEMU that answers is never taken for a silent one, however often it is probed.
+#[test]
+fn a_live_quiet_qemu_passes_every_probe() {
+    let qemu = qmpgate_tests::Qemu::start();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--probe-after-ms", "20", "--probe-timeout-ms", "3000"])
+        .spawn();
+    let mut c = gateway.negotiated();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Dozens of probes later, still connected.
+    c.send(&json!({"execute": "query-status", "id": 1}));
+    let reply = c.read_reply();
+    assert_eq!(reply["return"]["status"], "prelaunch", "{reply}");
+    assert!(!gateway.stderr().contains("stopped answering"));
+}
