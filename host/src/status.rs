@@ -361,6 +361,7 @@ pub fn status_json(hub: &Hub) -> Value {
             "policy": spec.policy.to_string(),
             "chain": shared.chain().describe(),
             "connected": info.connected,
+            "lost": info.lost,
             "qemu": info.version,
             "run_state": info.run_state,
             "oob": info.oob,

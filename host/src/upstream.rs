@@ -125,6 +125,8 @@ pub struct UpstreamInfo {
     pub connected: bool,
     /// QEMU's run state (`query-status`'s `status`), kept current from events.
     pub run_state: String,
+    /// Why the link was last lost (`None` while it never was), for status.
+    pub lost: Option<String>,
     /// QEMU's QMP schema, read at connect (and again at each reconnect: it may be
     /// another QEMU): commands QEMU does not have, or whose arguments do not fit,
     /// are answered by the gateway. `None` if QEMU gave none that could be read.
@@ -484,6 +486,7 @@ async fn negotiate(
         oob,
         connected: true,
         run_state,
+        lost: None,
         schema,
     })
 }
@@ -594,7 +597,10 @@ impl Upstream {
                 Err(reason) => reason,
             };
             self.fail_pending(&reason);
-            self.info.send_modify(|i| i.connected = false);
+            self.info.send_modify(|i| {
+                i.connected = false;
+                i.lost = Some(reason.clone());
+            });
             let lost_event = self.stamp(gateway_event(
                 "QMPGATE_UPSTREAM_LOST",
                 json!({ "reason": reason }),

@@ -250,7 +250,7 @@ fn a_silent_qemu_is_killed_only_with_kill_qemu_on_link_loss() {
     let probe = ["--probe-after-ms", "100", "--probe-timeout-ms", "2000"];
     for kill in [false, true] {
         let dir = tempdir();
-        let mut builder = GatewayBuilder::base().args(probe);
+        let (mut builder, status) = qmpgate_tests::with_status(GatewayBuilder::base().args(probe));
         if kill {
             builder = builder.args(["--kill-qemu-on-link-loss"]);
         }
@@ -275,6 +275,17 @@ fn a_silent_qemu_is_killed_only_with_kill_qemu_on_link_loss() {
             let (code, stderr) = gateway.wait();
             assert_eq!(code, Some(137), "QEMU was killed: {stderr}");
         } else {
+            let (code, _, body) = qmpgate_tests::http_get(&format!("{status}/status"));
+            assert_eq!(code, 200);
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["upstreams"][0]["connected"], false);
+            assert!(
+                body["upstreams"][0]["lost"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("QEMU stopped answering"),
+                "{body}"
+            );
             std::thread::sleep(Duration::from_millis(500));
             assert!(gateway.is_running(), "qmpgate waits for QEMU");
             assert!(
