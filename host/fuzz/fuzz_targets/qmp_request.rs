@@ -1,10 +1,14 @@
 //! Every framed message parses into a request or a QMP error; none panics, and an
-//! error without an id is only ever a parse error or a non-object.
+//! error without an id is only ever a parse error (a duplicate key among them) or a
+//! non-object.
 #![no_main]
 
 #[path = "../../src/framing.rs"]
 #[allow(dead_code)]
 mod framing;
+#[path = "../../src/json_keys.rs"]
+#[allow(dead_code)]
+mod json_keys;
 #[path = "../../src/qmp.rs"]
 #[allow(dead_code)]
 mod qmp;
