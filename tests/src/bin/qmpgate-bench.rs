@@ -20,7 +20,8 @@
 //! - latency: ROUNDS sequential `query-status` round trips (p50, p99);
 //! - throughput: 5 x ROUNDS `query-status` with up to 16 in flight on one connection.
 //!
-//! Paths: QEMU directly; `socat` as a plain byte relay; qmpgate with no plugin; and
+//! Paths: QEMU directly; `socat` as a plain byte relay; qmpgate with no plugin;
+//! qmpgate with its default chain (hmp reader and the `safe` allowlist); and
 //! qmpgate with three plugins (the policy plugin twice, with different profiles,
 //! and a forwarding test plugin), which is the cost of a realistic chain.
 
@@ -397,6 +398,13 @@ fn main() {
     drop(gateway);
     drop(qemu);
 
+    // What qmpgate runs by default: the hmp reader and the safe allowlist.
+    let qemu = Qemu::start();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
+    results.push(measure("qmpgate, default chain", &gateway.path, rounds));
+    drop(gateway);
+    drop(qemu);
+
     let qemu = Qemu::start();
     let config = dir.path().join("three.toml");
     std::fs::write(
@@ -419,8 +427,10 @@ fn main() {
         ),
     )
     .unwrap();
+    // Exactly these three: without --no-default-policy the built-in hmp reader would
+    // join them.
     let gateway = GatewayBuilder::new(&qemu.upstream_spec())
-        .args(["--config", config.to_str().unwrap()])
+        .args(["--config", config.to_str().unwrap(), "--no-default-policy"])
         .spawn();
     results.push(measure("qmpgate, 3 plugins", &gateway.path, rounds));
     drop(gateway);
