@@ -292,8 +292,19 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let signalled = stop_on_signal()?;
-    let (args, qemu) = match &cli.command {
-        Some(Command::Run { gateway, qemu, .. }) => (gateway, Some(qemu.clone())),
+    // `qmpgate run`'s own options; `qemu` is `Some` only under `run`.
+    let (args, qemu, runas, kill_on_loss) = match &cli.command {
+        Some(Command::Run {
+            gateway,
+            qemu,
+            runas,
+            kill_qemu_on_link_loss,
+        }) => (
+            gateway,
+            Some(qemu.clone()),
+            runas.as_deref(),
+            *kill_qemu_on_link_loss,
+        ),
         Some(Command::Plugin {
             action:
                 PluginAction::Test {
@@ -304,7 +315,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
                 },
         }) => return plugin_test(plugin, config.as_deref(), listener, *uid).await,
         Some(Command::Policy { action }) => return policy(action),
-        None => (&cli.gateway, None),
+        None => (&cli.gateway, None, None, false),
     };
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
@@ -319,12 +330,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             {
                 anyhow::bail!("'qmpgate run' creates the upstream itself; do not give --upstream");
             }
-            let runas = match &cli.command {
-                Some(Command::Run {
-                    runas: Some(user), ..
-                }) => Some(qmpgate::launcher::RunAs::lookup(user)?),
-                _ => None,
-            };
+            let runas = runas.map(qmpgate::launcher::RunAs::lookup).transpose()?;
             let prepared = (qmpgate::launcher::prepare()?, runas);
             // `,,` escapes a comma inside a chardev value.
             let path = prepared.0.monitor.display().to_string().replace(',', ",,");
@@ -440,13 +446,6 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         .context("the launched QEMU's upstream is gone")?;
     let gateway_stop = CancellationToken::new();
     let gateway_task = tokio::spawn(gateway.run(gateway_stop.clone()));
-    let kill_on_loss = matches!(
-        cli.command,
-        Some(Command::Run {
-            kill_qemu_on_link_loss: true,
-            ..
-        })
-    );
     let status = tokio::select! {
         status = launched.child.wait() => status?,
         _ = shared.upstream.lost(), if kill_on_loss => {

@@ -378,19 +378,19 @@ impl Negotiation {
         }
     }
 
-    /// Sends `command` (with id 0) and returns its reply's body, within
+    /// Sends `step` (with id 0 and `arguments`) and returns its reply's body, within
     /// [`NEGOTIATION_TIMEOUT`]; events that come first are dropped (nobody is
     /// subscribed yet).
     async fn execute(
         &mut self,
         writer: &mut Writer,
-        command: Value,
+        step: &'static str,
+        arguments: Option<Value>,
     ) -> Result<Map<String, Value>, UpstreamError> {
-        let step = match command["execute"].as_str() {
-            Some("qmp_capabilities") => "qmp_capabilities",
-            Some("query-status") => "query-status",
-            _ => "query-qmp-schema",
-        };
+        let mut command = json!({"execute": step, "id": 0});
+        if let Some(arguments) = arguments {
+            command["arguments"] = arguments;
+        }
         let exchange = async {
             writer.write_all(&qmp::encode(&command)).await?;
             loop {
@@ -418,9 +418,8 @@ async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, Ups
         framer: Framer::new(MAX_UPSTREAM_MESSAGE, 1024),
         frames: VecDeque::new(),
     };
-    let info = tokio::time::timeout(GREETING_TIMEOUT, negotiate(&mut negotiation, &mut writer))
-        .await
-        .map_err(|_| UpstreamError::NoGreeting(GREETING_TIMEOUT))??;
+    // Each step has its own deadline, so the error names the step that stalled.
+    let info = negotiate(&mut negotiation, &mut writer).await?;
     Ok(Link {
         reader: negotiation.reader,
         writer,
@@ -448,18 +447,14 @@ async fn negotiate(
         )));
     };
     let oob = capabilities.iter().any(|c| c == "oob");
-    let command = if oob {
-        json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 0})
-    } else {
-        json!({"execute": "qmp_capabilities", "id": 0})
-    };
-    let reply = negotiation.execute(writer, command).await?;
+    let enable = oob.then(|| json!({"enable": ["oob"]}));
+    let reply = negotiation
+        .execute(writer, "qmp_capabilities", enable)
+        .await?;
     if !reply.contains_key("return") {
         return Err(UpstreamError::Negotiation(Value::Object(reply).to_string()));
     }
-    let reply = negotiation
-        .execute(writer, json!({"execute": "query-status", "id": 0}))
-        .await?;
+    let reply = negotiation.execute(writer, "query-status", None).await?;
     let run_state = reply
         .get("return")
         .and_then(|r| r.get("status"))
@@ -467,7 +462,7 @@ async fn negotiate(
         .unwrap_or("unknown")
         .to_string();
     let reply = negotiation
-        .execute(writer, json!({"execute": "query-qmp-schema", "id": 0}))
+        .execute(writer, "query-qmp-schema", None)
         .await?;
     let schema = match reply.get("return").map(QmpSchema::from_introspection) {
         Some(Ok(schema)) => Some(SchemaRef(Arc::new(schema))),
@@ -689,10 +684,11 @@ impl Upstream {
                         None => {
                             let id = self.next_id;
                             self.next_id += 1;
-                            let probe = json!({"execute": "query-status", "id": id});
-                            link.writer
-                                .write_all(&qmp::encode(&probe))
+                            let probe = qmp::encode(&json!({"execute": "query-status", "id": id}));
+                            // A QEMU that does not even read counts as silent too.
+                            tokio::time::timeout(self.liveness.timeout, link.writer.write_all(&probe))
                                 .await
+                                .map_err(|_| "QEMU stopped answering: it does not read its monitor".to_string())?
                                 .map_err(|e| format!("writing to QEMU: {e}"))?;
                             self.probe = Some((id, tokio::time::Instant::now()));
                         }
