@@ -74,6 +74,22 @@ pub struct Shape {
     /// Variants known and refused, with the reason (shown to the client).
     #[serde(default)]
     pub refused: BTreeMap<String, String>,
+    /// `members` parsed once by [`Table::parse`], so judging a command does not
+    /// re-read the spec syntax on every call.
+    #[serde(skip)]
+    specs: BTreeMap<String, Spec>,
+}
+
+impl Shape {
+    /// Parses `members` into `specs`, here and in every variant.
+    fn parse_specs(&mut self) -> Result<(), String> {
+        self.specs = self
+            .members
+            .iter()
+            .map(|(member, text)| Ok((member.clone(), Spec::parse(text)?)))
+            .collect::<Result<_, String>>()?;
+        self.variants.values_mut().try_for_each(Shape::parse_specs)
+    }
 }
 
 /// The whole table.
@@ -188,7 +204,7 @@ impl Table {
     /// Parses and checks a table: every spec parses, every `@Type` exists, every
     /// command says why and at which level.
     pub fn parse(text: &str) -> Result<Table, String> {
-        let table: Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut table: Table = toml::from_str(text).map_err(|e| e.to_string())?;
         for (name, shape) in &table.commands {
             if shape.profile.is_none() || shape.why.is_none() {
                 return Err(format!("command '{name}' needs 'profile' and 'why'"));
@@ -200,6 +216,10 @@ impl Table {
         }
         for (name, shape) in &table.types {
             table.check_shape(&format!("@{name}"), shape)?;
+        }
+        // Every spec parsed (check_shape said so): keep the parsed forms.
+        for shape in table.commands.values_mut().chain(table.types.values_mut()) {
+            shape.parse_specs()?;
         }
         Ok(table)
     }
@@ -331,15 +351,14 @@ impl Table {
                 continue;
             }
             let spec = shape
-                .members
+                .specs
                 .get(key)
-                .or_else(|| variant.and_then(|v| v.members.get(key)));
+                .or_else(|| variant.and_then(|v| v.specs.get(key)));
             let at = join(key);
             let Some(spec) = spec else {
                 return Err(fail(&at, "is not allowed".into()));
             };
-            let spec = Spec::parse(spec).map_err(|e| fail(&at, e))?;
-            self.check_value(&spec, profile, value, &at, depth + 1)?;
+            self.check_value(spec, profile, value, &at, depth + 1)?;
         }
         Ok(())
     }
