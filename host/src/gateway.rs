@@ -727,28 +727,59 @@ impl Timeouts {
     }
 }
 
-/// Waits for `pending`, or answers with a timeout error once `limit` passes.
-pub async fn await_reply(
-    pending: crate::upstream::PendingReply,
-    command: &str,
+/// Runs `command` in QEMU and waits for the answer, all within `limit` (counted
+/// from now): a full queue and a QEMU that does not answer both end in a QMP
+/// error once the deadline passes. A command still queued then is never sent.
+pub async fn run_command(
+    upstream: &crate::upstream::UpstreamHandle,
+    command: crate::plugin::Command,
     limit: Option<Duration>,
 ) -> crate::upstream::Reply {
-    let Some(limit) = limit else {
-        return pending.reply().await;
+    let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
+    let name = command.name.clone();
+    let Some(pending) = within(deadline, upstream.submit(command)).await else {
+        return deadline_passed(&name, limit, false);
     };
-    match tokio::time::timeout(limit, pending.reply()).await {
-        Ok(reply) => reply,
-        Err(_) => {
-            let error = crate::qmp::QmpError::generic(format!(
-                "QEMU did not answer '{command}' within {} ms; qmpgate stopped waiting (a late reply will be discarded)",
-                limit.as_millis()
-            ));
-            let serde_json::Value::Object(body) = crate::qmp::error_response(&error, None) else {
-                unreachable!("error responses are objects")
-            };
-            crate::upstream::Reply { seq: 0, body }
-        }
+    match within(deadline, pending.reply()).await {
+        Some(reply) => reply,
+        None => deadline_passed(&name, limit, true),
     }
+}
+
+/// `future`'s output, or `None` if `deadline` passes first; no deadline waits.
+pub async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    future: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
+    }
+}
+
+/// The reply to a command whose deadline passed: `sent` says whether QEMU got it
+/// (then its late reply is discarded and counted) or not (then it never will).
+pub fn deadline_passed(
+    command: &str,
+    limit: Option<Duration>,
+    sent: bool,
+) -> crate::upstream::Reply {
+    let ms = limit.unwrap_or_default().as_millis();
+    let desc = if sent {
+        format!(
+            "QEMU did not answer '{command}' within {ms} ms; qmpgate stopped waiting (a late reply will be discarded)"
+        )
+    } else {
+        format!(
+            "'{command}' did not reach QEMU within {ms} ms (QEMU is still busy with earlier commands); it was not run"
+        )
+    };
+    let serde_json::Value::Object(body) =
+        crate::qmp::error_response(&crate::qmp::QmpError::generic(desc), None)
+    else {
+        unreachable!("error responses are objects")
+    };
+    crate::upstream::Reply { seq: 0, body }
 }
 
 /// Why the gateway could not start.

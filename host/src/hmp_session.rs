@@ -64,11 +64,12 @@ pub async fn serve(
             let mut rest = Vec::new();
             while !line.ends_with(b"\n") {
                 rest.clear();
-                match (&mut reader)
-                    .take(64 * 1024)
-                    .read_until(b'\n', &mut rest)
-                    .await
-                {
+                let mut limited = (&mut reader).take(64 * 1024);
+                let read = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    read = limited.read_until(b'\n', &mut rest) => read,
+                };
+                match read {
                     Ok(0) | Err(_) => return,
                     Ok(_) => line = rest.clone(),
                 }
@@ -84,7 +85,10 @@ pub async fn serve(
                 String::new()
             } else {
                 ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
-                run_line(&ctx, &client, text).await
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    output = run_line(&ctx, &client, text) => output,
+                }
             }
         };
         let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
@@ -101,9 +105,7 @@ async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) ->
     match ctx.chain().on_hmp(client, line, None).await {
         Decision::Forward(command) => {
             let limit = ctx.limits.timeouts.for_command(&command.name);
-            let name = command.name.clone();
-            let pending = ctx.upstream.submit(command, None).await;
-            let reply = crate::gateway::await_reply(pending, &name, limit)
+            let reply = crate::gateway::run_command(&ctx.upstream, command, limit)
                 .await
                 .body;
             match (reply.get("return"), reply.get("error")) {

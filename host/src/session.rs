@@ -28,12 +28,12 @@ use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::chardev::{MonitorMode, Peer, Stream};
 use crate::framing::{Frame, Framer};
-use crate::gateway::ListenerContext;
+use crate::gateway::{ListenerContext, deadline_passed, within};
 use crate::plugin::{self, Command, Decision, EventDecision};
 use crate::qmp::{self, ErrorClass, QmpError, Request};
 use crate::upstream::UpstreamEvent;
@@ -125,6 +125,7 @@ pub async fn serve(
                 events: None,
                 held_event: None,
                 upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
+                last_handover: None,
             };
             session.run(reader, shutdown).await
         }
@@ -150,8 +151,12 @@ struct Session {
     /// An event taken from the channel early (while ordering a reply) and not yet
     /// delivered.
     held_event: Option<Arc<UpstreamEvent>>,
-    /// Limits this client's in-band commands inside QEMU to `MAX_CLIENT_UPSTREAM`.
+    /// Limits this client's in-band commands inside QEMU to `MAX_CLIENT_UPSTREAM`;
+    /// a slot is given back when QEMU answers or the command's deadline passes.
     upstream_slots: Arc<tokio::sync::Semaphore>,
+    /// Resolves when this client's latest in-band command has been handed to the
+    /// upstream (or gave up), so that the next one goes after it.
+    last_handover: Option<oneshot::Receiver<()>>,
 }
 
 impl Session {
@@ -363,7 +368,7 @@ impl Session {
                         let reply = self.query_events(&command.arguments).await;
                         self.answer(id, reply)
                     }
-                    Decision::Forward(command) => self.forward(id, command).await,
+                    Decision::Forward(command) => self.forward(id, command),
                     Decision::Deny(e) => {
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
                         self.answer_as(id, qmp::error_response(&e, None), oob)
@@ -445,20 +450,49 @@ impl Session {
         json!({ "return": {} })
     }
 
-    /// Submits the command now, so that one client's commands reach QEMU in the
-    /// order it sent them; the reply is awaited in the session's FIFO.
-    async fn forward(&mut self, id: Option<Value>, command: Command) {
+    /// Queues the command for QEMU without waiting: the wait for its turn, for a
+    /// slot in QEMU's queue and for QEMU's answer runs in the reply's future, under
+    /// the command's deadline, so the session keeps serving this client (replies,
+    /// events, timeouts, shutdown) meanwhile.
+    ///
+    /// Order: one client's in-band commands reach QEMU in the order it sent them;
+    /// each is handed to the upstream only after the one before it was (or gave up).
+    fn forward(&mut self, id: Option<Value>, command: Command) {
         let oob = command.oob;
-        // OOB commands bypass QEMU's queue, so they bypass the client's share too.
-        let permit = if oob {
-            None
-        } else {
-            self.upstream_slots.clone().acquire_owned().await.ok()
-        };
-        let pending = self.ctx.upstream.submit(command.clone(), permit).await;
         let limit = self.ctx.limits.timeouts.for_command(&command.name);
+        let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
+        let upstream = self.ctx.upstream.clone();
+        // OOB commands bypass QEMU's queue, so they bypass the turn and the share too.
+        let (turn, slots, handed_over) = if oob {
+            (None, None, None)
+        } else {
+            let (handed_over, next) = oneshot::channel::<()>();
+            let turn = self.last_handover.replace(next);
+            (turn, Some(self.upstream_slots.clone()), Some(handed_over))
+        };
         let pending: Pending = Box::pin(async move {
-            let reply = crate::gateway::await_reply(pending, &command.name, limit).await;
+            let name = command.name.clone();
+            let queued = within(deadline, async {
+                if let Some(turn) = turn {
+                    // Sent, or given up: either way it is this command's turn.
+                    let _ = turn.await;
+                }
+                let slot = match slots {
+                    Some(slots) => slots.acquire_owned().await.ok(),
+                    None => None,
+                };
+                let pending = upstream.submit(command.clone()).await;
+                drop(handed_over);
+                (slot, pending)
+            })
+            .await;
+            let reply = match queued {
+                // The slot is held until QEMU answers or the deadline passes.
+                Some((_slot, pending)) => within(deadline, pending.reply())
+                    .await
+                    .unwrap_or_else(|| deadline_passed(&name, limit, true)),
+                None => deadline_passed(&name, limit, false),
+            };
             Outgoing {
                 id,
                 command: Some(command),

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value, json};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::chardev::{ChardevError, ChardevSpec, Inherited};
@@ -213,10 +213,9 @@ pub struct Reply {
 /// A submitted command, waiting for QEMU's reply.
 struct Submit {
     command: Command,
-    /// Receives the reply.
+    /// Receives the reply. Closed when the submitter stopped waiting (its
+    /// deadline passed, or the client left): the command is then not sent at all.
     reply: oneshot::Sender<Reply>,
-    /// The submitting client's share of QEMU's queue, held until QEMU answers.
-    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// QEMU's answer to a submitted command, once it comes.
@@ -246,12 +245,9 @@ pub struct UpstreamHandle {
 
 impl UpstreamHandle {
     /// Queues a command for QEMU. Commands one caller submits reach QEMU in the
-    /// order submitted. `permit` is released when QEMU answers.
-    pub async fn submit(
-        &self,
-        command: Command,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> PendingReply {
+    /// order submitted. Waits while the queue is full: callers put a deadline on it.
+    /// A command whose [`PendingReply`] is dropped before it is sent is never sent.
+    pub async fn submit(&self, command: Command) -> PendingReply {
         let (tx, rx) = oneshot::channel();
         let queue = if command.oob {
             &self.oob
@@ -259,20 +255,14 @@ impl UpstreamHandle {
             &self.in_band
         };
         // If the task is gone, `tx` is dropped with the message and the reply says so.
-        let _ = queue
-            .send(Submit {
-                command,
-                reply: tx,
-                permit,
-            })
-            .await;
+        let _ = queue.send(Submit { command, reply: tx }).await;
         PendingReply(rx)
     }
 
     /// Sends a command and waits for QEMU's reply. Never fails: a lost link becomes
     /// a QMP error reply, as the client would expect.
     pub async fn execute(&self, command: Command) -> Map<String, Value> {
-        self.submit(command, None).await.reply().await.body
+        self.submit(command).await.reply().await.body
     }
 
     /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
@@ -554,8 +544,6 @@ pub enum Outcome {
 /// A command QEMU has not answered yet.
 struct InFlight {
     reply: oneshot::Sender<Reply>,
-    /// Released when this entry is dropped, i.e. when QEMU has answered.
-    _permit: Option<OwnedSemaphorePermit>,
     /// In-band commands count against `MAX_IN_FLIGHT`; OOB ones do not.
     in_band: bool,
     /// For the error message if the link drops first.
@@ -729,6 +717,12 @@ impl Upstream {
         submit: Submit,
         quit_sent: &mut bool,
     ) -> Result<(), String> {
+        if submit.reply.is_closed() {
+            // Its client gave up waiting before its turn came (and was told so):
+            // QEMU does not run a command nobody waits for.
+            tracing::debug!(command = %submit.command.name, "command withdrawn before it was sent");
+            return Ok(());
+        }
         let id = self.next_id;
         self.next_id += 1;
         let Command {
@@ -751,15 +745,19 @@ impl Upstream {
             id,
             InFlight {
                 reply: submit.reply,
-                _permit: submit.permit,
                 in_band: !oob,
                 name,
             },
         );
-        link.writer
-            .write_all(&qmp::encode(&Value::Object(message)))
-            .await
-            .map_err(|e| format!("writing to QEMU: {e}"))
+        // A QEMU that stops reading must not hold this task (and every client
+        // behind it) in a write: the liveness deadline bounds writes too.
+        tokio::time::timeout(
+            self.liveness.timeout,
+            link.writer.write_all(&qmp::encode(&Value::Object(message))),
+        )
+        .await
+        .map_err(|_| "QEMU stopped answering: it does not read its monitor".to_string())?
+        .map_err(|e| format!("writing to QEMU: {e}"))
     }
 
     fn receive(&mut self, frame: Frame) {

@@ -225,3 +225,90 @@ fn a_live_quiet_qemu_passes_every_probe() {
     assert_eq!(reply["return"]["status"], "prelaunch", "{reply}");
     assert!(!gateway.stderr().contains("stopped answering"));
 }
+
+/// QEMU stopped (SIGSTOP) with commands pipelined behind it: every command still
+/// gets its answer at its own deadline, including those waiting for the client's
+/// share of QEMU's queue; a command that never reached QEMU is never run, and a
+/// slot whose command timed out is given back. Checked on the host: QEMU's chardevs.
+#[test]
+fn a_stopped_qemu_cannot_silence_a_clients_timeouts() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::time::{Duration, Instant};
+
+    let qemu = qmpgate_tests::Qemu::start();
+    let dir = qmpgate_tests::tempdir();
+    let config = dir.path().join("qmpgate.toml");
+    std::fs::write(
+        &config,
+        "command-timeout-ms = 1000\ncommand-timeouts = { query-status = 2500 }\n",
+    )
+    .unwrap();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--profile", "permissive", "--probe-after-ms", "0"])
+        .args(["--config", config.to_str().unwrap()])
+        .spawn();
+    let mut c = gateway.negotiated();
+    let qemu_pid = Pid::from_raw(qemu.pid() as i32);
+    struct Resume(Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    kill(qemu_pid, Signal::SIGSTOP).unwrap();
+    let resume = Resume(qemu_pid);
+
+    // Four commands fill the client's share of QEMU's queue (MAX_CLIENT_UPSTREAM);
+    // three more wait for a slot, with a shorter deadline than the four.
+    let started = Instant::now();
+    for i in 1..=4 {
+        c.send(&json!({"execute": "query-status", "id": format!("s{i}")}));
+    }
+    let ringbuf = |id: &str| json!({"id": id, "backend": {"type": "ringbuf", "data": {}}});
+    for i in 5..=7 {
+        let id = format!("c{i}");
+        c.send(&json!({"execute": "chardev-add", "arguments": ringbuf(&id), "id": id}));
+    }
+    for i in 1..=4 {
+        assert_eq!(
+            c.read_reply(),
+            json!({"error": {"class": "GenericError", "desc": "QEMU did not answer 'query-status' within 2500 ms; qmpgate stopped waiting (a late reply will be discarded)"}, "id": format!("s{i}")})
+        );
+    }
+    for i in 5..=7 {
+        assert_eq!(
+            c.read_reply(),
+            json!({"error": {"class": "GenericError", "desc": "'chardev-add' did not reach QEMU within 1000 ms (QEMU is still busy with earlier commands); it was not run"}, "id": format!("c{i}")})
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(2500 + 1500),
+        "seven answers took {waited:?}; the longest deadline was 2.5 s"
+    );
+
+    // The timed-out commands gave their slots back: the next one reaches QEMU.
+    c.send(&json!({"execute": "chardev-add", "arguments": ringbuf("c8"), "id": "c8"}));
+    assert_eq!(
+        c.read_reply(),
+        json!({"error": {"class": "GenericError", "desc": "QEMU did not answer 'chardev-add' within 1000 ms; qmpgate stopped waiting (a late reply will be discarded)"}, "id": "c8"})
+    );
+
+    drop(resume);
+    // QEMU's late replies go nowhere; this client's next answer is its own.
+    let chardevs = c.execute("query-chardev", json!({}));
+    let labels: Vec<&str> = chardevs["return"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a late reply was given to the wrong command: {chardevs}"))
+        .iter()
+        .filter_map(|c| c["label"].as_str())
+        .collect();
+    assert!(labels.contains(&"c8"), "QEMU ran what it got: {labels:?}");
+    for never_sent in ["c5", "c6", "c7"] {
+        assert!(
+            !labels.contains(&never_sent),
+            "{never_sent} was reported as not run, but QEMU has it: {labels:?}"
+        );
+    }
+}
