@@ -30,8 +30,8 @@ use crate::chardev::{
     Access, Address, ChardevSpec, Inherited, Listener, MonitorMode, Peer, Policy, Stream,
     recv_with_fds,
 };
-use crate::framing::{Frame, Framer};
 use crate::gateway::Hub;
+use crate::qjson::{Input, Reader};
 use crate::qmp::{self, ErrorClass, QmpError};
 
 /// Serves the control monitor until shutdown. Only unix sockets can carry fds.
@@ -109,7 +109,10 @@ impl ControlSession {
         if stream.write_all(&qmp::encode(&greeting)).await.is_err() {
             return;
         }
-        let mut framer = Framer::default();
+        let mut framer = Reader::new(
+            crate::framing::DEFAULT_MAX_MESSAGE,
+            crate::framing::DEFAULT_MAX_DEPTH,
+        );
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         let shutdown = self.hub.shutdown_token();
@@ -136,17 +139,18 @@ impl ControlSession {
         }
     }
 
-    async fn handle(&mut self, frame: Frame) -> Value {
-        let bytes = match frame {
-            Frame::Message(bytes) => bytes,
-            Frame::TooLarge | Frame::TooDeep => {
+    async fn handle(&mut self, frame: Input) -> Value {
+        let value = match frame {
+            Input::Value(value) => value,
+            Input::Error(desc) => return qmp::error_response(&QmpError::generic(desc), None),
+            Input::TooLarge | Input::TooDeep => {
                 return qmp::error_response(
                     &QmpError::generic("JSON message exceeds qmpgate's limits"),
                     None,
                 );
             }
         };
-        let request = match qmp::parse_request(&bytes, false) {
+        let request = match qmp::parse_request(value, false) {
             Ok(request) => request,
             Err(e) => return qmp::error_response(&e.error, e.id),
         };

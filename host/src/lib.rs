@@ -6,10 +6,11 @@
 //!
 //! Layout:
 //! - [`chardev`]: QEMU-style socket specs, fd adoption (the only `unsafe` code);
-//! - [`framing`]: splitting a byte stream into JSON messages, with limits;
+//! - [`framing`]: splitting QEMU's output into JSON messages, with limits;
+//! - [`qjson`]: QEMU's JSON dialect, byte for byte: the reader clients get (QEMU's
+//!   lexer, recovery and error texts) and the writer replies go out with;
 //! - [`qmp`]: QMP message shapes and QEMU's error messages;
 //! - [`schema`]: QEMU's QMP schema (`query-qmp-schema`): argument checks with QEMU's texts;
-//! - [`json_keys`]: duplicate keys in a JSON object, which QEMU refuses;
 //! - [`plugin`]: the wasmtime runtime, limits and the plugin chain;
 //! - [`upstream`]: the one QMP session with QEMU: id rewriting, events, reconnects;
 //! - [`session`]: one client's QMP session: negotiation, ordering, back-pressure;
@@ -33,10 +34,10 @@ pub mod control;
 pub mod framing;
 pub mod gateway;
 pub mod hmp_session;
-pub mod json_keys;
 pub mod launcher;
 pub mod plugin;
 pub mod policy_table;
+pub mod qjson;
 pub mod qmp;
 pub mod schema;
 pub mod session;

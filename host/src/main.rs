@@ -570,7 +570,7 @@ async fn plugin_test(
                 EventDecision::Rewrite(data) => json!({"verdict": "rewrite", "data": data}),
             }
         } else {
-            match qmpgate::qmp::parse_request(line.as_bytes(), true) {
+            match qmpgate::qmp::parse_request(input.clone(), true) {
                 Ok(request) => {
                     let command = qmpgate::plugin::Command {
                         name: request.name,

@@ -86,64 +86,56 @@ impl RequestError {
     }
 }
 
-/// Parses one framed client message with QEMU's structural checks and messages.
-/// `allow_oob` is whether the client negotiated the `oob` capability: without it,
-/// `exec-oob` is an unexpected member, as in QEMU.
-pub fn parse_request(bytes: &[u8], allow_oob: bool) -> Result<Request, RequestError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        let desc = if e.is_eof() || e.classify() == serde_json::error::Category::Syntax {
-            format!("JSON parse error, {}", describe_json_error(&e))
-        } else {
-            format!("JSON parse error, {e}")
-        };
-        RequestError::without_id(desc)
-    })?;
-    // serde_json keeps the last of repeated keys; QEMU's parser refuses the whole
-    // input, so a policy can never judge one reading while QEMU sees another.
-    if crate::json_keys::find_duplicate_key(bytes).is_some() {
-        return Err(RequestError::without_id(
-            crate::json_keys::DUPLICATE_KEY_DESC,
-        ));
-    }
+/// Checks one client message (as [`crate::qjson::Reader`] read it) with QEMU's
+/// structural checks and messages, in QEMU's order (its members as QEMU's hash
+/// table lists them, so that of two faults the client hears of the one QEMU
+/// names). `allow_oob` is whether the client negotiated the `oob` capability:
+/// without it, `exec-oob` is an unexpected member, as in QEMU.
+pub fn parse_request(value: Value, allow_oob: bool) -> Result<Request, RequestError> {
     let Value::Object(mut object) = value else {
         return Err(RequestError::without_id("QMP input must be a JSON object"));
     };
-    let id = object.remove("id");
+    let id = object.get("id").cloned();
     let fail = |desc: String| RequestError {
         id: id.clone(),
         error: QmpError::generic(desc),
     };
 
-    let mut exec: Option<(String, bool)> = None;
-    let mut arguments = Map::new();
-    for (key, value) in object {
+    let mut exec: Option<(&str, bool)> = None;
+    for key in crate::qjson::qdict_order(&object) {
+        let value = &object[key.as_str()];
         let oob = match key.as_str() {
             "execute" => false,
             "exec-oob" if allow_oob => true,
+            "arguments" if value.is_object() => continue,
             "arguments" => {
-                let Value::Object(map) = value else {
-                    return Err(fail(
-                        "QMP input member 'arguments' must be an object".into(),
-                    ));
-                };
-                arguments = map;
-                continue;
+                return Err(fail(
+                    "QMP input member 'arguments' must be an object".into(),
+                ));
             }
+            "id" => continue,
             _ => return Err(fail(format!("QMP input member '{key}' is unexpected"))),
         };
-        let Value::String(name) = value else {
+        if !value.is_string() {
             return Err(fail(format!("QMP input member '{key}' must be a string")));
-        };
-        if let Some((_, other_oob)) = &exec {
-            let other = if *other_oob { "exec-oob" } else { "execute" };
+        }
+        if let Some((other, _)) = exec {
             return Err(fail(format!(
                 "QMP input member '{key}' clashes with '{other}'"
             )));
         }
-        exec = Some((name, oob));
+        exec = Some((key.as_str(), oob));
     }
-    let Some((name, oob)) = exec else {
+    let Some((key, oob)) = exec else {
         return Err(fail("QMP input lacks member 'execute'".into()));
+    };
+    let key = key.to_string();
+    let Some(Value::String(name)) = object.remove(&key) else {
+        unreachable!("checked above")
+    };
+    let arguments = match object.remove("arguments") {
+        Some(Value::Object(arguments)) => arguments,
+        _ => Map::new(),
     };
     Ok(Request {
         id,
@@ -151,19 +143,6 @@ pub fn parse_request(bytes: &[u8], allow_oob: bool) -> Result<Request, RequestEr
         arguments,
         oob,
     })
-}
-
-/// serde_json's messages name Rust-side expectations; reduce them to the kind of
-/// phrase QEMU uses ("expecting value") plus the position, which helps a human.
-fn describe_json_error(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    let what = text.split(" at line").next().unwrap_or(&text);
-    let what = match what {
-        "expected value" => "expecting value",
-        "EOF while parsing a value" | "EOF while parsing an object" => "unexpected end of input",
-        other => other,
-    };
-    format!("{what} (line {} column {})", e.line(), e.column())
 }
 
 /// What QEMU sends.
@@ -226,9 +205,11 @@ pub fn parse_upstream(bytes: &[u8]) -> Result<Upstream, serde_json::Error> {
     Ok(Upstream::Unknown(Value::Object(object)))
 }
 
-/// Serializes a message for the wire, with QEMU's `\r\n` line ending.
+/// Serializes a message for the wire as QEMU writes it (see [`crate::qjson`]),
+/// with QEMU's `\r\n` line ending.
 pub fn encode(value: &Value) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec(value).expect("serializing a Value cannot fail");
+    let mut bytes = Vec::with_capacity(64);
+    crate::qjson::write(value, &mut bytes);
     bytes.extend_from_slice(b"\r\n");
     bytes
 }
@@ -246,7 +227,7 @@ pub fn error_response(error: &QmpError, id: Option<Value>) -> Value {
     )
 }
 
-/// Puts `id` last, as QEMU does, when there is one.
+/// Adds `id`, when there is one (the writer puts it where QEMU does).
 pub fn with_id(mut value: Value, id: Option<Value>) -> Value {
     if let (Some(id), Value::Object(map)) = (id, &mut value) {
         map.insert("id".into(), id);
@@ -263,14 +244,25 @@ pub fn greeting(version: &Value, capabilities: &[String]) -> Value {
 mod tests {
     use super::*;
 
-    fn desc(bytes: &str, oob: bool) -> (Option<Value>, String) {
-        let e = parse_request(bytes.as_bytes(), oob).unwrap_err();
-        (e.id, e.error.desc)
+    /// What a client sending `text` is told: a parse error from the reader, or
+    /// a structural error from `parse_request`.
+    fn desc(text: &str, oob: bool) -> (Option<Value>, String) {
+        let mut reader = crate::qjson::Reader::new(1 << 20, 64);
+        let mut inputs = Vec::new();
+        reader.push(text.as_bytes(), &mut inputs);
+        match inputs.pop().expect("one message") {
+            crate::qjson::Input::Value(value) => {
+                let e = parse_request(value, oob).unwrap_err();
+                (e.id, e.error.desc)
+            }
+            crate::qjson::Input::Error(desc) => (None, desc),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn parses_commands_with_any_id() {
-        let r = parse_request(br#"{"execute":"query-status","id":{"a":[1]}}"#, false).unwrap();
+        let r = parse_request(json!({"execute":"query-status","id":{"a":[1]}}), false).unwrap();
         assert_eq!(r.name, "query-status");
         assert_eq!(r.id, Some(json!({"a":[1]})));
         assert!(r.arguments.is_empty());
@@ -305,7 +297,8 @@ mod tests {
         );
         assert_eq!(
             desc(r#"{"execute": "a", "exec-oob": "b"}"#, true).1,
-            "QMP input member 'exec-oob' clashes with 'execute'"
+            // QEMU looks at "exec-oob" first (its hash bucket comes first).
+            "QMP input member 'execute' clashes with 'exec-oob'"
         );
     }
 
@@ -361,11 +354,23 @@ mod tests {
     }
 
     #[test]
-    fn error_replies_put_the_id_last_and_end_in_crlf() {
+    fn replies_are_written_as_qemu_writes_them() {
         let bytes = encode(&error_response(&QmpError::generic("no"), Some(json!("x"))));
         assert_eq!(
-            bytes,
-            b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"no\"},\"id\":\"x\"}\r\n"
+            String::from_utf8(bytes).unwrap(),
+            "{\"id\": \"x\", \"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}}\r\n"
+        );
+        let bytes = encode(&return_response(json!({}), Some(json!(1))));
+        assert_eq!(bytes, b"{\"return\": {}, \"id\": 1}\r\n");
+    }
+
+    #[test]
+    fn of_two_faults_the_one_qemu_names_first_is_reported() {
+        // QEMU checks members in its hash table's order: "id" (bucket 486) after
+        // "execute", and an unknown member before or after depending on its bucket.
+        assert_eq!(
+            desc(r#"{"foo": 1, "execute": 2}"#, false).1,
+            "QMP input member 'execute' must be a string"
         );
     }
 }

@@ -32,9 +32,9 @@ use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::chardev::{MonitorMode, Peer, Stream};
-use crate::framing::{Frame, Framer};
 use crate::gateway::{ListenerContext, deadline_passed, within};
 use crate::plugin::{self, Command, Decision, EventDecision};
+use crate::qjson::{Input, Reader};
 use crate::qmp::{self, ErrorClass, QmpError, Request};
 use crate::upstream::UpstreamEvent;
 
@@ -179,7 +179,7 @@ impl Session {
             return "write failed";
         }
 
-        let mut framer = Framer::new(self.ctx.limits.max_message, self.ctx.limits.max_depth);
+        let mut framer = Reader::new(self.ctx.limits.max_message, self.ctx.limits.max_depth);
         let mut frames = std::collections::VecDeque::new();
         let mut scratch = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
@@ -222,10 +222,8 @@ impl Session {
                     Err(broadcast::error::RecvError::Closed) => self.events = None,
                 },
                 read = reader.read(&mut buf), if !eof && frames.is_empty() => match read {
-                    Ok(0) | Err(_) => {
-                        eof = true;
-                        frames.extend(framer.finish());
-                    }
+                    // As in QEMU, a value still open at the end of input is dropped.
+                    Ok(0) | Err(_) => eof = true,
                     Ok(n) => {
                         framer.push(&buf[..n], &mut scratch);
                         frames.extend(scratch.drain(..));
@@ -252,12 +250,14 @@ impl Session {
         let _ = self.deliver_events_before(u64::MAX).await;
     }
 
-    /// Decides what to do with one framed message.
-    async fn handle_frame(&mut self, frame: Frame) {
+    /// Decides what to do with one message (or one error in the input).
+    async fn handle_frame(&mut self, frame: Input) {
         self.ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
-        let bytes = match frame {
-            Frame::Message(bytes) => bytes,
-            Frame::TooLarge => {
+        let value = match frame {
+            Input::Value(value) => value,
+            // QEMU's parse errors carry no id (there is no message to take one from).
+            Input::Error(desc) => return self.answer(None, error(desc)),
+            Input::TooLarge => {
                 return self.answer(
                     None,
                     error(format!(
@@ -266,7 +266,7 @@ impl Session {
                     )),
                 );
             }
-            Frame::TooDeep => {
+            Input::TooDeep => {
                 return self.answer(
                     None,
                     error(format!(
@@ -277,7 +277,7 @@ impl Session {
             }
         };
         let allow_oob = matches!(self.phase, Phase::Commands { oob: true });
-        let request = match qmp::parse_request(&bytes, allow_oob) {
+        let request = match qmp::parse_request(value, allow_oob) {
             Ok(request) => request,
             Err(e) => return self.answer(e.id, qmp::error_response(&e.error, None)),
         };

@@ -1,14 +1,11 @@
-//! Every framed message parses into a request or a QMP error; none panics, and an
-//! error without an id is only ever a parse error (a duplicate key among them) or a
-//! non-object.
+//! Every message the reader yields becomes a request or a QMP error; none panics,
+//! every error is written as QEMU writes it, and an error without an id is only
+//! ever a parse error or a non-object.
 #![no_main]
 
-#[path = "../../src/framing.rs"]
+#[path = "../../src/qjson.rs"]
 #[allow(dead_code)]
-mod framing;
-#[path = "../../src/json_keys.rs"]
-#[allow(dead_code)]
-mod json_keys;
+mod qjson;
 #[path = "../../src/qmp.rs"]
 #[allow(dead_code)]
 mod qmp;
@@ -16,18 +13,23 @@ mod qmp;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut framer = framing::Framer::new(1 << 16, 32);
-    let mut frames = Vec::new();
-    framer.push(data, &mut frames);
-    for frame in frames {
-        if let framing::Frame::Message(bytes) = frame {
-            for oob in [false, true] {
-                if let Err(e) = qmp::parse_request(&bytes, oob) {
-                    assert!(!e.error.desc.is_empty());
-                    let _ = qmp::encode(&qmp::error_response(&e.error, e.id));
+    let mut reader = qjson::Reader::new(1 << 16, 32);
+    let mut inputs = Vec::new();
+    reader.push(data, &mut inputs);
+    for input in inputs {
+        match input {
+            qjson::Input::Value(value) => {
+                for oob in [false, true] {
+                    if let Err(e) = qmp::parse_request(value.clone(), oob) {
+                        assert!(!e.error.desc.is_empty());
+                        let bytes = qmp::encode(&qmp::error_response(&e.error, e.id));
+                        assert!(bytes.is_ascii(), "QEMU's writer escapes all but ASCII");
+                    }
                 }
+                let _ = qmp::parse_upstream(&qmp::encode(&value));
             }
-            let _ = qmp::parse_upstream(&bytes);
+            qjson::Input::Error(desc) => assert!(desc.starts_with("JSON parse error, ")),
+            qjson::Input::TooLarge | qjson::Input::TooDeep => {}
         }
     }
 });
