@@ -232,6 +232,7 @@ impl Runtime {
             recent_restarts: Default::default(),
             stats: Arc::new(PluginStats::default()),
             upstream: None,
+            client: None,
         }))
     }
 
@@ -357,6 +358,8 @@ struct HostState {
     /// The upstream of the call in progress: the host adds it to audit records, where
     /// a plugin cannot forge it.
     upstream: Option<Arc<str>>,
+    /// The client whose traffic the current call is about (none in `init`).
+    client: Option<u64>,
     wasi: WasiCtx,
     table: ResourceTable,
     memory: MemoryCap,
@@ -377,6 +380,9 @@ impl bindings::qmpgate::plugin::types::Host for HostState {}
 impl bindings::qmpgate::plugin::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         let plugin = &*self.plugin;
+        // A plugin's text must not pass for qmpgate's own lines: control
+        // characters (newlines, escape sequences) are shown escaped.
+        let message = escape_controls(&message);
         match level {
             Level::Trace => tracing::trace!(plugin, "{message}"),
             Level::Debug => tracing::debug!(plugin, "{message}"),
@@ -387,9 +393,13 @@ impl bindings::qmpgate::plugin::host::Host for HostState {
     }
 
     fn audit(&mut self, entry: String) {
+        let record =
+            crate::audit::record(&self.plugin, self.upstream.as_deref(), self.client, &entry);
         match &self.audit {
-            Some(sink) => sink.write(&self.plugin, self.upstream.as_deref(), &entry),
-            None => tracing::info!(target: "qmpgate::audit", plugin = &*self.plugin, "{entry}"),
+            Some(sink) => sink.write(&self.plugin, &record),
+            // Without an audit log, records go to the log under their own target,
+            // as one JSON field: never as free text a plugin chose.
+            None => tracing::info!(target: "qmpgate::audit", record = %record, "audit"),
         }
     }
 }
@@ -532,6 +542,8 @@ struct Worker {
     stats: Arc<PluginStats>,
     /// The upstream whose traffic the current job is about, for audit records.
     upstream: Option<Arc<str>>,
+    /// The client the current job is about, for audit records.
+    client: Option<u64>,
 }
 
 impl Worker {
@@ -543,6 +555,7 @@ impl Worker {
         let state = HostState {
             plugin: self.name.clone(),
             upstream: None,
+            client: None,
             // No environment, arguments, preopened directories, sockets or stdin.
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
@@ -625,6 +638,7 @@ impl Worker {
         let live = self.live.as_mut().expect("just ensured");
         live.store.set_epoch_deadline(deadline);
         live.store.data_mut().upstream = self.upstream.clone();
+        live.store.data_mut().client = self.client;
         let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
@@ -859,6 +873,7 @@ impl PluginChain {
     /// thread is gone (callers handle the empty chain before calling).
     async fn run<R: Send + 'static>(
         &self,
+        client: &Client,
         fallback: R,
         job: impl FnOnce(&mut [Worker]) -> R + Send + 'static,
     ) -> R {
@@ -867,9 +882,11 @@ impl PluginChain {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let upstream = self.upstream.clone();
+        let client = client.id;
         let job: Job = Box::new(move |workers| {
             for worker in workers.iter_mut() {
                 worker.upstream = upstream.clone();
+                worker.client = Some(client);
             }
             let _ = tx.send(job(workers));
         });
@@ -886,7 +903,7 @@ impl PluginChain {
         }
         let client = client.clone();
         let stopped = Err(QmpError::generic("qmpgate's plugin thread has stopped"));
-        self.run(stopped, move |workers| {
+        self.run(&client.clone(), stopped, move |workers| {
             for worker in workers {
                 match worker.call(|g, s| g.call_on_connect(s, &client)) {
                     Ok(Ok(())) => {}
@@ -920,7 +937,7 @@ impl PluginChain {
         }
         let (client, hmp_line) = (client.clone(), hmp_line.map(str::to_string));
         let stopped = Decision::Deny(QmpError::generic("qmpgate's plugin thread has stopped"));
-        self.run(stopped, move |workers| {
+        self.run(&client.clone(), stopped, move |workers| {
             decide(workers, &client, command, hmp_line.as_deref())
         })
         .await
@@ -951,6 +968,7 @@ impl PluginChain {
         let owned_line = line.to_string();
         let translation = self
             .run(
+                client,
                 Err(QmpError::generic("qmpgate's plugin thread has stopped")),
                 move |workers| translate_hmp(workers, &owned_line),
             )
@@ -982,7 +1000,7 @@ impl PluginChain {
                     line.to_string(),
                     denied.clone(),
                 );
-                self.run((), move |workers| {
+                self.run(&client.clone(), (), move |workers| {
                     notify_decision(workers, &client, &command, Some(&line), &told)
                 })
                 .await;
@@ -1012,7 +1030,7 @@ impl PluginChain {
         let mut stopped = reply.clone();
         stopped.remove("return");
         stopped.insert("error".into(), serde_json::json!({"class": "GenericError", "desc": "qmpgate's plugin thread has stopped; the result was withheld"}));
-        self.run(stopped, move |workers| {
+        self.run(&client.clone(), stopped, move |workers| {
             respond(workers, &client, &command, reply)
         })
         .await
@@ -1046,7 +1064,7 @@ impl PluginChain {
             microseconds: field("microseconds"),
         };
         let client = client.clone();
-        self.run(EventDecision::Drop, move |workers| {
+        self.run(&client.clone(), EventDecision::Drop, move |workers| {
             filter_event(workers, &client, event)
         })
         .await
@@ -1222,6 +1240,23 @@ fn filter_event(workers: &mut [Worker], client: &Client, mut event: WitEvent) ->
         Some(data) => EventDecision::Rewrite(data),
         None => EventDecision::Deliver,
     }
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`, ...), so that it
+/// stays on one log line and carries no terminal escape sequences.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]

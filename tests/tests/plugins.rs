@@ -172,3 +172,84 @@ fn a_plugin_that_traps_on_every_call_uses_up_its_restart_budget_and_stays_closed
     );
     assert!(lines.next().is_none());
 }
+
+/// A plugin cannot pass its words off as the host's: in its audit records the
+/// host's fields (`time`, `plugin`, `upstream`, `client`) are the host's, from
+/// `init` too; its log messages stay on one line, with control characters escaped;
+/// and without an audit log its records reach the log as one JSON field.
+#[test]
+fn a_plugin_cannot_forge_audit_fields_or_log_lines() {
+    let qemu = Qemu::start();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let log = builder.dir().join("audit.jsonl");
+    let plugin = format!("forger={}", guest("fixture_forger").display());
+    let gateway = builder
+        .args(["--plugin", &plugin, "--audit-log", log.to_str().unwrap()])
+        .spawn();
+    let mut c = gateway.negotiated();
+    assert!(c.execute("query-name", json!({}))["return"].is_object());
+
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let fields: Vec<_> = records
+        .iter()
+        .map(|r| {
+            (
+                r["when"].as_str().unwrap(),
+                r["plugin"].clone(),
+                r["upstream"].clone(),
+                r["client"].is_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("init", json!("forger"), json!(null), false),
+            ("command", json!("forger"), json!("qemu"), true),
+        ],
+        "{records:?}"
+    );
+    for r in &records {
+        assert!(r["time"].as_f64().unwrap() > 1e9, "{r}");
+        assert_ne!(r["client"], 4242, "{r}");
+    }
+
+    let stderr = gateway.stderr();
+    assert!(
+        stderr.contains(
+            r"ok\n2026-01-01T00:00:00Z  INFO qmpgate::gateway: FORGED line\r\u{1b}[2Kstill forged"
+        ),
+        "the message is there, escaped:\n{stderr}"
+    );
+    for line in stderr.lines() {
+        assert!(!line.starts_with("2026-01-01"), "a forged line: {line}");
+        assert!(!line.starts_with("still forged"), "a forged line: {line}");
+    }
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no terminal escapes reach the log"
+    );
+
+    // Without an audit log: records are one JSON field of a log line. (QEMU
+    // serves one monitor client at a time: the first gateway goes first.)
+    drop(c);
+    drop(gateway);
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--plugin", &plugin])
+        .spawn();
+    let _ = gateway.negotiated();
+    let stderr = gateway.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("qmpgate::audit"))
+        .unwrap_or_else(|| panic!("no audit line:\n{stderr}"));
+    assert!(
+        line.contains(r#"record={"time":"#)
+            && line.contains(r#""plugin":"forger","upstream":null,"client":null,"when":"init"}"#),
+        "{line}"
+    );
+}
