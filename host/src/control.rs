@@ -100,13 +100,21 @@ struct ControlSession {
 
 type Reply = Result<Value, QmpError>;
 
+/// Writes to a control client within [`crate::session::WRITE_TIMEOUT`]: one that
+/// does not read is dropped rather than holding its task for ever.
+async fn write(stream: &mut UnixStream, bytes: &[u8]) -> std::io::Result<()> {
+    tokio::time::timeout(crate::session::WRITE_TIMEOUT, stream.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 impl ControlSession {
     async fn run(mut self, mut stream: UnixStream) {
         let greeting = qmp::greeting(
             &json!({"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": format!("qmpgate {}", env!("CARGO_PKG_VERSION"))}),
             &[],
         );
-        if stream.write_all(&qmp::encode(&greeting)).await.is_err() {
+        if write(&mut stream, &qmp::encode(&greeting)).await.is_err() {
             return;
         }
         let mut framer = Reader::new(
@@ -132,7 +140,7 @@ impl ControlSession {
             framer.push(&buf[..n], &mut frames);
             for frame in frames.drain(..) {
                 let reply = self.handle(frame).await;
-                if stream.write_all(&qmp::encode(&reply)).await.is_err() {
+                if write(&mut stream, &qmp::encode(&reply)).await.is_err() {
                     return;
                 }
             }

@@ -20,7 +20,7 @@ use crate::chardev::Stream;
 use crate::gateway::ListenerContext;
 use crate::plugin::{self, Decision};
 
-const PROMPT: &[u8] = b"(qemu) ";
+const PROMPT_TEXT: &str = "(qemu) ";
 
 /// Serves one HMP client until it leaves or the gateway stops.
 pub async fn serve(
@@ -31,9 +31,7 @@ pub async fn serve(
 ) {
     let (reader, mut writer) = stream.into_split();
     if let Err(error) = ctx.chain().on_connect(&client).await {
-        let _ = writer
-            .write_all(format!("Error: {}\r\n", error.desc).as_bytes())
-            .await;
+        let _ = send(&mut writer, format!("Error: {}\r\n", error.desc).as_bytes()).await;
         return;
     }
     let version = ctx.upstream.info().version;
@@ -42,7 +40,9 @@ pub async fn serve(
         "QEMU {}.{}.{} monitor - type 'help' for more information\r\n",
         qemu["major"], qemu["minor"], qemu["micro"]
     );
-    if writer.write_all(banner.as_bytes()).await.is_err() || writer.write_all(PROMPT).await.is_err()
+    if send(&mut writer, format!("{banner}{}", PROMPT_TEXT).as_bytes())
+        .await
+        .is_err()
     {
         return;
     }
@@ -92,12 +92,24 @@ pub async fn serve(
             }
         };
         let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
-        if writer.write_all(output.as_bytes()).await.is_err()
-            || writer.write_all(PROMPT).await.is_err()
+        if send(&mut writer, format!("{output}{PROMPT_TEXT}").as_bytes())
+            .await
+            .is_err()
         {
             return;
         }
     }
+}
+
+/// Writes to the client within [`crate::session::WRITE_TIMEOUT`]: a client that
+/// does not read is dropped, as on QMP listeners.
+async fn send(
+    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    tokio::time::timeout(crate::session::WRITE_TIMEOUT, writer.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Decides on one line and, if allowed, runs it in QEMU; returns what to print.
