@@ -2,7 +2,8 @@
 //!
 //! - [`Qemu`]: a real QEMU (`-M none`, TCG) whose monitor is a listening socket the
 //!   test created before QEMU started (so connecting cannot race its start-up), of
-//!   either version the tests run against ([`QemuVersion`]: Debian's 7.2 and 10.0);
+//!   either version the tests run against ([`QemuVersion`]: Debian's 7.2 and 10.0;
+//!   `QMPGATE_TEST_QEMU` picks the one the whole run uses, [`QemuVersion::under_test`]);
 //! - [`GatewayBuilder`]: spawns the `qmpgate` binary with inherited fds, the way a
 //!   parent process would;
 //! - [`QmpClient`]: a small blocking QMP client that shows the bytes a user sees;
@@ -59,20 +60,27 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
-/// QEMU with no machine (TCG, starts in ~30 ms): all that monitor tests need.
-pub const QEMU_NONE: &[&str] = &[
-    "qemu-system-x86_64",
-    "-M",
-    "none",
-    "-nodefaults",
-    "-display",
-    "none",
-    "-S",
-];
+/// QEMU's arguments for no machine (TCG, starts in ~30 ms): all that monitor tests
+/// need. [`Qemu::start`] runs it; [`qemu_argv`]`(QEMU_NONE)` is its `qmpgate run` form.
+pub const QEMU_NONE: &[&str] = &["-M", "none", "-nodefaults", "-display", "none", "-S"];
+
+/// The argv that runs the QEMU under test ([`QemuVersion::under_test`]) with `args`,
+/// for `qmpgate run`.
+pub fn qemu_argv(args: &[&str]) -> Vec<String> {
+    let mut argv = QemuVersion::under_test().argv();
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv
+}
 
 /// The QEMU builds the end-to-end tests run against: bookworm's 7.2 (the system's
 /// `qemu-system-x86_64`) and bookworm-backports' 10.0, unpacked by
 /// `scripts/setup.sh test` under `.qemu/10.0` in the repository.
+///
+/// One version is *under test* in a run (`QMPGATE_TEST_QEMU`, [`QemuVersion::under_test`]):
+/// every helper that starts QEMU without being told a version starts that one, and
+/// `./test.sh` runs the suite once per version. A test that names its versions itself
+/// (e.g. loops over [`QemuVersion::ALL`]) has `qemu_7_2` or `qemu_10_0` in its name;
+/// the 10.0 pass skips such tests, which ran in the 7.2 pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QemuVersion {
     /// Debian bookworm's QEMU 7.2.
@@ -84,6 +92,29 @@ pub enum QemuVersion {
 impl QemuVersion {
     /// Every version, oldest first.
     pub const ALL: [QemuVersion; 2] = [QemuVersion::V7_2, QemuVersion::V10_0];
+
+    /// The environment variable that chooses the version under test: `7.2` (the
+    /// default when unset) or `10.0`.
+    pub const ENV: &'static str = "QMPGATE_TEST_QEMU";
+
+    /// The version this run tests against, from [`QemuVersion::ENV`]; panics on a
+    /// value that names no version, so a typo cannot silently test 7.2 twice.
+    pub fn under_test() -> QemuVersion {
+        let value = std::env::var_os(Self::ENV);
+        match value.as_ref().map(|v| v.to_str()) {
+            None | Some(Some("7.2")) => QemuVersion::V7_2,
+            Some(Some("10.0")) => QemuVersion::V10_0,
+            Some(_) => panic!("{}={:?}: expected 7.2 or 10.0", Self::ENV, value.unwrap()),
+        }
+    }
+
+    /// The major version QEMU reports (its greeting's `major`).
+    pub fn major(self) -> u64 {
+        match self {
+            QemuVersion::V7_2 => 7,
+            QemuVersion::V10_0 => 10,
+        }
+    }
 
     /// The `major.minor.` prefix of the version QEMU reports.
     pub fn prefix(self) -> &'static str {
@@ -144,6 +175,13 @@ impl QemuVersion {
     }
 }
 
+/// `7.2` or `10.0`, as [`QemuVersion::ENV`] spells it.
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.prefix().trim_end_matches('.'))
+    }
+}
+
 /// The children of process `pid` (from /proc).
 pub fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -176,35 +214,43 @@ pub struct Qemu {
     child: Child,
     /// The monitor's path.
     pub monitor: PathBuf,
+    /// Which QEMU runs: tests expect its version's replies, and
+    /// [`Qemu::restart`] starts the same one again.
+    version: QemuVersion,
+    /// Its arguments besides the monitor's, which [`Qemu::restart`] passes again.
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Qemu {
-    /// Starts `qemu-system-x86_64 -M none` with the monitor on an inherited listening fd.
+    /// Starts the QEMU under test ([`QemuVersion::under_test`]) with [`QEMU_NONE`]
+    /// and the monitor on an inherited listening fd.
     pub fn start() -> Qemu {
         Qemu::start_with(&[])
     }
 
     /// As [`Qemu::start`], with extra QEMU arguments.
     pub fn start_with(extra: &[&str]) -> Qemu {
+        Qemu::start_version(QemuVersion::under_test(), &[QEMU_NONE, extra].concat())
+    }
+
+    /// QEMU `version` with `args` (e.g. [`QEMU_PC`]) instead of [`QEMU_NONE`].
+    pub fn start_version(version: QemuVersion, args: &[&str]) -> Qemu {
         let dir = tempdir();
         let monitor = dir.path().join("qemu.sock");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         Qemu {
-            child: spawn_qemu(&monitor, extra),
+            child: spawn_qemu(version, &monitor, &args),
             monitor,
+            version,
+            args,
             _dir: dir,
         }
     }
 
-    /// QEMU `version` with `args` (e.g. [`QEMU_PC`]) instead of `-M none`.
-    pub fn start_version(version: QemuVersion, args: &[&str]) -> Qemu {
-        let dir = tempdir();
-        let monitor = dir.path().join("qemu.sock");
-        Qemu {
-            child: spawn_qemu_as(version.command(), &monitor, args),
-            monitor,
-            _dir: dir,
-        }
+    /// Which QEMU this is.
+    pub fn version(&self) -> QemuVersion {
+        self.version
     }
 
     /// QEMU's process id.
@@ -226,7 +272,7 @@ impl Qemu {
     pub fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.monitor);
-        self.child = spawn_qemu(&self.monitor, &[]);
+        self.child = spawn_qemu(self.version, &self.monitor, &self.args);
     }
 
     /// Whether QEMU is still running.
@@ -254,29 +300,23 @@ impl Drop for Qemu {
     }
 }
 
-/// Starts QEMU with its monitor on a listening socket bound at `monitor` by us and
-/// passed as fd 3, so the monitor exists before QEMU runs.
-fn spawn_qemu(monitor: &Path, extra: &[&str]) -> Child {
-    let mut cmd = Command::new(QEMU_NONE[0]);
-    cmd.args(&QEMU_NONE[1..]);
-    spawn_qemu_as(cmd, monitor, extra)
-}
-
-/// Runs `cmd` (a QEMU with its machine arguments) with its monitor on `monitor`.
-fn spawn_qemu_as(mut cmd: Command, monitor: &Path, extra: &[&str]) -> Child {
+/// Starts QEMU `version` with `args` and its monitor on a listening socket bound at
+/// `monitor` by us and passed as fd 3, so the monitor exists before QEMU runs.
+fn spawn_qemu(version: QemuVersion, monitor: &Path, args: &[String]) -> Child {
     let listener = UnixListener::bind(monitor).expect("bind QEMU monitor");
+    let mut cmd = version.command();
     cmd.args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])
         .args(["-mon", "chardev=mon,mode=control"])
-        .args(extra)
+        .args(args)
         .stdin(Stdio::null());
     cmd.fd_mappings(vec![FdMapping {
         parent_fd: OwnedFd::from(listener),
         child_fd: 3,
     }])
     .unwrap();
-    let child = cmd
-        .spawn()
-        .expect("qemu-system-x86_64 must be installed (apt-get install qemu-system-x86)");
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot start QEMU {version:?} ({e}): run scripts/setup.sh test")
+    });
     // `cmd` holds our copy of the listener; drop it so QEMU holds the only one.
     drop(cmd);
     child
@@ -384,11 +424,12 @@ impl GatewayBuilder {
             .spawn_raw_at(path)
     }
 
-    /// Spawns `qmpgate run ARGS -- QEMU...`.
-    pub fn spawn_run(mut self, qemu: &[&str]) -> Gateway {
+    /// Spawns `qmpgate run ARGS -- QEMU...` (e.g. [`qemu_argv`]`(QEMU_NONE)`).
+    pub fn spawn_run<S: AsRef<str>>(mut self, qemu: &[S]) -> Gateway {
         self.args.insert(0, "run".into());
         self.args.push("--".into());
-        self.args.extend(qemu.iter().map(|s| s.to_string()));
+        self.args
+            .extend(qemu.iter().map(|s| s.as_ref().to_string()));
         self.spawn_raw()
     }
 

@@ -3,7 +3,7 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use command_fds::FdMapping;
-use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, tempdir};
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QemuVersion, QmpClient, qemu_argv, tempdir};
 use serde_json::json;
 
 #[test]
@@ -34,8 +34,8 @@ fn the_upstream_can_be_an_inherited_connected_socket_with_no_path_at_all() {
     // A socketpair: QEMU gets one end (server=off), qmpgate the other. Nobody else
     // can reach this monitor.
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let mut cmd = std::process::Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "none", "-nodefaults", "-display", "none", "-S"])
+    let mut cmd = QemuVersion::under_test().command();
+    cmd.args(QEMU_NONE)
         .args(["-chardev", "socket,id=mon,fd=3,server=off"])
         .args(["-mon", "chardev=mon,mode=control"]);
     command_fds::CommandFdExt::fd_mappings(
@@ -193,7 +193,7 @@ fn adopted_fds_are_not_leaked_into_qemu() {
             "--profile",
             "permissive",
         ])
-        .spawn_run(QEMU_NONE);
+        .spawn_run(&qemu_argv(QEMU_NONE));
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     // Find QEMU: the gateway's only child.
     let children =

@@ -1,6 +1,6 @@
 //! End-to-end against real QEMU: the gateway in front of `qemu-system-x86_64 -M none`.
 
-use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, python};
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, python, qemu_argv};
 use serde_json::{Value, json};
 
 #[test]
@@ -9,7 +9,8 @@ fn greeting_negotiation_and_commands_match_qemu() {
     let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
     let mut c = gateway.client();
     assert_eq!(
-        c.greeting["QMP"]["version"]["qemu"]["major"], 7,
+        c.greeting["QMP"]["version"]["qemu"]["major"],
+        qemu.version().major(),
         "QEMU's own version is relayed"
     );
     assert_eq!(c.greeting["QMP"]["capabilities"], json!(["oob"]));
@@ -99,7 +100,7 @@ fn official_python_client_works_and_sees_policy_errors() {
             .starts_with("Command 'migrate' is refused by the safe profile: its URI or channels make QEMU run a host program")
     );
     // (What these would have done to the host is checked in policy.rs.)
-    assert_eq!(out[3]["return"]["qemu"]["major"], 7);
+    assert_eq!(out[3]["return"]["qemu"]["major"], qemu.version().major());
 }
 
 #[test]
@@ -201,7 +202,7 @@ fn run_launches_qemu_on_a_preopened_socket_and_passes_its_exit_status() {
             "--profile",
             "permissive",
         ])
-        .spawn_run(QEMU_NONE);
+        .spawn_run(&qemu_argv(QEMU_NONE));
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
@@ -236,7 +237,7 @@ fn run_reports_a_qemu_killed_under_it() {
     let mut gateway = GatewayBuilder::base()
         .fd(listener, 3)
         .args(["--listen", "socket,id=qmp,fd=3,server=on"])
-        .spawn_run(QEMU_NONE);
+        .spawn_run(&qemu_argv(QEMU_NONE));
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     let children =
         std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gateway.pid())).unwrap();
@@ -267,7 +268,7 @@ fn run_reports_a_qemu_that_fails_at_start_up_at_once() {
     let mut gateway = GatewayBuilder::base()
         .fd(listener, 3)
         .args(["--listen", "socket,id=qmp,fd=3,server=on"])
-        .spawn_run(&["qemu-system-x86_64", "-M", "no-such-machine"]);
+        .spawn_run(&qemu_argv(&["-M", "no-such-machine"]));
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
     assert!(

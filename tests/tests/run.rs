@@ -7,11 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{GatewayBuilder, QEMU_NONE, QmpClient, children, tempdir};
+use qmpgate_tests::{GatewayBuilder, QEMU_NONE, QmpClient, children, qemu_argv, tempdir};
 use serde_json::json;
 
 /// A gateway under `qmpgate run` with a QMP listener at `dir/gate.sock`.
-fn run(dir: &Path, builder: GatewayBuilder, qemu: &[&str]) -> qmpgate_tests::Gateway {
+fn run<S: AsRef<str>>(dir: &Path, builder: GatewayBuilder, qemu: &[S]) -> qmpgate_tests::Gateway {
     let listener = std::os::unix::net::UnixListener::bind(dir.join("gate.sock")).unwrap();
     builder
         .fd(listener, 3)
@@ -53,7 +53,11 @@ fn mode(path: &Path) -> u32 {
 #[test]
 fn the_monitor_socket_is_private_even_under_umask_000() {
     let dir = tempdir();
-    let gateway = run(dir.path(), GatewayBuilder::base().umask(0o000), QEMU_NONE);
+    let gateway = run(
+        dir.path(),
+        GatewayBuilder::base().umask(0o000),
+        &qemu_argv(QEMU_NONE),
+    );
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
@@ -132,7 +136,7 @@ fn nothing_that_can_fail_is_checked_after_qemu_starts() {
 #[test]
 fn qemu_does_not_outlive_a_killed_qmpgate() {
     let dir = tempdir();
-    let mut gateway = run(dir.path(), GatewayBuilder::base(), QEMU_NONE);
+    let mut gateway = run(dir.path(), GatewayBuilder::base(), &qemu_argv(QEMU_NONE));
     let _ = QmpClient::negotiated(&dir.path().join("gate.sock"));
     let qemu = qemu_pid(&gateway);
     gateway.signal(nix::sys::signal::Signal::SIGKILL);
@@ -171,7 +175,7 @@ fn qemu_runs_in_its_seccomp_sandbox_unless_its_arguments_say_otherwise() {
     let gateway = run(
         dir.path(),
         GatewayBuilder::base().args(["--profile", "permissive"]),
-        QEMU_NONE,
+        &qemu_argv(QEMU_NONE),
     );
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     let qemu = qemu_pid(&gateway);
@@ -189,8 +193,7 @@ fn qemu_runs_in_its_seccomp_sandbox_unless_its_arguments_say_otherwise() {
     );
 
     let dir = tempdir();
-    let mut unsandboxed = QEMU_NONE.to_vec();
-    unsandboxed.extend(["-sandbox", "off"]);
+    let unsandboxed = qemu_argv(&[QEMU_NONE, &["-sandbox", "off"]].concat());
     let gateway = run(dir.path(), GatewayBuilder::base(), &unsandboxed);
     let _ = QmpClient::negotiated(&dir.path().join("gate.sock"));
     assert_eq!(seccomp_mode(qemu_pid(&gateway)), "0");
@@ -213,7 +216,7 @@ fn runas_starts_qemu_as_that_user_and_it_still_dies_with_qmpgate() {
     let mut gateway = run(
         dir.path(),
         GatewayBuilder::base().args(["--runas", "nobody"]),
-        QEMU_NONE,
+        &qemu_argv(QEMU_NONE),
     );
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     assert_eq!(
@@ -232,7 +235,7 @@ fn runas_starts_qemu_as_that_user_and_it_still_dies_with_qmpgate() {
     let mut gateway = run(
         dir.path(),
         GatewayBuilder::base().args(["--runas", "no-such-user-x"]),
-        QEMU_NONE,
+        &qemu_argv(QEMU_NONE),
     );
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
@@ -254,7 +257,7 @@ fn a_silent_qemu_is_killed_only_with_kill_qemu_on_link_loss() {
         if kill {
             builder = builder.args(["--kill-qemu-on-link-loss"]);
         }
-        let mut gateway = run(dir.path(), builder, QEMU_NONE);
+        let mut gateway = run(dir.path(), builder, &qemu_argv(QEMU_NONE));
         let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
         let qemu = qemu_pid(&gateway);
         let pid = nix::unistd::Pid::from_raw(qemu as i32);

@@ -6,8 +6,8 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::time::Duration;
 
 use qmpgate_tests::{
-    Control, GatewayBuilder, QEMU_NONE, Qemu, QmpClient, http_get as get, python, tempdir,
-    with_status,
+    Control, GatewayBuilder, QEMU_NONE, Qemu, QmpClient, http_get as get, python, qemu_argv,
+    tempdir, with_status,
 };
 use serde_json::{Value, json};
 
@@ -34,7 +34,7 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     assert_eq!(upstream["id"], "qemu");
     assert_eq!(upstream["connected"], true);
     assert_eq!(upstream["run_state"], "prelaunch");
-    assert_eq!(upstream["qemu"]["qemu"]["major"], 7);
+    assert_eq!(upstream["qemu"]["qemu"]["major"], qemu.version().major());
     assert_eq!(upstream["policy"], "default");
     assert_eq!(upstream["listeners"], json!(["qmp"]));
     assert_eq!(upstream["counters"]["denied"], 1);
@@ -320,7 +320,7 @@ fn sigterm_under_run_quits_qemu_through_its_monitor() {
     let mut gateway = GatewayBuilder::base()
         .fd(listener, 3)
         .args(["--listen", "socket,id=qmp,fd=3,server=on"])
-        .spawn_run(QEMU_NONE);
+        .spawn_run(&qemu_argv(QEMU_NONE));
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     gateway.signal(nix::sys::signal::Signal::SIGTERM);
     let mut saw_shutdown = false;

@@ -16,6 +16,9 @@
 //! fast fake QEMU and to a real one; it checks that every reply reaches its asker
 //! and reports throughput, p99 latency and the gateway's peak memory.
 //!
+//! QEMU is the version under test of the end-to-end tests: 7.2, or 10.0 with
+//! `QMPGATE_TEST_QEMU=10.0` (see `QemuVersion::under_test`).
+//!
 //! For each path to a fresh `qemu-system-x86_64 -M none` it measures
 //! - latency: ROUNDS sequential `query-status` round trips (p50, p99);
 //! - throughput: 5 x ROUNDS `query-status` with up to 16 in flight on one connection.
@@ -30,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, guest};
+use qmpgate_tests::{GatewayBuilder, Qemu, QemuVersion, QmpClient, guest};
 use serde_json::json;
 
 struct Measurement {
@@ -112,8 +115,16 @@ fn load(clients: usize, commands: usize) {
     let fake = qmpgate_tests::FakeQemu::start(|_| qmpgate_tests::FakeAction::Return);
     let qemu = Qemu::start();
     for (name, upstream, command) in [
-        ("fast fake QEMU", fake.upstream_spec(), "query-status"),
-        ("QEMU 7.2 (-M none)", qemu.upstream_spec(), "query-status"),
+        (
+            "fast fake QEMU".to_string(),
+            fake.upstream_spec(),
+            "query-status",
+        ),
+        (
+            format!("QEMU {} (-M none)", QemuVersion::under_test()),
+            qemu.upstream_spec(),
+            "query-status",
+        ),
     ] {
         let gateway = GatewayBuilder::new(&upstream).spawn();
         let path = gateway.path.clone();
