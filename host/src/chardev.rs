@@ -85,6 +85,10 @@ pub enum ChardevError {
     /// A path exists and is not a socket; qmpgate will not delete it.
     #[error("chardev '{id}': {path} exists and is not a socket")]
     PathNotSocket { id: String, path: PathBuf },
+    /// A socket at the path accepts connections: it belongs to a live server
+    /// (another listener, QEMU's monitor, ...), which qmpgate will not cut off.
+    #[error("chardev '{id}': {path} is in use: something accepts connections on it")]
+    SocketInUse { id: String, path: PathBuf },
     /// A system call failed.
     #[error("chardev '{id}': {action}")]
     Io {
@@ -496,9 +500,11 @@ impl ChardevSpec {
                 } else {
                     UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?
                 };
+                let unlink = UnlinkOnDrop::new(path.clone())
+                    .map_err(io(format!("stat {}", path.display())))?;
                 Ok(Listener::Unix {
                     listener,
-                    unlink: Some(UnlinkOnDrop(path.clone())),
+                    unlink: Some(unlink),
                 })
             }
             Address::Tcp { host, port } => {
@@ -584,11 +590,24 @@ fn split_opts(spec: &str) -> Vec<String> {
     parts
 }
 
-/// QEMU unlinks a stale socket before binding; so do we, but never anything else.
+/// QEMU unlinks any socket at the path before binding; qmpgate unlinks only a
+/// stale one (nothing accepts on it), so that a mistaken or malicious
+/// `chardev-add` cannot cut a live server (QEMU's monitor, another listener) off
+/// from its clients, and never anything that is not a socket.
 fn remove_stale_socket(id: &str, path: &Path) -> Result<(), ChardevError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                // Refused: a socket file whose server is gone.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                _ => {
+                    return Err(ChardevError::SocketInUse {
+                        id: id.to_string(),
+                        path: path.to_path_buf(),
+                    });
+                }
+            }
             std::fs::remove_file(path).map_err(|source| ChardevError::Io {
                 id: id.to_string(),
                 action: format!("remove stale socket {}", path.display()),
@@ -624,7 +643,14 @@ fn bind_shaped(path: &Path, access: &Access) -> std::io::Result<UnixListener> {
     if access.owner.is_some() || access.group.is_some() {
         std::os::unix::fs::chown(&staged, access.owner, access.group)?;
     }
-    std::fs::rename(&staged, path)?;
+    // Never over something that appeared at the path meanwhile.
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &staged,
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )?;
     Ok(listener)
 }
 
@@ -688,13 +714,35 @@ impl Listener {
 
 pub(crate) use adopt::recv_with_fds;
 
-/// Removes a socket path when dropped.
+/// Removes the socket qmpgate bound at a path when dropped, if the path is still
+/// that socket (not one another process bound there since).
 #[derive(Debug)]
-pub struct UnlinkOnDrop(PathBuf);
+pub struct UnlinkOnDrop {
+    path: PathBuf,
+    /// The bound socket's device and inode.
+    identity: (u64, u64),
+}
+
+impl UnlinkOnDrop {
+    /// Remembers the socket now at `path`.
+    fn new(path: PathBuf) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(&path)?;
+        Ok(UnlinkOnDrop {
+            path,
+            identity: (meta.dev(), meta.ino()),
+        })
+    }
+}
 
 impl Drop for UnlinkOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.identity
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -249,6 +249,10 @@ impl ControlSession {
                 .map_err(|e| QmpError::generic(error_chain(&e)))?;
             return Ok(json!({}));
         }
+        // Everything that can refuse the add is checked before the socket is bound.
+        self.hub
+            .check_new_listener(&spec)
+            .map_err(QmpError::generic)?;
         let listener = spec
             .listen(&mut self.named)
             .map_err(|e| QmpError::generic(error_chain(&e)))?;

@@ -516,6 +516,20 @@ impl Hub {
                 .any(|(s, _, _)| s == id)
     }
 
+    /// Whether `spec` could be added as a listener now (its id is free, it names
+    /// an upstream there is): checked before its socket is bound, so that a
+    /// refused `chardev-add` touches nothing.
+    pub fn check_new_listener(&self, spec: &ChardevSpec) -> Result<(), String> {
+        check_listener(spec).map_err(|e| format!("chardev '{}': {e}", spec.id))?;
+        let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        if self.id_in_use_locked(&upstreams, &spec.id) {
+            return Err(format!("Chardev '{}' already exists", spec.id));
+        }
+        crate::config::bound_upstream(spec, upstreams.keys().map(String::as_str))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Starts accepting on `listener` as chardev `spec.id`, for the upstream its
     /// `upstream=` names (or the only upstream).
     /// A listener with its own `profile=`/`plugins=` gets that chain (blocks while

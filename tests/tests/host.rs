@@ -327,7 +327,7 @@ fn the_control_monitor_adds_and_removes_upstreams_at_run_time() {
     let unix = json!({"type": "unix", "data": {"path": "/nonexistent/x.sock"}});
     assert_eq!(
         err(control.execute(
-            qapi(json!({"addr": unix, "server": true, "profile": "safe"})),
+            qapi(json!({"addr": unix, "server": true, "profile": "safe", "upstream": "vm7"})),
             none
         )),
         "chardev 'x': bind /nonexistent/x.sock: No such file or directory (os error 2)"
@@ -526,4 +526,85 @@ fn audit_records_name_the_vm_even_when_vms_share_a_chain() {
             ("vm1", "query-name", "forwarded"),
         ]
     );
+}
+
+/// `chardev-add` never cuts a live server off from its clients: an id in use is
+/// refused before the socket path is touched, and a path where something accepts
+/// connections (another listener, QEMU's own monitor) is not unlinked. A stale
+/// socket file is replaced, as QEMU replaces it.
+#[test]
+fn a_refused_chardev_add_leaves_live_sockets_alone() {
+    let vm = Qemu::start();
+    let builder = GatewayBuilder::base();
+    let control_path = builder.dir().join("control.sock");
+    let control_listener = UnixListener::bind(&control_path).unwrap();
+    let dir = tempdir();
+    let live = dir.path().join("g.sock");
+    let mut gateway = builder
+        .fd(control_listener, 3)
+        .args(["--control", "socket,id=control,fd=3,server=on"])
+        .args(["--upstream", &spec("vm", &vm, "")])
+        .args([
+            "--listen",
+            &format!("socket,id=g,path={},server=on", live.display()),
+        ])
+        .spawn_raw();
+    let mut control = Control::connect(&control_path);
+    let works = |path: &std::path::Path| {
+        QmpClient::negotiated(path).execute("query-status", json!({}))["return"]["status"]
+            == "prelaunch"
+    };
+    assert!(works(&live));
+    let inode = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map(|m| m.ino()).ok()
+    };
+    let (live_inode, monitor_inode) = (inode(&live), inode(&vm.monitor));
+
+    let add = |control: &mut Control, id: &str, path: &std::path::Path| {
+        control.hmp(&format!(
+            "chardev-add socket,id={id},path={},server=on",
+            path.display()
+        ))["return"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        add(&mut control, "g", &live),
+        "Error: Chardev 'g' already exists\r\n"
+    );
+    assert_eq!(
+        add(&mut control, "h", &live),
+        format!(
+            "Error: chardev 'h': {} is in use: something accepts connections on it\r\n",
+            live.display()
+        )
+    );
+    assert_eq!(
+        add(&mut control, "h", &vm.monitor),
+        format!(
+            "Error: chardev 'h': {} is in use: something accepts connections on it\r\n",
+            vm.monitor.display()
+        )
+    );
+    assert_eq!(
+        inode(&live),
+        live_inode,
+        "the live listener's socket is untouched"
+    );
+    assert_eq!(
+        inode(&vm.monitor),
+        monitor_inode,
+        "QEMU's monitor socket is untouched"
+    );
+    assert!(works(&live), "and still serves");
+
+    // A socket file nobody accepts on is stale: replaced, as QEMU does.
+    let stale = dir.path().join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert_eq!(add(&mut control, "h", &stale), "");
+    assert_ne!(inode(&stale), None);
+    assert!(works(&stale));
+    assert!(gateway.is_running());
 }
