@@ -12,6 +12,7 @@
 //! - [`qmp`]: QMP message shapes and QEMU's error messages;
 //! - [`schema`]: QEMU's QMP schema (`query-qmp-schema`): argument checks with QEMU's texts;
 //! - [`plugin`]: the wasmtime runtime, limits and the plugin chain;
+//! - [`cache`]: compiled plugins on disk, in a directory checked and held open;
 //! - [`upstream`]: the one QMP session with QEMU: id rewriting, events, reconnects;
 //! - [`session`]: one client's QMP session: negotiation, ordering, back-pressure;
 //! - [`hmp_session`]: one client's HMP session on a `mode=readline` listener;
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod cache;
 pub mod chardev;
 pub mod config;
 pub mod control;

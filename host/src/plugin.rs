@@ -11,7 +11,8 @@
 //! refused with a QMP error, the fault is counted, and the instance is dropped and
 //! recreated on the next call, because an instance that trapped may be in any state.
 //!
-//! Layout: [`Runtime`] owns the engine, the linker and the compile cache;
+//! Layout: [`Runtime`] owns the engine, the linker and the compile caches (in
+//! memory, and on disk through [`crate::cache`]);
 //! [`Loaded`] is one compiled and linked component, instantiated with its counters
 //! on its chain's thread;
 //! [`PluginChain`] runs hooks across the configured plugins in order.
@@ -28,6 +29,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::cache::{CacheKey, CompileCache};
 use crate::qmp::QmpError;
 
 #[allow(missing_docs)]
@@ -113,16 +115,18 @@ impl Default for Limits {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
-    cache_dir: Option<PathBuf>,
+    /// The checked `.cwasm` directory, held open (`None`: no cache, or it was refused).
+    cache: Option<CompileCache>,
     audit: Option<Arc<crate::audit::AuditSink>>,
     /// Components compiled (or loaded) by this process, by cache key: a plugin that
     /// many upstreams' chains use is compiled, and its code mapped, once.
-    compiled: Mutex<HashMap<String, Component>>,
+    compiled: Mutex<HashMap<CacheKey, Component>>,
 }
 
 impl Runtime {
     /// Creates the engine and starts the epoch ticker thread. `cache_dir` holds
-    /// precompiled plugins (`None` disables the cache).
+    /// precompiled plugins (`None` disables the cache); it is checked and opened here,
+    /// once (see [`crate::cache`]), and a directory that fails is not used.
     pub fn new(
         cache_dir: Option<PathBuf>,
         audit: Option<Arc<crate::audit::AuditSink>>,
@@ -148,20 +152,21 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
 
-        let cache_dir = match cache_dir {
-            Some(dir) => match prepare_cache_dir(&dir) {
-                Ok(()) => Some(dir),
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
-                    None
-                }
-            },
-            None => None,
-        };
+        let cache = cache_dir.and_then(|dir| match CompileCache::open(&dir) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    error = %e,
+                    "plugin cache disabled: plugins are compiled instead"
+                );
+                None
+            }
+        });
         Ok(Runtime {
             engine,
             linker,
-            cache_dir,
+            cache,
             audit,
             compiled: Mutex::new(HashMap::new()),
         })
@@ -237,7 +242,7 @@ impl Runtime {
     }
 
     fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, PluginError> {
-        let key = cache_key(&self.engine, bytes);
+        let key = CacheKey::new(&self.engine, bytes);
         let compiled = || self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(component) = compiled().get(&key) {
             return Ok(component.clone());
@@ -251,86 +256,20 @@ impl Runtime {
         &self,
         name: &str,
         bytes: &[u8],
-        key: &str,
+        key: &CacheKey,
     ) -> Result<Component, PluginError> {
-        let compile_error = |e: wasmtime::Error| PluginError::Compile {
+        if let Some(component) = self.cache.as_ref().and_then(|c| c.load(&self.engine, key)) {
+            return Ok(component);
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
             name: name.into(),
             reason: format!("{e:#}"),
-        };
-        let Some(dir) = &self.cache_dir else {
-            return Component::new(&self.engine, bytes).map_err(compile_error);
-        };
-        let path = dir.join(format!("{key}.cwasm"));
-        if path.exists() {
-            match deserialize_cached(&self.engine, &path) {
-                Ok(component) => return Ok(component),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring bad cache entry")
-                }
-            }
-        }
-        let component = Component::new(&self.engine, bytes).map_err(compile_error)?;
-        if let Ok(serialized) = component.serialize() {
-            // Write then rename: concurrent qmpgate processes never see half a file.
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, serialized).is_ok() && std::fs::rename(&tmp, &path).is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
+        })?;
+        if let Some(cache) = &self.cache {
+            cache.store(key, &component);
         }
         Ok(component)
     }
-}
-
-/// The cache key: the component's bytes and everything about the engine that makes
-/// compiled code incompatible (wasmtime version, target, settings).
-fn cache_key(engine: &Engine, bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    use std::hash::{Hash, Hasher};
-
-    struct Sha(Sha256);
-    impl Hasher for Sha {
-        fn finish(&self) -> u64 {
-            unreachable!("only used through write")
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            self.0.update(bytes);
-        }
-    }
-    let mut hasher = Sha(Sha256::new());
-    engine.precompile_compatibility_hash().hash(&mut hasher);
-    hasher.0.update(bytes);
-    hasher
-        .0
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The cache holds native code that wasmtime will run without checking it, so it must
-/// be a directory that only this user can write.
-fn prepare_cache_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::metadata(dir)?;
-    if meta.uid() != nix::unistd::getuid().as_raw() || meta.permissions().mode() & 0o022 != 0 {
-        return Err(std::io::Error::other(
-            "cache directory must be owned by this user and not writable by others",
-        ));
-    }
-    Ok(())
-}
-
-#[allow(unsafe_code)]
-fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
-    // SAFETY: wasmtime runs deserialized code as is. The file is named by the SHA-256 of
-    // the source component and the engine's compatibility hash, and lives in a directory
-    // that `prepare_cache_dir` checked is owned by this user and writable by nobody else;
-    // only this process's `compile` writes such files (atomically, by rename).
-    unsafe { Component::deserialize_file(engine, path) }
 }
 
 fn check_version(name: &str, component: &Component, engine: &Engine) -> Result<(), PluginError> {

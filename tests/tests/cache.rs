@@ -1,0 +1,347 @@
+//! The compile cache holds native code that qmpgate runs, so nobody but qmpgate's
+//! user may choose what is in it: a cache directory others could write or own is
+//! not used (the plugins are compiled, and qmpgate says why); a directory swapped in
+//! at the cache's path after start-up is never read or written (reloads keep using
+//! the directory checked at start-up); a damaged entry is detected, reported once
+//! and rewritten.
+//!
+//! These tests give qmpgate a cache directory of their own, so they start it
+//! themselves ([`Gate`]) rather than through `GatewayBuilder`, which always passes
+//! the suite's shared cache.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+use qmpgate_tests::{Qemu, QmpClient, TIMEOUT, guest, qmpgate_bin, tempdir};
+use serde_json::{Value, json};
+
+/// The uid that plays the other local user (`nobody`).
+const OTHER_UID: u32 = 65534;
+
+/// A qmpgate started with `--cache-dir` of the test's choosing.
+struct Gate {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    /// qmpgate in front of `qemu`, with its compile cache in `cache`, a QMP listener
+    /// on an inherited fd, and `args`.
+    fn spawn(qemu: &Qemu, cache: &Path, args: &[&str]) -> Gate {
+        let dir = tempdir();
+        let listener = UnixListener::bind(dir.path().join("gate.sock")).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut cmd = Command::new(qmpgate_bin());
+        cmd.arg("--cache-dir")
+            .arg(cache)
+            .args(["--upstream", &qemu.upstream_spec()])
+            .args(["--listen", "socket,id=qmp,fd=3,server=on"])
+            .args(args)
+            .env("QMPGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: OwnedFd::from(listener),
+            child_fd: 3,
+        }])
+        .unwrap();
+        Gate {
+            child: cmd.spawn().expect("spawn qmpgate"),
+            dir,
+        }
+    }
+
+    /// A negotiated client (its greeting comes once start-up is over).
+    fn client(&self) -> QmpClient {
+        QmpClient::negotiated(&self.dir.path().join("gate.sock"))
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGHUP and waits until the `n`th reload is logged.
+    fn reload(&self, n: usize) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while self.stderr().matches("reloaded").count() < n {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- qmpgate's stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+/// The safe profile's answer to `screendump`: what the built-in policy must still
+/// say whatever lies in the cache.
+fn screendump_refused() -> Value {
+    json!({"error": {"class": "GenericError", "desc": "Command 'screendump' is refused by the safe profile: it writes a host file named by the client"}})
+}
+
+/// The policy is the built-in one, and it works: a refusal and an allowed command.
+fn assert_policy_holds(client: &mut QmpClient, dir: &Path) {
+    let shot = dir.join("shot.ppm");
+    assert_eq!(
+        client.execute("screendump", json!({"filename": shot})),
+        screendump_refused()
+    );
+    assert!(!shot.exists());
+    assert_eq!(
+        client.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}
+
+/// The entries in `dir`, by name, with their content.
+fn entries(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    entries(dir).into_iter().map(|(name, _)| name).collect()
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A private directory (`tempdir` follows the umask).
+fn private_dir() -> tempfile::TempDir {
+    let dir = tempdir();
+    chmod(dir.path(), 0o700);
+    dir
+}
+
+#[test]
+fn a_cache_directory_others_could_write_or_own_is_not_used() {
+    let top = private_dir();
+    let p = |name: &str| top.path().join(name);
+    // Open to all; another user's; below a directory open to all (not sticky, so
+    // its writers could swap the cache later).
+    std::fs::create_dir(p("open")).unwrap();
+    chmod(&p("open"), 0o777);
+    std::fs::create_dir(p("theirs")).unwrap();
+    chmod(&p("theirs"), 0o700);
+    std::os::unix::fs::chown(p("theirs"), Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    std::fs::create_dir(p("shared")).unwrap();
+    chmod(&p("shared"), 0o777);
+    let cases = [
+        (
+            p("open"),
+            format!(
+                "{} is writable by group or others (mode 0777)",
+                p("open").display()
+            ),
+        ),
+        (
+            p("theirs"),
+            format!(
+                "{} is owned by uid {OTHER_UID}, not by qmpgate's uid {}",
+                p("theirs").display(),
+                nix::unistd::geteuid()
+            ),
+        ),
+        (
+            p("shared/cache"),
+            format!(
+                "{} is writable by group or others (mode 0777)",
+                p("shared").display()
+            ),
+        ),
+    ];
+    // Side by side: each compiles the default plugins.
+    let running: Vec<_> = cases
+        .iter()
+        .map(|(cache, _)| {
+            let qemu = Qemu::start();
+            let gate = Gate::spawn(&qemu, cache, &[]);
+            (qemu, gate)
+        })
+        .collect();
+    for ((_, reason), (_qemu, gate)) in cases.iter().zip(&running) {
+        assert_policy_holds(&mut gate.client(), top.path());
+        let stderr = gate.stderr();
+        assert_eq!(
+            stderr.matches("plugin cache disabled").count(),
+            1,
+            "said once:\n{stderr}"
+        );
+        assert!(stderr.contains(reason.as_str()), "{reason:?} in:\n{stderr}");
+    }
+    // Nothing was written in them, nor created below the shared one.
+    assert!(names(&p("open")).is_empty());
+    assert!(names(&p("theirs")).is_empty());
+    assert!(names(&p("shared")).is_empty());
+}
+
+/// The header of a cache entry (see `host/src/cache.rs`): magic, key, SHA-256 of the
+/// artifact. Public knowledge, so an attacker can forge it.
+const MAGIC: &[u8] = b"qmpgate-cwasm-1\n";
+const HEADER_LEN: usize = 16 + 32 + 32;
+
+/// An entry named `name` (`<key>.cwasm`) holding `artifact`, with a header that
+/// checks out: what an attacker who can write the directory can make.
+fn forge(name: &str, artifact: &[u8], scratch: &Path) -> Vec<u8> {
+    let hex = |text: &str| -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let file = scratch.join("artifact");
+    std::fs::write(&file, artifact).unwrap();
+    let out = Command::new("sha256sum").arg(&file).output().unwrap();
+    let digest = String::from_utf8(out.stdout).unwrap();
+    let mut entry = MAGIC.to_vec();
+    entry.extend(hex(name.trim_end_matches(".cwasm")));
+    entry.extend(hex(&digest[..64]));
+    entry.extend(artifact);
+    entry
+}
+
+#[test]
+fn a_cache_directory_swapped_in_after_start_up_is_neither_read_nor_written() {
+    let top = private_dir();
+    let cache = top.path().join("cache");
+    let config = top.path().join("qmpgate.toml");
+    std::fs::write(&config, "").unwrap();
+    let qemu = Qemu::start();
+    let gate = Gate::spawn(&qemu, &cache, &["--config", config.to_str().unwrap()]);
+    let mut client = gate.client();
+    assert_policy_holds(&mut client, top.path());
+    let legit = names(&cache);
+    assert_eq!(legit.len(), 2, "hmp and qmp-policy: {legit:?}");
+
+    // The attacker's code: fixture_trap (it forwards what the policy refuses),
+    // compiled by this qmpgate's wasmtime, as a second qmpgate leaves it in its cache.
+    let trap_cache = top.path().join("trap-cache");
+    {
+        let other_qemu = Qemu::start();
+        let trap = format!("trap={}", guest("fixture_trap").display());
+        let builder = Gate::spawn(
+            &other_qemu,
+            &trap_cache,
+            &["--no-default-policy", "--plugin", &trap],
+        );
+        let _ = builder.client();
+    }
+    let (_, trap_entry) = entries(&trap_cache)
+        .into_iter()
+        .find(|(name, _)| !legit.contains(name))
+        .expect("fixture_trap's entry");
+    let artifact = &trap_entry[HEADER_LEN..];
+
+    // Another user's directory, with every entry qmpgate uses replaced by the trap
+    // under a header that checks out, swapped in at the cache's path.
+    let evil = top.path().join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    for name in &legit {
+        let mut file = std::fs::File::create(evil.join(name)).unwrap();
+        file.write_all(&forge(name, artifact, top.path())).unwrap();
+        std::os::unix::fs::fchown(&file, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    }
+    std::os::unix::fs::chown(&evil, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+    let moved = top.path().join("cache.moved");
+    std::fs::rename(&cache, &moved).unwrap();
+    std::fs::rename(&evil, &cache).unwrap();
+    let planted = entries(&cache);
+
+    // Reload, with one plugin more (the audit plugin, compiled now and cached).
+    std::fs::write(
+        &config,
+        "[[plugin]]\nname = \"audit\"\nbuiltin = \"audit\"\n",
+    )
+    .unwrap();
+    gate.reload(1);
+    let stderr = gate.stderr();
+    assert!(
+        stderr.contains(r#"reloaded plugins=["hmp", "audit", "policy"]"#),
+        "{stderr}"
+    );
+    assert_policy_holds(&mut client, top.path());
+    assert_eq!(
+        entries(&cache),
+        planted,
+        "nothing written in the swapped-in directory"
+    );
+    assert_eq!(
+        names(&moved).len(),
+        3,
+        "the audit plugin went where the cache was checked"
+    );
+    assert!(!stderr.contains("ignoring plugin cache entry"), "{stderr}");
+}
+
+#[test]
+fn a_damaged_entry_is_detected_reported_once_and_rewritten() {
+    let top = private_dir();
+    let cache = top.path().join("cache");
+    let qemu = Qemu::start();
+    let gate = Gate::spawn(&qemu, &cache, &[]);
+    let mut client = gate.client();
+    let good = entries(&cache);
+    assert_eq!(good.len(), 2, "hmp and qmp-policy");
+    // One bit flipped in the middle of each entry, in its compiled code: wasmtime
+    // itself would not notice.
+    for (name, bytes) in &good {
+        let mut bad = bytes.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 1;
+        std::fs::write(cache.join(name), bad).unwrap();
+    }
+
+    gate.reload(1);
+    let stderr = gate.stderr();
+    for (name, _) in &good {
+        let said = stderr
+            .lines()
+            .filter(|l| l.contains("ignoring plugin cache entry") && l.contains(name.as_str()))
+            .collect::<Vec<_>>();
+        assert_eq!(said.len(), 1, "{name} in:\n{stderr}");
+        assert!(
+            said[0].contains("its content does not match its digest (damaged)"),
+            "{}",
+            said[0]
+        );
+    }
+    assert_policy_holds(&mut client, top.path());
+    // Rewritten (compiling is deterministic): the next reload loads them silently.
+    assert!(entries(&cache) == good, "the entries were rewritten");
+    gate.reload(2);
+    assert_eq!(
+        gate.stderr().matches("ignoring plugin cache entry").count(),
+        good.len()
+    );
+    assert_policy_holds(&mut client, top.path());
+}
