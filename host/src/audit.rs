@@ -49,11 +49,12 @@ impl AuditSink {
 pub const HOST_FIELDS: [&str; 4] = ["time", "plugin", "upstream", "client"];
 
 /// One audit record as a JSON object on one line: the host's fields first (`time`,
-/// `plugin`, `upstream` and `client`, `null` when the call was about none, as in a
-/// plugin's `init`), then the plugin's own, minus any that claim to be the host's.
+/// `plugin`, `upstream` and `client` (the client as the host knows it), `null` when
+/// the call was about none, as in a plugin's `init`), then the plugin's own, minus
+/// any that claim to be the host's.
 /// An entry that is not a JSON object is kept, as a string, under `"record"`: an
 /// audit trail should not lose what a buggy plugin sent.
-pub fn record(plugin: &str, upstream: Option<&str>, client: Option<u64>, entry: &str) -> String {
+pub fn record(plugin: &str, upstream: Option<&str>, client: Option<Value>, entry: &str) -> String {
     let mut record = Map::new();
     let time = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -61,7 +62,7 @@ pub fn record(plugin: &str, upstream: Option<&str>, client: Option<u64>, entry: 
     record.insert("time".into(), Value::from(time.as_secs_f64()));
     record.insert("plugin".into(), Value::from(plugin));
     record.insert("upstream".into(), upstream.map_or(Value::Null, Value::from));
-    record.insert("client".into(), client.map_or(Value::Null, Value::from));
+    record.insert("client".into(), client.unwrap_or(Value::Null));
     match serde_json::from_str::<Value>(entry) {
         Ok(Value::Object(fields)) => {
             for (k, v) in fields {
@@ -89,17 +90,16 @@ mod tests {
             None,
             r#"{"upstream": "FORGED-VM", "client": 7, "plugin": "x", "time": 0, "command": "stop"}"#,
         );
-        let record: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(record["upstream"], Value::Null);
-        assert_eq!(record["client"], Value::Null);
-        assert_eq!(record["plugin"], "audit");
-        assert!(record["time"].as_f64().unwrap() > 1e9);
-        assert_eq!(record["command"], "stop");
-        let line = record_for_vm();
-        assert!(line.contains(r#""upstream":"vm1","client":3"#), "{line}");
-    }
-
-    fn record_for_vm() -> String {
-        record("audit", Some("vm1"), Some(3), "not json\n")
+        let fields: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(fields["upstream"], Value::Null);
+        assert_eq!(fields["client"], Value::Null);
+        assert_eq!(fields["plugin"], "audit");
+        assert!(fields["time"].as_f64().unwrap() > 1e9);
+        assert_eq!(fields["command"], "stop");
+        let line = record("audit", Some("vm1"), Some(Value::from(3)), "not json\n");
+        assert!(
+            line.contains(r#""upstream":"vm1","client":3,"record":"not json\n""#),
+            "{line}"
+        );
     }
 }

@@ -61,6 +61,9 @@ pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// How many hook deadlines instantiation and `init` may take together.
+const INIT_DEADLINE_FACTOR: u64 = 20;
+
 /// Errors loading a plugin.
 #[derive(Debug, Error)]
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
@@ -298,7 +301,7 @@ struct HostState {
     /// a plugin cannot forge it.
     upstream: Option<Arc<str>>,
     /// The client whose traffic the current call is about (none in `init`).
-    client: Option<u64>,
+    client: Option<Arc<Client>>,
     wasi: WasiCtx,
     table: ResourceTable,
     memory: MemoryCap,
@@ -332,8 +335,8 @@ impl bindings::qmpgate::plugin::host::Host for HostState {
     }
 
     fn audit(&mut self, entry: String) {
-        let record =
-            crate::audit::record(&self.plugin, self.upstream.as_deref(), self.client, &entry);
+        let client = self.client.as_deref().map(client_json);
+        let record = crate::audit::record(&self.plugin, self.upstream.as_deref(), client, &entry);
         match &self.audit {
             Some(sink) => sink.write(&self.plugin, &record),
             // Without an audit log, records go to the log under their own target,
@@ -482,12 +485,21 @@ struct Worker {
     /// The upstream whose traffic the current job is about, for audit records.
     upstream: Option<Arc<str>>,
     /// The client the current job is about, for audit records.
-    client: Option<u64>,
+    client: Option<Arc<Client>>,
 }
 
 impl Worker {
     fn deadline_ticks(&self) -> u64 {
         (self.limits.cpu.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+
+    /// Instantiation and `init` run once per instance, not per command: they get
+    /// [`INIT_DEADLINE_FACTOR`] times a hook's limit (at least a second), since the
+    /// deadline is wall time and a loaded host can keep the plugin thread off the
+    /// CPU for longer than a hook's 50 ms.
+    fn init_deadline_ticks(&self) -> u64 {
+        let ticks_per_second = (1000 / EPOCH_TICK.as_millis()) as u64;
+        (self.deadline_ticks() * INIT_DEADLINE_FACTOR).max(ticks_per_second)
     }
 
     fn instantiate(&self) -> Result<Live, String> {
@@ -508,12 +520,12 @@ impl Worker {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(self.init_deadline_ticks());
         let bindings = self
             .pre
             .instantiate(&mut store)
             .map_err(|e| self.describe(&store, e).to_string())?;
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(self.init_deadline_ticks());
         match bindings
             .qmpgate_plugin_guest()
             .call_init(&mut store, &self.config)
@@ -577,7 +589,7 @@ impl Worker {
         let live = self.live.as_mut().expect("just ensured");
         live.store.set_epoch_deadline(deadline);
         live.store.data_mut().upstream = self.upstream.clone();
-        live.store.data_mut().client = self.client;
+        live.store.data_mut().client = self.client.clone();
         let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
@@ -821,11 +833,11 @@ impl PluginChain {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let upstream = self.upstream.clone();
-        let client = client.id;
+        let client = Arc::new(client.clone());
         let job: Job = Box::new(move |workers| {
             for worker in workers.iter_mut() {
                 worker.upstream = upstream.clone();
-                worker.client = Some(client);
+                worker.client = Some(client.clone());
             }
             let _ = tx.send(job(workers));
         });
@@ -1179,6 +1191,23 @@ fn filter_event(workers: &mut [Worker], client: &Client, mut event: WitEvent) ->
         Some(data) => EventDecision::Rewrite(data),
         None => EventDecision::Deliver,
     }
+}
+
+/// The client as audit records show it (the shape the built-in audit plugin
+/// uses): id, listener, protocol, peer and TLS identity.
+fn client_json(client: &Client) -> Value {
+    let peer = match &client.peer {
+        Peer::Unix(p) => serde_json::json!({"unix": {"pid": p.pid, "uid": p.uid, "gid": p.gid}}),
+        Peer::Inet(address) => serde_json::json!({"inet": address}),
+        Peer::Unknown => Value::Null,
+    };
+    serde_json::json!({
+        "id": client.id,
+        "listener": client.listener,
+        "protocol": match client.protocol { Protocol::Qmp => "qmp", Protocol::Hmp => "hmp" },
+        "peer": peer,
+        "tls-identity": client.tls_identity,
+    })
 }
 
 /// `text` with its control characters escaped (`\n`, `\u{1b}`, ...), so that it

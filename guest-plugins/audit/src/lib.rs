@@ -1,8 +1,9 @@
 //! The audit plugin: one structured record per decision.
 //!
 //! For every command a client sends, after the chain has decided, it emits one
-//! record through the host's `audit` import; the host adds the time and the
-//! plugin's name and appends it as a JSON line to `--audit-log` (or logs it).
+//! record through the host's `audit` import; the host adds the time, the plugin's
+//! name, the upstream and the client (fields a plugin cannot set: its own of those
+//! names are dropped) and appends it as a JSON line to `--audit-log` (or logs it).
 //!
 //! ```json
 //! {"time": 1764012345.12, "plugin": "audit", "client": {"id": 3, "listener": "qmp",
