@@ -87,6 +87,9 @@ pub enum UpstreamError {
     /// The socket could not be opened.
     #[error(transparent)]
     Chardev(#[from] ChardevError),
+    /// The connection was not established in time.
+    #[error("connecting to QEMU's monitor did not complete within {0:?}")]
+    ConnectTimeout(Duration),
     /// QEMU did not greet in time.
     #[error(
         "QEMU accepted the connection but sent no QMP greeting within {0:?}: is another client connected to its monitor?"
@@ -398,11 +401,16 @@ impl Negotiation {
     }
 }
 
-/// Opens the upstream chardev (one attempt), reads the greeting (within
-/// [`GREETING_TIMEOUT`]) and negotiates (within [`NEGOTIATION_TIMEOUT`]): a peer
+/// Opens the upstream chardev (one attempt, within [`GREETING_TIMEOUT`]), reads
+/// the greeting (within [`GREETING_TIMEOUT`]) and negotiates (within [`NEGOTIATION_TIMEOUT`]): a peer
 /// that stalls anywhere in it cannot hang start-up, `chardev-add` or a reconnect.
 async fn open(spec: &ChardevSpec, inherited: &mut Inherited) -> Result<Link, UpstreamError> {
-    let (reader, mut writer) = spec.connect(inherited).await?.into_split();
+    // A TCP peer that drops SYNs would hold a connect for minutes: the greeting's
+    // deadline covers the connect too.
+    let stream = tokio::time::timeout(GREETING_TIMEOUT, spec.connect(inherited))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(GREETING_TIMEOUT))??;
+    let (reader, mut writer) = stream.into_split();
     let mut negotiation = Negotiation {
         reader,
         framer: Framer::new(MAX_UPSTREAM_MESSAGE, 1024),
