@@ -222,9 +222,14 @@ fn control_monitor_adds_listeners_from_fds_passed_at_run_time() {
         "File descriptor named '3' has not been found"
     );
     assert_eq!(
-        err(control.execute(add("extra", "extra"), none)),
+        err(control.execute(add("extra2", "extra"), none)),
         "File descriptor named 'extra' has not been found",
         "a named fd is used once"
+    );
+    assert_eq!(
+        err(control.execute(add("extra", "extra"), none)),
+        "Chardev 'extra' already exists",
+        "an id in use is refused before anything else is touched"
     );
     assert_eq!(
         err(control.execute(
