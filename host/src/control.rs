@@ -33,6 +33,7 @@ use crate::chardev::{
 use crate::gateway::Hub;
 use crate::qjson::{Input, Reader};
 use crate::qmp::{self, ErrorClass, QmpError};
+use crate::session::write_within;
 
 /// Serves the control monitor until shutdown. Only unix sockets can carry fds.
 /// Only qmpgate's own uid and the uids/gids `access` lists get the control monitor
@@ -100,21 +101,16 @@ struct ControlSession {
 
 type Reply = Result<Value, QmpError>;
 
-/// Writes to a control client within [`crate::session::WRITE_TIMEOUT`]: one that
-/// does not read is dropped rather than holding its task for ever.
-async fn write(stream: &mut UnixStream, bytes: &[u8]) -> std::io::Result<()> {
-    tokio::time::timeout(crate::session::WRITE_TIMEOUT, stream.write_all(bytes))
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
 impl ControlSession {
     async fn run(mut self, mut stream: UnixStream) {
         let greeting = qmp::greeting(
             &json!({"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": format!("qmpgate {}", env!("CARGO_PKG_VERSION"))}),
             &[],
         );
-        if write(&mut stream, &qmp::encode(&greeting)).await.is_err() {
+        if write_within(&mut stream, &qmp::encode(&greeting))
+            .await
+            .is_err()
+        {
             return;
         }
         let mut framer = Reader::new(
@@ -140,7 +136,10 @@ impl ControlSession {
             framer.push(&buf[..n], &mut frames);
             for frame in frames.drain(..) {
                 let reply = self.handle(frame).await;
-                if write(&mut stream, &qmp::encode(&reply)).await.is_err() {
+                if write_within(&mut stream, &qmp::encode(&reply))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::chardev::Stream;
 use crate::gateway::ListenerContext;
 use crate::plugin::{self, Decision};
+use crate::session::write_within;
 
 const PROMPT_TEXT: &str = "(qemu) ";
 
@@ -31,7 +32,7 @@ pub async fn serve(
 ) {
     let (reader, mut writer) = stream.into_split();
     if let Err(error) = ctx.chain().on_connect(&client).await {
-        let _ = send(&mut writer, format!("Error: {}\r\n", error.desc).as_bytes()).await;
+        let _ = write_within(&mut writer, format!("Error: {}\r\n", error.desc).as_bytes()).await;
         return;
     }
     let version = ctx.upstream.info().version;
@@ -40,7 +41,7 @@ pub async fn serve(
         "QEMU {}.{}.{} monitor - type 'help' for more information\r\n",
         qemu["major"], qemu["minor"], qemu["micro"]
     );
-    if send(&mut writer, format!("{banner}{}", PROMPT_TEXT).as_bytes())
+    if write_within(&mut writer, format!("{banner}{}", PROMPT_TEXT).as_bytes())
         .await
         .is_err()
     {
@@ -92,24 +93,13 @@ pub async fn serve(
             }
         };
         let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
-        if send(&mut writer, format!("{output}{PROMPT_TEXT}").as_bytes())
+        if write_within(&mut writer, format!("{output}{PROMPT_TEXT}").as_bytes())
             .await
             .is_err()
         {
             return;
         }
     }
-}
-
-/// Writes to the client within [`crate::session::WRITE_TIMEOUT`]: a client that
-/// does not read is dropped, as on QMP listeners.
-async fn send(
-    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    tokio::time::timeout(crate::session::WRITE_TIMEOUT, writer.write_all(bytes))
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Decides on one line and, if allowed, runs it in QEMU; returns what to print.

@@ -605,6 +605,18 @@ impl Session {
     }
 }
 
+/// Writes to a client within [`WRITE_TIMEOUT`]; a client that does not read gets
+/// `TimedOut`, and its task drops it rather than waiting for ever (HMP and control
+/// clients; QMP sessions also count it, in `Session::write`).
+pub(crate) async fn write_within(
+    writer: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 fn write_failed(e: std::io::Error) -> &'static str {
     tracing::debug!(error = %e, "write to client failed");
     match e.kind() {
