@@ -708,15 +708,27 @@ pub fn qdict_bucket(key: &str) -> u32 {
 }
 
 /// The keys of `object` in the order QEMU iterates them: by bucket, and within a
-/// bucket the latest inserted first.
+/// bucket the latest inserted first (as QEMU builds a dict it parses).
 pub fn qdict_order(object: &Map<String, Value>) -> Vec<&String> {
-    let mut keys: Vec<(u32, usize, &String)> = object
-        .keys()
+    by_bucket(object, true)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// `object`'s members sorted by QDict bucket; within a bucket the latest first or
+/// in `object`'s order.
+fn by_bucket(object: &Map<String, Value>, latest_first: bool) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(u32, usize, (&String, &Value))> = object
+        .iter()
         .enumerate()
-        .map(|(i, k)| (qdict_bucket(k), usize::MAX - i, k))
+        .map(|(i, member)| {
+            let rank = if latest_first { usize::MAX - i } else { i };
+            (qdict_bucket(member.0), rank, member)
+        })
         .collect();
-    keys.sort_unstable();
-    keys.into_iter().map(|(_, _, k)| k).collect()
+    members.sort_unstable_by_key(|&(bucket, rank, _)| (bucket, rank));
+    members.into_iter().map(|(_, _, member)| member).collect()
 }
 
 /// `value` as QEMU's monitor writes it (without the line ending).
@@ -749,19 +761,13 @@ pub fn write(value: &Value, out: &mut Vec<u8>) {
             out.push(b'{');
             // By bucket, as QEMU iterates; within a bucket the order the object
             // came in, which for QEMU's own objects passed on is QEMU's order.
-            let mut keys: Vec<(u32, usize, &String)> = object
-                .keys()
-                .enumerate()
-                .map(|(i, k)| (qdict_bucket(k), i, k))
-                .collect();
-            keys.sort_unstable();
-            for (i, (_, _, key)) in keys.into_iter().enumerate() {
+            for (i, (key, value)) in by_bucket(object, false).into_iter().enumerate() {
                 if i > 0 {
                     out.extend_from_slice(b", ");
                 }
                 write_str(key, out);
                 out.extend_from_slice(b": ");
-                write(&object[key.as_str()], out);
+                write(value, out);
             }
             out.push(b'}');
         }
