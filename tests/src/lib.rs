@@ -365,6 +365,17 @@ impl GatewayBuilder {
         }
     }
 
+    /// Uses `dir` as the compile cache instead of the suite's shared one.
+    pub fn cache_dir(mut self, dir: &Path) -> Self {
+        let at = self
+            .args
+            .iter()
+            .position(|a| a == "--cache-dir")
+            .expect("base() passes --cache-dir");
+        self.args[at + 1] = dir.display().to_string();
+        self
+    }
+
     /// Adds command-line arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));

@@ -5,90 +5,36 @@
 //! the directory checked at start-up); a damaged entry is detected, reported once
 //! and rewritten.
 //!
-//! These tests give qmpgate a cache directory of their own, so they start it
-//! themselves ([`Gate`]) rather than through `GatewayBuilder`, which always passes
-//! the suite's shared cache.
+//! These tests give qmpgate a cache directory of their own
+//! (`GatewayBuilder::cache_dir`) instead of the suite's shared one.
 
 use std::io::Write;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use command_fds::{CommandFdExt, FdMapping};
-use qmpgate_tests::{Qemu, QmpClient, TIMEOUT, guest, qmpgate_bin, tempdir};
+use qmpgate_tests::{Gateway, GatewayBuilder, Qemu, QmpClient, TIMEOUT, guest, tempdir};
 use serde_json::{Value, json};
 
 /// The uid that plays the other local user (`nobody`).
 const OTHER_UID: u32 = 65534;
 
-/// A qmpgate started with `--cache-dir` of the test's choosing.
-struct Gate {
-    child: Child,
-    dir: tempfile::TempDir,
+/// qmpgate in front of `qemu`, with its compile cache in `cache` and `args`.
+fn spawn(qemu: &Qemu, cache: &Path, args: &[&str]) -> Gateway {
+    GatewayBuilder::new(&qemu.upstream_spec())
+        .cache_dir(cache)
+        .args(args.iter().copied())
+        .spawn()
 }
 
-impl Gate {
-    /// qmpgate in front of `qemu`, with its compile cache in `cache`, a QMP listener
-    /// on an inherited fd, and `args`.
-    fn spawn(qemu: &Qemu, cache: &Path, args: &[&str]) -> Gate {
-        let dir = tempdir();
-        let listener = UnixListener::bind(dir.path().join("gate.sock")).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let mut cmd = Command::new(qmpgate_bin());
-        cmd.arg("--cache-dir")
-            .arg(cache)
-            .args(["--upstream", &qemu.upstream_spec()])
-            .args(["--listen", "socket,id=qmp,fd=3,server=on"])
-            .args(args)
-            .env("QMPGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        cmd.fd_mappings(vec![FdMapping {
-            parent_fd: OwnedFd::from(listener),
-            child_fd: 3,
-        }])
-        .unwrap();
-        Gate {
-            child: cmd.spawn().expect("spawn qmpgate"),
-            dir,
-        }
-    }
-
-    /// A negotiated client (its greeting comes once start-up is over).
-    fn client(&self) -> QmpClient {
-        QmpClient::negotiated(&self.dir.path().join("gate.sock"))
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    /// Sends SIGHUP and waits until the `n`th reload is logged.
-    fn reload(&self, n: usize) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        while self.stderr().matches("reloaded").count() < n {
-            assert!(Instant::now() < deadline, "no reload:\n{}", self.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- qmpgate's stderr ---\n{}", self.stderr());
-        }
+/// Sends SIGHUP and waits until the `n`th reload is logged.
+fn reload(gate: &Gateway, n: usize) {
+    gate.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + TIMEOUT;
+    while gate.stderr().matches("reloaded").count() < n {
+        assert!(Instant::now() < deadline, "no reload:\n{}", gate.stderr());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -185,12 +131,12 @@ fn a_cache_directory_others_could_write_or_own_is_not_used() {
         .iter()
         .map(|(cache, _)| {
             let qemu = Qemu::start();
-            let gate = Gate::spawn(&qemu, cache, &[]);
+            let gate = spawn(&qemu, cache, &[]);
             (qemu, gate)
         })
         .collect();
     for ((_, reason), (_qemu, gate)) in cases.iter().zip(&running) {
-        assert_policy_holds(&mut gate.client(), top.path());
+        assert_policy_holds(&mut gate.negotiated(), top.path());
         let stderr = gate.stderr();
         assert_eq!(
             stderr.matches("plugin cache disabled").count(),
@@ -237,8 +183,8 @@ fn a_cache_directory_swapped_in_after_start_up_is_neither_read_nor_written() {
     let config = top.path().join("qmpgate.toml");
     std::fs::write(&config, "").unwrap();
     let qemu = Qemu::start();
-    let gate = Gate::spawn(&qemu, &cache, &["--config", config.to_str().unwrap()]);
-    let mut client = gate.client();
+    let gate = spawn(&qemu, &cache, &["--config", config.to_str().unwrap()]);
+    let mut client = gate.negotiated();
     assert_policy_holds(&mut client, top.path());
     let legit = names(&cache);
     assert_eq!(legit.len(), 2, "hmp and qmp-policy: {legit:?}");
@@ -249,12 +195,12 @@ fn a_cache_directory_swapped_in_after_start_up_is_neither_read_nor_written() {
     {
         let other_qemu = Qemu::start();
         let trap = format!("trap={}", guest("fixture_trap").display());
-        let builder = Gate::spawn(
+        let builder = spawn(
             &other_qemu,
             &trap_cache,
             &["--no-default-policy", "--plugin", &trap],
         );
-        let _ = builder.client();
+        let _ = builder.negotiated();
     }
     let (_, trap_entry) = entries(&trap_cache)
         .into_iter()
@@ -283,7 +229,7 @@ fn a_cache_directory_swapped_in_after_start_up_is_neither_read_nor_written() {
         "[[plugin]]\nname = \"audit\"\nbuiltin = \"audit\"\n",
     )
     .unwrap();
-    gate.reload(1);
+    reload(&gate, 1);
     let stderr = gate.stderr();
     assert!(
         stderr.contains(r#"reloaded plugins=["hmp", "audit", "policy"]"#),
@@ -308,8 +254,8 @@ fn a_damaged_entry_is_detected_reported_once_and_rewritten() {
     let top = private_dir();
     let cache = top.path().join("cache");
     let qemu = Qemu::start();
-    let gate = Gate::spawn(&qemu, &cache, &[]);
-    let mut client = gate.client();
+    let gate = spawn(&qemu, &cache, &[]);
+    let mut client = gate.negotiated();
     let good = entries(&cache);
     assert_eq!(good.len(), 2, "hmp and qmp-policy");
     // One bit flipped in the middle of each entry, in its compiled code: wasmtime
@@ -321,7 +267,7 @@ fn a_damaged_entry_is_detected_reported_once_and_rewritten() {
         std::fs::write(cache.join(name), bad).unwrap();
     }
 
-    gate.reload(1);
+    reload(&gate, 1);
     let stderr = gate.stderr();
     for (name, _) in &good {
         let said = stderr
@@ -338,7 +284,7 @@ fn a_damaged_entry_is_detected_reported_once_and_rewritten() {
     assert_policy_holds(&mut client, top.path());
     // Rewritten (compiling is deterministic): the next reload loads them silently.
     assert!(entries(&cache) == good, "the entries were rewritten");
-    gate.reload(2);
+    reload(&gate, 2);
     assert_eq!(
         gate.stderr().matches("ignoring plugin cache entry").count(),
         good.len()
