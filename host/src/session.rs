@@ -53,6 +53,10 @@ pub const MAX_CLIENT_UPSTREAM: usize = crate::upstream::MAX_IN_FLIGHT / 2;
 /// A client that cannot take a write for this long is disconnected.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a closing session waits for the replies it still owes (the upstream
+/// answers them at once when it stops; this bounds a wedged one).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Protocol phase: QMP allows only `qmp_capabilities` until negotiation completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -233,16 +237,17 @@ impl Session {
         }
     }
 
-    /// At shutdown: deliver the replies and events that are already here (such as
-    /// the errors for commands QEMU will never answer, and the event saying why).
+    /// At shutdown: deliver every reply still owed (the upstream answers the
+    /// commands it will not run at once, saying why) and the events before them,
+    /// within [`FLUSH_TIMEOUT`].
     async fn flush(&mut self) {
-        use futures_util::FutureExt;
-        while let Some(Some(out)) = self.in_band.next().now_or_never() {
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        while let Ok(Some(out)) = tokio::time::timeout_at(deadline, self.oob.next()).await {
             if self.deliver(out).await.is_err() {
                 return;
             }
         }
-        while let Some(Some(out)) = self.oob.next().now_or_never() {
+        while let Ok(Some(out)) = tokio::time::timeout_at(deadline, self.in_band.next()).await {
             if self.deliver(out).await.is_err() {
                 return;
             }

@@ -237,6 +237,8 @@ impl PendingReply {
 /// The sessions' side of the upstream. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamHandle {
+    /// The upstream's chardev id, for messages.
+    id: Arc<str>,
     in_band: mpsc::Sender<Submit>,
     oob: mpsc::Sender<Submit>,
     info: watch::Receiver<UpstreamInfo>,
@@ -257,8 +259,12 @@ impl UpstreamHandle {
         } else {
             &self.in_band
         };
-        // If the task is gone, `tx` is dropped with the message and the reply says so.
-        let _ = queue.send(Submit { command, reply: tx }).await;
+        if let Err(mpsc::error::SendError(submit)) = queue.send(Submit { command, reply: tx }).await
+        {
+            // The upstream is no longer served (removed, or the gateway stops).
+            let body = not_sent(&self.id, &submit.command.name);
+            let _ = submit.reply.send(Reply { seq: 0, body });
+        }
         PendingReply(rx)
     }
 
@@ -304,6 +310,14 @@ impl UpstreamHandle {
     pub fn info(&self) -> UpstreamInfo {
         self.info.borrow().clone()
     }
+}
+
+/// The answer to a command that was never sent because its upstream stopped
+/// being served.
+fn not_sent(upstream: &str, command: &str) -> Map<String, Value> {
+    lost(&format!(
+        "qmpgate stopped serving upstream '{upstream}' before '{command}' was sent to QEMU; it was not run"
+    ))
 }
 
 fn lost(desc: &str) -> Map<String, Value> {
@@ -513,6 +527,7 @@ pub async fn connect(
     let discarded = Arc::new(AtomicU64::new(0));
     let log = Arc::new(EventLog::new(history_limit));
     let handle = UpstreamHandle {
+        id: spec.id.as_str().into(),
         in_band: in_band_tx,
         oob: oob_tx,
         info,
@@ -584,7 +599,14 @@ impl Upstream {
         loop {
             let reason = self.serve(&mut link).await;
             let reason = match reason {
-                Ok(outcome) => return outcome,
+                Ok(outcome) => {
+                    // Removed, or the gateway stops: every command still waiting
+                    // gets its answer before the sessions close, as when QEMU is lost.
+                    if outcome == Outcome::Shutdown {
+                        self.answer_remaining();
+                    }
+                    return outcome;
+                }
                 Err(reason) => reason,
             };
             self.fail_pending(&reason);
@@ -604,7 +626,10 @@ impl Upstream {
             tracing::warn!(%reason, ?delay, "lost the connection to QEMU; reconnecting");
             link = match self.reconnect(delay).await {
                 Some(link) => link,
-                None => return Outcome::Shutdown,
+                None => {
+                    self.answer_remaining();
+                    return Outcome::Shutdown;
+                }
             };
             let _ = self.info.send(link.info.clone());
             let restored = self.stamp(gateway_event("QMPGATE_UPSTREAM_RESTORED", json!({})));
@@ -829,6 +854,28 @@ impl Upstream {
 
     fn publish(&mut self, event: Arc<UpstreamEvent>) {
         self.log.publish(event);
+    }
+
+    /// When the upstream stops being served (`chardev-remove`, or the gateway
+    /// stops): the commands sent to QEMU and not answered, and those still queued
+    /// for it, each get an error saying so.
+    fn answer_remaining(&mut self) {
+        let id = self.spec.id.clone();
+        for (_, in_flight) in self.pending.drain() {
+            let seq = self.log.next_seq();
+            let body = lost(&format!(
+                "qmpgate stopped serving upstream '{id}' before '{}' was answered; QEMU may have run it",
+                in_flight.name
+            ));
+            let _ = in_flight.reply.send(Reply { seq, body });
+        }
+        self.in_flight = 0;
+        self.in_band.close();
+        self.oob.close();
+        while let Ok(submit) = self.in_band.try_recv().or_else(|_| self.oob.try_recv()) {
+            let body = not_sent(&id, &submit.command.name);
+            let _ = submit.reply.send(Reply { seq: 0, body });
+        }
     }
 
     fn fail_pending(&mut self, reason: &str) {

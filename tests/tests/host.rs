@@ -608,3 +608,68 @@ fn a_refused_chardev_add_leaves_live_sockets_alone() {
     assert!(works(&stale));
     assert!(gateway.is_running());
 }
+
+#[test]
+fn removing_an_upstream_answers_every_command_it_still_owes() {
+    // A QEMU that stopped answering (SIGSTOP): whatever the client sent stays
+    // pending until the operator removes the upstream.
+    let vm = Qemu::start();
+    let builder = GatewayBuilder::new(&vm.upstream_spec());
+    let control_path = builder.dir().join("control.sock");
+    let control_listener = UnixListener::bind(&control_path).unwrap();
+    let mut gateway = builder
+        .fd(control_listener, 4)
+        .args(["--control", "socket,id=control,fd=4,server=on"])
+        .spawn();
+    let mut client = gateway.negotiated();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.pid() as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    // Six in-band commands: four reach QEMU (a client's share of its queue), two
+    // wait for a slot.
+    for n in 0..6 {
+        client.send(&json!({"execute": "query-name", "id": n}));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut control = Control::connect(&control_path);
+    assert_eq!(
+        control.execute(
+            json!({"execute": "chardev-remove", "arguments": {"id": "qemu"}}),
+            None::<&UnixStream>
+        ),
+        json!({"return": {}})
+    );
+    let mut replies = Vec::new();
+    let mut events = Vec::new();
+    while let Some(line) = client.read_line() {
+        let message: Value = serde_json::from_str(&line).unwrap();
+        match message["event"].as_str() {
+            Some(name) => events.push(name.to_string()),
+            None => replies.push(message),
+        }
+    }
+    assert_eq!(events, ["QMPGATE_UPSTREAM_REMOVED"]);
+    let sent = "qmpgate stopped serving upstream 'qemu' before 'query-name' was answered; QEMU may have run it";
+    let expected: Vec<Value> = (0..6)
+        .map(|n| {
+            let desc = if n < 4 {
+                sent.to_string()
+            } else {
+                "qmpgate stopped serving upstream 'qemu' before 'query-name' was sent to QEMU; it was not run".to_string()
+            };
+            json!({"id": n, "error": {"class": "GenericError", "desc": desc}})
+        })
+        .collect();
+    assert_eq!(
+        replies, expected,
+        "every command answered, in order, before EOF"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.pid() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(gateway.is_running());
+}
