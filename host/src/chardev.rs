@@ -901,6 +901,16 @@ impl Inherited {
         self.named.remove(name).is_some()
     }
 
+    /// Whether an fd is held under `name`.
+    pub fn has_named(&self, name: &str) -> bool {
+        self.named.contains_key(name)
+    }
+
+    /// How many named fds are held.
+    pub fn named_len(&self) -> usize {
+        self.named.len()
+    }
+
     /// The names of the fds held, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.named.keys().cloned().collect();

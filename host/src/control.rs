@@ -14,13 +14,17 @@
 //! - `x-qmpgate-reload` reloads the configuration file and the plugins (as SIGHUP).
 //!
 //! Named fds belong to the connection that received them, like a QEMU monitor's,
-//! and are closed when it ends.
+//! and are closed when it ends. Unlike QEMU's, they are bounded: at most
+//! [`MAX_NAMED_FDS`] per connection and [`MAX_NAMED_FDS_TOTAL`] in all, over at
+//! most [`MAX_CONTROL_CLIENTS`] connections, so that fds handed to qmpgate cannot
+//! use up the ones its clients and QEMU links need.
 //!
 //! Layout: [`serve`] accepts; `ControlSession` handles one connection; the
 //! `chardev_add_*` functions turn QAPI and HMP forms into [`ChardevSpec`]s.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
@@ -35,6 +39,21 @@ use crate::qjson::{Input, Reader};
 use crate::qmp::{self, ErrorClass, QmpError};
 use crate::session::write_within;
 
+/// Named fds one control connection may hold.
+pub const MAX_NAMED_FDS: usize = 64;
+
+/// Named fds all control connections together may hold.
+pub const MAX_NAMED_FDS_TOTAL: usize = 256;
+
+/// Fds one message may carry; a message with more has them all closed.
+pub const MAX_FDS_PER_MESSAGE: usize = 8;
+
+/// Control connections served at once; more are refused with an error.
+pub const MAX_CONTROL_CLIENTS: usize = 16;
+
+/// Named fds held by every control connection of the process.
+static NAMED_FDS_HELD: AtomicUsize = AtomicUsize::new(0);
+
 /// Serves the control monitor until shutdown. Only unix sockets can carry fds.
 /// Only qmpgate's own uid and the uids/gids `access` lists get the control monitor
 /// (it is root-equivalent: it connects to any monitor socket qmpgate can reach and
@@ -42,6 +61,7 @@ use crate::session::write_within;
 pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
     let shutdown = hub.shutdown_token();
     let own_uid = nix::unistd::geteuid().as_raw();
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CLIENTS));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -70,14 +90,37 @@ pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
                     .await;
                     continue;
                 }
+                let Ok(permit) = clients.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        ?peer,
+                        limit = MAX_CONTROL_CLIENTS,
+                        "control client refused: too many control connections"
+                    );
+                    let refusal = qmp::error_response(
+                        &QmpError::generic(format!(
+                            "qmpgate's control monitor serves at most {MAX_CONTROL_CLIENTS} connections at once"
+                        )),
+                        None,
+                    );
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        stream.write_all(&qmp::encode(&refusal)),
+                    )
+                    .await;
+                    continue;
+                };
                 tracing::info!(?peer, "control client connected");
                 let session = ControlSession {
                     hub: hub.clone(),
                     named: Inherited::default(),
+                    held: 0,
                     received: Vec::new(),
                     negotiated: false,
                 };
-                hub.spawn(session.run(stream));
+                hub.spawn(async move {
+                    session.run(stream).await;
+                    drop(permit);
+                });
             }
             Ok((Stream::Tcp(_) | Stream::Tls(_), _)) => {
                 tracing::warn!("control connections must be unix sockets")
@@ -94,9 +137,18 @@ struct ControlSession {
     hub: Arc<Hub>,
     /// Fds named with `getfd` on this connection.
     named: Inherited,
+    /// How many of them count in [`NAMED_FDS_HELD`].
+    held: usize,
     /// Fds that came with the latest message that carried any.
     received: Vec<OwnedFd>,
     negotiated: bool,
+}
+
+impl Drop for ControlSession {
+    fn drop(&mut self) {
+        // Its named fds close with it.
+        NAMED_FDS_HELD.fetch_sub(self.held, Ordering::Relaxed);
+    }
 }
 
 type Reply = Result<Value, QmpError>;
@@ -130,12 +182,24 @@ impl ControlSession {
                 Ok(read) => read,
             };
             if !fds.is_empty() {
-                // QEMU keeps only the fds of the latest message; older unclaimed ones close.
+                // QEMU keeps only the fds of the latest message; older unclaimed ones
+                // close. A message may carry a few (getfd takes one each), not a
+                // kernel's worth: more are closed at once.
                 self.received = fds;
+                if self.received.len() > MAX_FDS_PER_MESSAGE {
+                    tracing::warn!(
+                        fds = self.received.len(),
+                        limit = MAX_FDS_PER_MESSAGE,
+                        "control client passed too many fds in one message; closed them"
+                    );
+                    self.received.clear();
+                }
+                self.count_named();
             }
             framer.push(&buf[..n], &mut frames);
             for frame in frames.drain(..) {
                 let reply = self.handle(frame).await;
+                self.count_named();
                 if write_within(&mut stream, &qmp::encode(&reply))
                     .await
                     .is_err()
@@ -212,6 +276,15 @@ impl ControlSession {
         }
     }
 
+    /// Brings [`NAMED_FDS_HELD`] up to date with this connection's named fds
+    /// (`getfd` adds, `closefd` and `chardev-add fd=` take away).
+    fn count_named(&mut self) {
+        let now = self.named.named_len() + self.received.len();
+        NAMED_FDS_HELD.fetch_add(now, Ordering::Relaxed);
+        NAMED_FDS_HELD.fetch_sub(self.held, Ordering::Relaxed);
+        self.held = now;
+    }
+
     fn getfd(&mut self, name: &str) -> Reply {
         if name.starts_with(|c: char| c.is_ascii_digit()) {
             return Err(QmpError::generic(
@@ -223,8 +296,34 @@ impl ControlSession {
                 "No file descriptor supplied via SCM_RIGHTS",
             ));
         }
+        // A name already in use is replaced (its old fd closed), as in QEMU: no
+        // new fd is held then.
+        if !self.named.has_named(name) {
+            // Held by others, and named here (this message's fds are not held yet).
+            let held = NAMED_FDS_HELD
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.received.len());
+            let refusal = if self.named.named_len() >= MAX_NAMED_FDS {
+                format!(
+                    "Too many named file descriptors: this connection holds {MAX_NAMED_FDS}, the most it may (closefd some first)"
+                )
+            } else if held >= MAX_NAMED_FDS_TOTAL {
+                format!(
+                    "Too many named file descriptors: qmpgate's control connections hold {MAX_NAMED_FDS_TOTAL}, the most they may"
+                )
+            } else {
+                String::new()
+            };
+            if !refusal.is_empty() {
+                // The fds offered for it are not kept either.
+                self.received.clear();
+                self.count_named();
+                return Err(QmpError::generic(refusal));
+            }
+        }
         let fd = self.received.remove(0);
         self.named.add_named(name, fd);
+        self.count_named();
         Ok(json!({}))
     }
 

@@ -26,6 +26,20 @@ use serde_json::{Value, json};
 /// How long any single wait in a test may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Polls `check` every 20 ms until it holds; panics naming `what` after [`TIMEOUT`].
+/// For effects that follow an action a moment later (a socket closing, a counter
+/// in /status); never a substitute for reading the reply that says it happened.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The `qmpgate` binary of the same profile as this test.
 pub fn qmpgate_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

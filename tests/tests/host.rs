@@ -6,8 +6,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use qmpgate_tests::{
-    Control, FakeAction, FakeQemu, GatewayBuilder, Qemu, QmpClient, http_get, python, tempdir,
-    with_status,
+    Control, FakeAction, FakeQemu, GatewayBuilder, Qemu, QmpClient, eventually, http_get, python,
+    tempdir, with_status,
 };
 use serde_json::{Value, json};
 
@@ -39,16 +39,6 @@ fn events_until_closed(client: &mut QmpClient) -> Vec<String> {
         }
     }
     events
-}
-
-/// Polls `check` until it holds (a removal is seen by status a moment after the
-/// socket closes).
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + qmpgate_tests::TIMEOUT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

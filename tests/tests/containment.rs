@@ -1,0 +1,92 @@
+//! Containment: no client, peer or plugin can starve the others. Each test runs an
+//! attack and checks that the gateway bounds it and keeps serving everyone else.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use qmpgate_tests::{Control, GatewayBuilder, eventually};
+use serde_json::{Value, json};
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn desc(reply: &Value) -> &str {
+    reply["error"]["desc"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn named_fds_on_the_control_monitor_are_bounded_and_given_back() {
+    let builder = GatewayBuilder::base();
+    let control_path = builder.dir().join("control.sock");
+    let listener = UnixListener::bind(&control_path).unwrap();
+    let gateway = builder
+        .fd(listener, 3)
+        .args(["--control", "socket,id=control,fd=3,server=on"])
+        .spawn_raw();
+    let mut first = Control::connect(&control_path);
+    let baseline = open_fds(gateway.pid());
+    let (fd, _) = UnixStream::pair().unwrap();
+    let getfd = |control: &mut Control, name: &str| {
+        control.execute(
+            json!({"execute": "getfd", "arguments": {"fdname": name}}),
+            Some(&fd),
+        )
+    };
+
+    // One connection: 64 names, not 65; a name given again replaces its fd.
+    for n in 0..64 {
+        assert_eq!(getfd(&mut first, &format!("f{n}")), json!({"return": {}}));
+    }
+    assert_eq!(
+        desc(&getfd(&mut first, "f64")),
+        "Too many named file descriptors: this connection holds 64, the most it may (closefd some first)"
+    );
+    assert_eq!(getfd(&mut first, "f0"), json!({"return": {}}));
+    assert_eq!(open_fds(gateway.pid()), baseline + 64);
+    assert_eq!(
+        first.execute(
+            json!({"execute": "closefd", "arguments": {"fdname": "f1"}}),
+            None::<&UnixStream>
+        ),
+        json!({"return": {}})
+    );
+    assert_eq!(getfd(&mut first, "f64"), json!({"return": {}}));
+
+    // All connections: 256 in all.
+    let mut others: Vec<Control> = (0..3).map(|_| Control::connect(&control_path)).collect();
+    for (i, control) in others.iter_mut().enumerate() {
+        for n in 0..64 {
+            assert_eq!(getfd(control, &format!("c{i}f{n}")), json!({"return": {}}));
+        }
+    }
+    let mut fifth = Control::connect(&control_path);
+    assert_eq!(
+        desc(&getfd(&mut fifth, "one-more")),
+        "Too many named file descriptors: qmpgate's control connections hold 256, the most they may"
+    );
+
+    // At most 16 control connections at once; the 17th is told so and closed.
+    let mut more: Vec<Control> = (0..11).map(|_| Control::connect(&control_path)).collect();
+    let mut refused = UnixStream::connect(&control_path).unwrap();
+    refused
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut refused, &mut text).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(text.trim()).unwrap(),
+        json!({"error": {"class": "GenericError", "desc": "qmpgate's control monitor serves at most 16 connections at once"}})
+    );
+
+    // Connections that end give their fds back: the gateway holds what it held
+    // before (one control connection, no named fd), and the budget is free again.
+    drop(more.drain(..));
+    drop(others.drain(..));
+    drop(first);
+    eventually("the named fds closed", || {
+        open_fds(gateway.pid()) == baseline
+    });
+    assert_eq!(getfd(&mut fifth, "again"), json!({"return": {}}));
+}
