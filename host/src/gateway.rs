@@ -50,6 +50,8 @@ pub struct Metrics {
     pub denied: AtomicU64,
     /// Clients disconnected for not reading.
     pub slow_clients: AtomicU64,
+    /// Clients disconnected because their input kept making plugins fail.
+    pub faulting_clients: AtomicU64,
 }
 
 /// A reload request: the answer says what was loaded, or why nothing changed.

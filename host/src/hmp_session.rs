@@ -23,17 +23,17 @@ use crate::session::write_within;
 
 const PROMPT_TEXT: &str = "(qemu) ";
 
-/// Serves one HMP client until it leaves or the gateway stops.
+/// Serves one HMP client until it leaves or the gateway stops; returns why it ended.
 pub async fn serve(
     stream: Stream,
     client: plugin::Client,
     ctx: Arc<ListenerContext>,
     shutdown: CancellationToken,
-) {
+) -> &'static str {
     let (reader, mut writer) = stream.into_split();
     if let Err(error) = ctx.chain().on_connect(&client).await {
         let _ = write_within(&mut writer, format!("Error: {}\r\n", error.desc).as_bytes()).await;
-        return;
+        return "refused by a plugin";
     }
     let version = ctx.upstream.info().version;
     let qemu = &version["qemu"];
@@ -45,7 +45,7 @@ pub async fn serve(
         .await
         .is_err()
     {
-        return;
+        return "write failed";
     }
     let mut reader = BufReader::new(reader);
     let mut line = Vec::new();
@@ -53,11 +53,11 @@ pub async fn serve(
         line.clear();
         let mut limited = (&mut reader).take(ctx.limits.max_message as u64 + 1);
         let read = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return "gateway shutting down",
             read = limited.read_until(b'\n', &mut line) => read,
         };
         match read {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return "end of input",
             Ok(_) => {}
         }
         let output = if line.len() > ctx.limits.max_message {
@@ -67,11 +67,11 @@ pub async fn serve(
                 rest.clear();
                 let mut limited = (&mut reader).take(64 * 1024);
                 let read = tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return "gateway shutting down",
                     read = limited.read_until(b'\n', &mut rest) => read,
                 };
                 match read {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return "end of input",
                     Ok(_) => line = rest.clone(),
                 }
             }
@@ -87,17 +87,21 @@ pub async fn serve(
             } else {
                 ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return "gateway shutting down",
                     output = run_line(&ctx, &client, text) => output,
                 }
             }
         };
         let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
+        if crate::session::faulting(&ctx, &client) {
+            let _ = write_within(&mut writer, output.as_bytes()).await;
+            return crate::session::FAULTING;
+        }
         if write_within(&mut writer, format!("{output}{PROMPT_TEXT}").as_bytes())
             .await
             .is_err()
         {
-            return;
+            return "write failed";
         }
     }
 }

@@ -52,11 +52,26 @@ use bindings::qmpgate::plugin::types::{
 /// version is refused at load time with a message naming both.
 pub const WIT_VERSION: &str = "0.1.0";
 
-/// Restarts allowed per `RESTART_WINDOW` before a plugin is taken down.
+/// Faults of a plugin's own (not caused by one client's input) allowed per
+/// `RESTART_WINDOW` on one upstream before the plugin is taken down for that
+/// upstream.
 pub const RESTART_BUDGET: usize = 10;
 
 /// The window of `RESTART_BUDGET`.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Faults one client's input may cause within `CLIENT_FAULT_WINDOW` before the
+/// client is disconnected.
+pub const CLIENT_FAULT_LIMIT: usize = 3;
+
+/// The window of `CLIENT_FAULT_LIMIT`.
+pub const CLIENT_FAULT_WINDOW: Duration = Duration::from_secs(60);
+
+/// HMP lines longer than this are refused before any plugin reads them: QEMU's
+/// readline keeps at most this many bytes of a typed line
+/// (include/qemu/readline.h `READLINE_CMD_BUF_SIZE`), and a bound on the input
+/// bounds the work a plugin does for one client.
+pub const HMP_LINE_MAX: usize = 4095;
 
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -237,7 +252,8 @@ impl Runtime {
             limits,
             audit: self.audit.clone(),
             live: None,
-            recent_restarts: Default::default(),
+            own_faults: HashMap::new(),
+            client_faults: Arc::default(),
             stats: Arc::new(PluginStats::default()),
             upstream: None,
             client: None,
@@ -469,6 +485,53 @@ pub enum Fault {
     Invalid(String),
 }
 
+/// Whose input a hook call is about, and so who a fault in it is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// The client's own input (its command, HMP line, or QEMU's reply to it): the
+    /// client is charged, and disconnected after [`CLIENT_FAULT_LIMIT`].
+    Client,
+    /// Input no client chose (a connection, QEMU's events): the plugin is
+    /// charged, and taken down for the upstream after [`RESTART_BUDGET`].
+    Plugin,
+}
+
+/// Recent faults caused by each client's input, shared by a chain's thread (which
+/// records them) and its sessions (which disconnect a client over the limit).
+#[derive(Debug, Default)]
+pub struct ClientFaults(Mutex<HashMap<u64, std::collections::VecDeque<Instant>>>);
+
+impl ClientFaults {
+    fn charge(&self, client: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(client).or_default().push_back(Instant::now());
+    }
+
+    /// Faults client `client` caused within the last [`CLIENT_FAULT_WINDOW`].
+    pub fn recent(&self, client: u64) -> usize {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(times) = map.get_mut(&client) else {
+            return 0;
+        };
+        let now = Instant::now();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > CLIENT_FAULT_WINDOW)
+        {
+            times.pop_front();
+        }
+        times.len()
+    }
+
+    /// Drops a client's record (it left).
+    pub fn forget(&self, client: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&client);
+    }
+}
+
 /// One plugin's compiled component and live instance. Lives on its chain's thread.
 struct Worker {
     name: Arc<str>,
@@ -479,8 +542,10 @@ struct Worker {
     audit: Option<Arc<crate::audit::AuditSink>>,
     /// The live instance; `None` after a trap until the next call recreates it.
     live: Option<Live>,
-    /// When the instance was recreated within the last `RESTART_WINDOW`.
-    recent_restarts: std::collections::VecDeque<Instant>,
+    /// The plugin's own faults within the last `RESTART_WINDOW`, per upstream.
+    own_faults: HashMap<Option<Arc<str>>, std::collections::VecDeque<Instant>>,
+    /// Faults charged to clients (shared with the chain's sessions).
+    client_faults: Arc<ClientFaults>,
     stats: Arc<PluginStats>,
     /// The upstream whose traffic the current job is about, for audit records.
     upstream: Option<Arc<str>>,
@@ -558,32 +623,58 @@ impl Worker {
         }
     }
 
+    /// Whether the plugin's own faults have used up its budget on the current
+    /// job's upstream (other upstreams sharing the chain are not affected).
+    fn disabled(&mut self) -> bool {
+        let Some(times) = self.own_faults.get_mut(&self.upstream) else {
+            return false;
+        };
+        let now = Instant::now();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            times.pop_front();
+        }
+        times.len() >= RESTART_BUDGET
+    }
+
+    /// Charges a fault to whoever's input caused it (see [`Blame`]).
+    fn charge(&mut self, blame: Blame) {
+        match (blame, &self.client) {
+            (Blame::Client, Some(client)) => self.client_faults.charge(client.id),
+            _ => self
+                .own_faults
+                .entry(self.upstream.clone())
+                .or_default()
+                .push_back(Instant::now()),
+        }
+    }
+
     /// Runs one hook on the live instance (recreating it if a trap killed it).
+    /// A fault is charged as `blame` says.
     fn call<R>(
         &mut self,
+        blame: Blame,
         hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        // A plugin that keeps failing by itself stays down on this upstream (every
+        // call refused) until the window has passed, or a reload.
+        if self.disabled() {
+            self.stats.disabled_calls.fetch_add(1, Ordering::Relaxed);
+            return Err(Fault::Disabled(RESTART_BUDGET, RESTART_WINDOW.as_secs()));
+        }
         if self.live.is_none() {
-            // A plugin that keeps trapping costs an instantiation per call: after the
-            // budget is spent it stays down (every call refused) until the window
-            // has passed, or a reload.
-            let now = Instant::now();
-            while self
-                .recent_restarts
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
-            {
-                self.recent_restarts.pop_front();
-            }
-            if self.recent_restarts.len() >= RESTART_BUDGET {
-                self.stats.disabled_calls.fetch_add(1, Ordering::Relaxed);
-                return Err(Fault::Disabled(RESTART_BUDGET, RESTART_WINDOW.as_secs()));
-            }
-            self.recent_restarts.push_back(now);
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-            self.live = Some(self.instantiate().map_err(Fault::Restart)?);
+            match self.instantiate() {
+                Ok(live) => self.live = Some(live),
+                Err(reason) => {
+                    self.charge(Blame::Plugin);
+                    return Err(Fault::Restart(reason));
+                }
+            }
         }
         let deadline = self.deadline_ticks();
         let live = self.live.as_mut().expect("just ensured");
@@ -606,7 +697,15 @@ impl Worker {
                     Fault::Memory(_) => self.stats.memory_kills.fetch_add(1, Ordering::Relaxed),
                     _ => 0,
                 };
-                tracing::warn!(plugin = &*self.name, error = %fault, "plugin fault; the instance will be recreated");
+                self.charge(blame);
+                tracing::warn!(
+                    plugin = &*self.name,
+                    upstream = self.upstream.as_deref(),
+                    client = self.client.as_ref().map(|c| c.id),
+                    ?blame,
+                    error = %fault,
+                    "plugin fault; the instance will be recreated"
+                );
                 Err(fault)
             }
         };
@@ -715,6 +814,8 @@ pub struct PluginChain {
     plugins: Vec<PluginInfo>,
     /// The upstream this handle serves (see [`PluginChain::for_upstream`]).
     upstream: Option<Arc<str>>,
+    /// Faults charged to clients, by the chain's thread.
+    faults: Arc<ClientFaults>,
 }
 
 impl PluginChain {
@@ -724,6 +825,7 @@ impl PluginChain {
             jobs: None,
             plugins: Vec::new(),
             upstream: None,
+            faults: Arc::default(),
         }
     }
 
@@ -733,7 +835,14 @@ impl PluginChain {
         if loaded.is_empty() {
             return Ok(PluginChain::empty());
         }
-        let mut workers: Vec<Worker> = loaded.into_iter().map(|l| l.0).collect();
+        let faults = Arc::new(ClientFaults::default());
+        let mut workers: Vec<Worker> = loaded
+            .into_iter()
+            .map(|l| Worker {
+                client_faults: faults.clone(),
+                ..l.0
+            })
+            .collect();
         let plugins = workers
             .iter()
             .map(|w| PluginInfo {
@@ -776,6 +885,7 @@ impl PluginChain {
                 jobs: Some(jobs),
                 plugins,
                 upstream: None,
+                faults,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PluginError::Init {
@@ -809,6 +919,18 @@ impl PluginChain {
             upstream: Some(id.into()),
             ..self.clone()
         }
+    }
+
+    /// Faults client `id`'s input caused in this chain's plugins within
+    /// [`CLIENT_FAULT_WINDOW`]; a session disconnects its client at
+    /// [`CLIENT_FAULT_LIMIT`].
+    pub fn client_faults(&self, id: u64) -> usize {
+        self.faults.recent(id)
+    }
+
+    /// Forgets client `id`'s faults (it left).
+    pub fn forget_client(&self, id: u64) {
+        self.faults.forget(id)
     }
 
     /// Whether `other` is a clone of this chain (the same instances).
@@ -856,7 +978,7 @@ impl PluginChain {
         let stopped = Err(QmpError::generic("qmpgate's plugin thread has stopped"));
         self.run(&client.clone(), stopped, move |workers| {
             for worker in workers {
-                match worker.call(|g, s| g.call_on_connect(s, &client)) {
+                match worker.call(Blame::Plugin, |g, s| g.call_on_connect(s, &client)) {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         worker.stats.denials.fetch_add(1, Ordering::Relaxed);
@@ -915,6 +1037,11 @@ impl PluginChain {
         };
         if self.jobs.is_none() {
             return Decision::Forward(passthrough);
+        }
+        if line.len() > HMP_LINE_MAX {
+            return Decision::Deny(QmpError::generic(format!(
+                "HMP command line refused: longer than QEMU's {HMP_LINE_MAX}-byte line buffer"
+            )));
         }
         let owned_line = line.to_string();
         let translation = self
@@ -1025,7 +1152,7 @@ impl PluginChain {
 /// The first interpretation any plugin offers (`None`: no plugin interprets HMP).
 fn translate_hmp(workers: &mut [Worker], line: &str) -> Result<Option<HmpTranslation>, QmpError> {
     for worker in workers {
-        match worker.call(|g, s| g.call_translate_hmp(s, line)) {
+        match worker.call(Blame::Client, |g, s| g.call_translate_hmp(s, line)) {
             Ok(HmpTranslation::NotHandled) => continue,
             Ok(translation) => return Ok(Some(translation)),
             Err(fault) => {
@@ -1070,7 +1197,9 @@ fn notify_decision(
         Decision::Reply(_) => WitDecision::Answered,
     };
     for worker in workers {
-        let _ = worker.call(|g, s| g.call_on_decision(s, client, command, hmp_line, &decision));
+        let _ = worker.call(Blame::Client, |g, s| {
+            g.call_on_decision(s, client, command, hmp_line, &decision)
+        });
     }
 }
 
@@ -1086,11 +1215,16 @@ fn run_chain(
     let not_run = "the command was not executed";
     for worker in workers {
         *seen = command.to_wit();
-        match worker.call(|g, s| g.call_on_command(s, client, seen, hmp_line)) {
+        match worker.call(Blame::Client, |g, s| {
+            g.call_on_command(s, client, seen, hmp_line)
+        }) {
             Ok(Verdict::Forward) => {}
             Ok(Verdict::Rewrite(new)) => match Command::from_wit(new) {
                 Ok(new) => command = new,
-                Err(fault) => return Decision::Deny(fault_error(worker, &fault, not_run)),
+                Err(fault) => {
+                    worker.charge(Blame::Client);
+                    return Decision::Deny(fault_error(worker, &fault, not_run));
+                }
             },
             Ok(Verdict::Deny(e)) => {
                 worker.stats.denials.fetch_add(1, Ordering::Relaxed);
@@ -1104,6 +1238,7 @@ fn run_chain(
                     Ok(value) => Decision::Reply(value),
                     Err(e) => {
                         worker.stats.traps.fetch_add(1, Ordering::Relaxed);
+                        worker.charge(Blame::Client);
                         let fault = Fault::Invalid(format!("reply is not JSON: {e}"));
                         Decision::Deny(fault_error(worker, &fault, not_run))
                     }
@@ -1139,9 +1274,9 @@ fn respond(
             }),
             (None, None) => return reply,
         };
-        let replacement = match worker
-            .call(|g, s| g.call_on_response(s, client, command, &response))
-        {
+        let replacement = match worker.call(Blame::Client, |g, s| {
+            g.call_on_response(s, client, command, &response)
+        }) {
             Ok(ResponseVerdict::Deliver) => continue,
             Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
                 match serde_json::from_str::<Value>(&text) {
@@ -1172,7 +1307,7 @@ fn respond(
 fn filter_event(workers: &mut [Worker], client: &Client, mut event: WitEvent) -> EventDecision {
     let mut rewritten = None;
     for worker in workers {
-        match worker.call(|g, s| g.call_on_event(s, client, &event)) {
+        match worker.call(Blame::Plugin, |g, s| g.call_on_event(s, client, &event)) {
             Ok(EventVerdict::Deliver) => {}
             Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
             Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {

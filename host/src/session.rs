@@ -114,8 +114,7 @@ pub async fn serve(
     tracing::info!(client = client_id, listener = %ctx.id, ?peer, "client connected");
     let reason = match ctx.mode {
         MonitorMode::Readline => {
-            crate::hmp_session::serve(stream, client, ctx.clone(), shutdown).await;
-            "left"
+            crate::hmp_session::serve(stream, client, ctx.clone(), shutdown).await
         }
         MonitorMode::Control => {
             let (reader, writer) = stream.into_split();
@@ -134,6 +133,7 @@ pub async fn serve(
             session.run(reader, shutdown).await
         }
     };
+    ctx.chain().forget_client(client_id);
     ctx.metrics
         .clients_connected
         .fetch_sub(1, Ordering::Relaxed);
@@ -196,6 +196,10 @@ impl Session {
             }
             if eof && frames.is_empty() && self.in_band.is_empty() && self.oob.is_empty() {
                 return "end of input";
+            }
+            if faulting(&self.ctx, &self.client) {
+                self.flush().await;
+                return FAULTING;
             }
             if let Some(event) = self.held_event.take()
                 && let Err(e) = self.deliver_event(&event.body).await
@@ -608,6 +612,29 @@ impl Session {
             }
         }
     }
+}
+
+/// Why a client whose input keeps making plugins fail was disconnected.
+pub const FAULTING: &str = "its commands kept making plugins fail";
+
+/// Whether `client`'s input has made the chain's plugins fail
+/// [`plugin::CLIENT_FAULT_LIMIT`] times within the window: such a client is
+/// disconnected (counted, and logged with its listener), so that it cannot keep a
+/// chain that other clients and VMs share busy recreating instances.
+pub fn faulting(ctx: &ListenerContext, client: &plugin::Client) -> bool {
+    let faults = ctx.chain().client_faults(client.id);
+    if faults < plugin::CLIENT_FAULT_LIMIT {
+        return false;
+    }
+    ctx.metrics.faulting_clients.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        client = client.id,
+        listener = %ctx.id,
+        faults,
+        window_s = plugin::CLIENT_FAULT_WINDOW.as_secs(),
+        "disconnecting a client: its commands kept making plugins fail"
+    );
+    true
 }
 
 /// Writes to a client within [`WRITE_TIMEOUT`]; a client that does not read gets

@@ -261,7 +261,7 @@ struct Counter {
     read: fn(&Shared) -> u64,
 }
 
-const COUNTERS: [Counter; 6] = [
+const COUNTERS: [Counter; 7] = [
     Counter {
         key: "clients_connected",
         metric: "qmpgate_clients_connected",
@@ -303,6 +303,13 @@ const COUNTERS: [Counter; 6] = [
         kind: "counter",
         help: "Clients disconnected for not reading.",
         read: |s| s.metrics.slow_clients.load(Ordering::Relaxed),
+    },
+    Counter {
+        key: "faulting_clients",
+        metric: "qmpgate_faulting_clients_total",
+        kind: "counter",
+        help: "Clients disconnected because their commands kept making plugins fail.",
+        read: |s| s.metrics.faulting_clients.load(Ordering::Relaxed),
     },
 ];
 

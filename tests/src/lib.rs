@@ -673,10 +673,15 @@ impl QmpClient {
         self.read_reply()
     }
 
-    /// Whether the peer has closed the connection (waits up to `TIMEOUT`).
+    /// Whether the peer closes the connection (EOF or reset) within `TIMEOUT`,
+    /// with nothing more to read: false if it sends more, or stays open.
     pub fn closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+        match self.reader.read(&mut byte) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
     }
 
     /// The underlying stream, for tests that shut it down.

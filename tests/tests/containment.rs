@@ -2,8 +2,9 @@
 //! attack and checks that the gateway bounds it and keeps serving everyone else.
 
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
 
-use qmpgate_tests::{Control, GatewayBuilder, eventually};
+use qmpgate_tests::{Control, GatewayBuilder, Qemu, eventually, http_get, with_status};
 use serde_json::{Value, json};
 
 fn open_fds(pid: u32) -> usize {
@@ -89,4 +90,69 @@ fn named_fds_on_the_control_monitor_are_bounded_and_given_back() {
         open_fds(gateway.pid()) == baseline
     });
     assert_eq!(getfd(&mut fifth, "again"), json!({"return": {}}));
+}
+
+/// One client's over-long HMP lines used to push the hmp plugin past its deadline
+/// until it was disabled for every VM. Lines longer than QEMU's own line buffer are
+/// now refused before any plugin reads them, and the longest line a plugin does
+/// read is handled well within its deadline.
+#[test]
+fn huge_hmp_lines_are_refused_before_any_plugin_reads_them() {
+    let qemu = Qemu::start();
+    let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()));
+    let gateway = builder.spawn();
+    let mut attacker = gateway.negotiated();
+    let mut bystander = gateway.negotiated();
+    let keys = |bytes: usize| {
+        let mut line = String::from("chardev-add socket,id=c");
+        let mut n = 0;
+        while line.len() + 16 < bytes {
+            line.push_str(&format!(",x{n}=1"));
+            n += 1;
+        }
+        line
+    };
+    let huge = keys(800_000);
+    for _ in 0..12 {
+        let reply = attacker.execute("human-monitor-command", json!({"command-line": huge}));
+        assert_eq!(
+            desc(&reply),
+            "HMP command line refused: longer than QEMU's 4095-byte line buffer"
+        );
+        let started = Instant::now();
+        assert_eq!(
+            bystander.execute("query-status", json!({}))["return"]["status"],
+            "prelaunch"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // The longest lines a plugin reads, in shapes that make parsers work hardest.
+    let long_lines = [
+        keys(4095),
+        format!("chardev-add {}", "a,".repeat(2030)),
+        format!("sendkey {}", "a-".repeat(2040)),
+        format!("device_add {}", "\"\\\\".repeat(1300)),
+        format!("info {}", " ".repeat(4080)),
+    ];
+    for line in &long_lines {
+        assert!(line.len() <= 4095, "{}", line.len());
+        let reply = attacker.execute("human-monitor-command", json!({"command-line": line}));
+        assert!(
+            !desc(&reply).contains("time limit"),
+            "{}: {reply}",
+            &line[..20]
+        );
+    }
+    let (_, _, body) = http_get(&format!("{url}/status"));
+    let status: Value = serde_json::from_str(&body).unwrap();
+    for plugin in status["plugins"].as_array().unwrap() {
+        assert_eq!(plugin["deadline_kills"], 0, "{plugin}");
+        assert_eq!(plugin["traps"], 0, "{plugin}");
+    }
+    assert_eq!(status["counters"]["faulting_clients"], 0);
+    assert_eq!(
+        attacker.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch",
+        "refusals are not faults: the client stays"
+    );
 }
