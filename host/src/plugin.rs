@@ -76,6 +76,10 @@ pub const HMP_LINE_MAX: usize = 4095;
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// WASI resources (pollables, streams, errors) one instance may hold at once. A
+/// plugin has no files or sockets; a few stdio streams is all an honest one needs.
+const MAX_RESOURCES: usize = 256;
+
 /// How many hook deadlines instantiation and `init` may take together.
 const INIT_DEADLINE_FACTOR: u64 = 20;
 
@@ -168,6 +172,7 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        forbid_waiting(&mut linker)?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
 
         let cache = cache_dir.and_then(|dir| match CompileCache::open(&dir) {
@@ -289,6 +294,53 @@ impl Runtime {
         }
         Ok(component)
     }
+}
+
+/// The `wasi:io/poll` wasmtime-wasi implements (guests importing any 0.2.x
+/// version are linked to it).
+const WASI_POLL: &str = "wasi:io/poll@0.2.12";
+
+/// Replaces WASI's two waiting calls, `poll` and `pollable.block`, with ones that
+/// never wait: what is ready is returned at once, and a call that would have to
+/// wait traps. A hook cannot block the chain's thread (the epoch deadline only
+/// interrupts wasm, not a host call), and a plugin has nothing to wait for: it
+/// has no sockets, files or stdin, only clocks (`std::thread::sleep` traps).
+fn forbid_waiting(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
+    use wasmtime::StoreContextMut;
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    use wasmtime_wasi::p2::bindings::sync::io::poll::HostPollable;
+
+    const WAIT: &str = "plugins may not wait: a hook cannot block (wasi:io/poll)";
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(WASI_POLL)?;
+    poll.func_wrap(
+        "poll",
+        |mut store: StoreContextMut<'_, HostState>, (pollables,): (Vec<Resource<DynPollable>>,)| {
+            let table = &mut store.data_mut().table;
+            let mut ready = Vec::new();
+            for (index, pollable) in pollables.into_iter().enumerate() {
+                if table.ready(pollable)? {
+                    ready.push(u32::try_from(index)?);
+                }
+            }
+            if ready.is_empty() {
+                return Err(wasmtime::Error::msg(WAIT));
+            }
+            Ok((ready,))
+        },
+    )?;
+    poll.func_wrap(
+        "[method]pollable.block",
+        |mut store: StoreContextMut<'_, HostState>, (pollable,): (Resource<DynPollable>,)| {
+            if !store.data_mut().table.ready(pollable)? {
+                return Err(wasmtime::Error::msg(WAIT));
+            }
+            Ok(())
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 fn check_version(name: &str, component: &Component, engine: &Engine) -> Result<(), PluginError> {
@@ -574,7 +626,13 @@ impl Worker {
             client: None,
             // No environment, arguments, preopened directories, sockets or stdin.
             wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
+            table: {
+                // Host-side entries (pollables, streams) live outside the plugin's
+                // memory cap: bounded by count instead.
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_RESOURCES);
+                table
+            },
             memory: MemoryCap {
                 max: self.limits.memory_bytes,
                 hit: false,
@@ -612,8 +670,11 @@ impl Worker {
                 tracing::debug!(plugin = &*self.name, error = %format!("{error:#}"), "trap details");
                 Fault::Trap(trap.to_string())
             }
+            // A host function's error (the outermost context is wasmtime's
+            // backtrace note): its own first line.
             None => Fault::Trap(
                 error
+                    .root_cause()
                     .to_string()
                     .lines()
                     .next()

@@ -4,7 +4,7 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{Control, GatewayBuilder, Qemu, eventually, http_get, with_status};
+use qmpgate_tests::{Control, GatewayBuilder, Qemu, eventually, guest, http_get, with_status};
 use serde_json::{Value, json};
 
 fn open_fds(pid: u32) -> usize {
@@ -154,5 +154,89 @@ fn huge_hmp_lines_are_refused_before_any_plugin_reads_them() {
         attacker.execute("query-status", json!({}))["return"]["status"],
         "prelaunch",
         "refusals are not faults: the client stays"
+    );
+}
+
+fn sleeper_config(dir: &std::path::Path, config: &str) -> String {
+    let path = dir.join("sleeper.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[plugin]]\nname = \"sleeper\"\npath = \"{}\"\nconfig = {config}\n",
+            guest("fixture_sleeper").display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// A plugin's hooks cannot wait: `std::thread::sleep` used to block the chain's
+/// thread in a host call, where the CPU deadline does not reach, and every other
+/// client of the chain waited (19.7 s measured). Waiting now traps at once, in a
+/// command, an event or `init`; and the host-side resources a plugin can create
+/// are bounded.
+#[test]
+fn a_plugin_cannot_block_the_chain_or_hoard_host_resources() {
+    let qemu = Qemu::start();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let config = sleeper_config(builder.dir(), "{}");
+    let gateway = builder.args(["--config", &config]).spawn();
+    let mut sleeper = gateway.negotiated();
+    let mut other = gateway.negotiated();
+
+    let started = Instant::now();
+    assert_eq!(
+        desc(&sleeper.execute("query-name", json!({}))),
+        "qmpgate plugin 'sleeper' trapped: plugins may not wait: a hook cannot block (wasi:io/poll); the command was not executed"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Pollables it never drops: host-side entries, bounded by count.
+    assert_eq!(
+        desc(&sleeper.execute("query-version", json!({}))),
+        "qmpgate plugin 'sleeper' trapped: resource table has no free keys; the command was not executed"
+    );
+
+    // An event whose hook sleeps is dropped (fail closed) without holding anyone up.
+    assert_eq!(other.execute("cont", json!({})), json!({"return": {}}));
+    let started = Instant::now();
+    assert_eq!(other.execute("stop", json!({})), json!({"return": {}}));
+    assert_eq!(
+        other.execute("query-status", json!({}))["return"]["status"],
+        "paused"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    other.send(&json!({"execute": "query-uuid", "id": "marker"}));
+    loop {
+        let message = other.read();
+        assert_ne!(
+            message["event"], "STOP",
+            "the hook failed: the event is withheld"
+        );
+        if message["id"] == "marker" {
+            break;
+        }
+    }
+
+    // `init` that sleeps fails at start-up, at once, with the reason.
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let config = sleeper_config(builder.dir(), "{ sleep-in-init = true }");
+    let started = Instant::now();
+    builder
+        .args(["--config", &config])
+        .args(["--listen", "socket,id=l,path=/nonexistent/never.sock,server=on"])
+        .fails_with("plugin 'sleeper': init failed: trapped: plugins may not wait: a hook cannot block (wasi:io/poll)");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
     );
 }
