@@ -260,12 +260,19 @@ fn main() -> ExitCode {
     // Before anything opens a file: every fd above stderr now is one the parent
     // passed, and none may be confused with, or leak like, one of our own.
     let inherited = Inherited::from_process();
+    // Log lines go to stderr from a thread of their own: a reader that stalls (a
+    // full pipe) costs dropped lines, never a stalled session or plugin thread.
+    let (log_writer, log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("qmpgate-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QMPGATE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         // Colour codes are for a terminal, not for a file or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -281,7 +288,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, inherited)) {
+    let outcome = runtime.block_on(run(cli, inherited));
+    // Everything logged so far is written before the final word.
+    drop(log_flush);
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("qmpgate: {e:#}");
@@ -289,6 +299,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Log lines held for a slow stderr before new ones are dropped: with plugin
+/// messages cut at [`qmpgate::plugin::LOG_MESSAGE_MAX`], a few MiB at most.
+const LOG_BUFFER_LINES: usize = 1024;
 
 async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let signalled = stop_on_signal()?;

@@ -76,6 +76,31 @@ pub const HMP_LINE_MAX: usize = 4095;
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// A plugin's JSON texts (a reply, rewritten arguments or event data, a
+/// replacement response) may be at most this long: as much as a client may send.
+pub const OUTPUT_MAX: usize = crate::framing::DEFAULT_MAX_MESSAGE;
+
+/// Error classes, descriptions, command names and HMP reasons from a plugin may
+/// be at most this long (QEMU's own are one line).
+pub const DESC_MAX: usize = 4096;
+
+/// A plugin's log message is cut after this many bytes.
+pub const LOG_MESSAGE_MAX: usize = 4096;
+
+/// Log messages a plugin instance may write in a burst; the budget refills at
+/// [`LOG_PER_SECOND`]. Messages over it are dropped and counted.
+pub const LOG_BURST: u32 = 100;
+
+/// How fast the log budget refills, in messages per second.
+pub const LOG_PER_SECOND: u32 = 50;
+
+/// Audit records one hook call may write; more are dropped, counted and logged.
+pub const AUDIT_PER_CALL: u32 = 64;
+
+/// An audit entry longer than this is recorded as its size and its first
+/// [`DESC_MAX`] bytes.
+pub const AUDIT_ENTRY_MAX: usize = 64 << 10;
+
 /// WASI resources (pollables, streams, errors) one instance may hold at once. A
 /// plugin has no files or sockets; a few stdio streams is all an honest one needs.
 const MAX_RESOURCES: usize = 256;
@@ -374,6 +399,14 @@ struct HostState {
     table: ResourceTable,
     memory: MemoryCap,
     audit: Option<Arc<crate::audit::AuditSink>>,
+    /// The plugin's counters (dropped log messages and audit records).
+    stats: Arc<PluginStats>,
+    /// Log messages it may still write now (refilled over time).
+    log_tokens: f64,
+    /// When `log_tokens` was last refilled.
+    log_refilled: Instant,
+    /// Audit records written in the current call.
+    audits_this_call: u32,
 }
 
 impl WasiView for HostState {
@@ -389,7 +422,20 @@ impl bindings::qmpgate::plugin::types::Host for HostState {}
 
 impl bindings::qmpgate::plugin::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        // Bounded in rate and size: a plugin cannot flood the log (or the memory
+        // of a log writer that cannot keep up).
+        let now = Instant::now();
+        let refill =
+            now.duration_since(self.log_refilled).as_secs_f64() * f64::from(LOG_PER_SECOND);
+        self.log_tokens = (self.log_tokens + refill).min(f64::from(LOG_BURST));
+        self.log_refilled = now;
+        if self.log_tokens < 1.0 {
+            self.stats.log_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.log_tokens -= 1.0;
         let plugin = &*self.plugin;
+        let message = cut(&message, LOG_MESSAGE_MAX);
         // A plugin's text must not pass for qmpgate's own lines: control
         // characters (newlines, escape sequences) are shown escaped.
         let message = escape_controls(&message);
@@ -403,7 +449,24 @@ impl bindings::qmpgate::plugin::host::Host for HostState {
     }
 
     fn audit(&mut self, entry: String) {
+        self.audits_this_call += 1;
+        if self.audits_this_call > AUDIT_PER_CALL {
+            self.stats.audit_dropped.fetch_add(1, Ordering::Relaxed);
+            if self.audits_this_call == AUDIT_PER_CALL + 1 {
+                tracing::warn!(
+                    plugin = &*self.plugin,
+                    limit = AUDIT_PER_CALL,
+                    "plugin wrote too many audit records in one call; dropping the rest of this call's"
+                );
+            }
+            return;
+        }
         let client = self.client.as_deref().map(client_json);
+        let entry = if entry.len() > AUDIT_ENTRY_MAX {
+            serde_json::json!({"oversized-record": {"bytes": entry.len(), "start": cut(&entry, DESC_MAX)}}).to_string()
+        } else {
+            entry
+        };
         let record = crate::audit::record(&self.plugin, self.upstream.as_deref(), client, &entry);
         match &self.audit {
             Some(sink) => sink.write(&self.plugin, &record),
@@ -471,6 +534,10 @@ pub struct PluginStats {
     pub restarts: AtomicU64,
     /// Calls refused because the plugin had used up its restart budget.
     pub disabled_calls: AtomicU64,
+    /// Log messages dropped over the rate limit.
+    pub log_dropped: AtomicU64,
+    /// Audit records dropped over the per-call limit.
+    pub audit_dropped: AtomicU64,
     /// Largest linear memory any instance reached, in bytes.
     pub memory_high_water: AtomicU64,
     /// Total time in hooks, in nanoseconds.
@@ -535,6 +602,100 @@ pub enum Fault {
     /// It returned something invalid (e.g. a reply that is not JSON).
     #[error("returned an invalid result: {0}")]
     Invalid(String),
+}
+
+/// A hook's result, checked against the output caps ([`OUTPUT_MAX`],
+/// [`DESC_MAX`]): `oversized` says what is too long, if anything.
+trait Bounded {
+    fn oversized(&self) -> Option<String>;
+}
+
+fn oversized_json(text: &str, what: &str) -> Option<String> {
+    (text.len() > OUTPUT_MAX).then(|| format!("{what} longer than {OUTPUT_MAX} bytes"))
+}
+
+fn oversized_text(text: &str, what: &str) -> Option<String> {
+    (text.len() > DESC_MAX).then(|| format!("{what} longer than {DESC_MAX} bytes"))
+}
+
+fn oversized_error(error: &WitError) -> Option<String> {
+    oversized_text(&error.class, "an error class")
+        .or_else(|| oversized_text(&error.desc, "an error description"))
+}
+
+fn oversized_command(command: &WitCommand) -> Option<String> {
+    oversized_text(&command.name, "a command name")
+        .or_else(|| oversized_json(&command.arguments, "arguments"))
+}
+
+impl Bounded for () {
+    fn oversized(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Bounded for Result<(), WitError> {
+    fn oversized(&self) -> Option<String> {
+        self.as_ref().err().and_then(oversized_error)
+    }
+}
+
+impl Bounded for Verdict {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            Verdict::Forward => None,
+            Verdict::Rewrite(command) => oversized_command(command),
+            Verdict::Deny(error) => oversized_error(error),
+            Verdict::Reply(text) => oversized_json(text, "a reply"),
+        }
+    }
+}
+
+impl Bounded for ResponseVerdict {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            ResponseVerdict::Deliver => None,
+            ResponseVerdict::Replace(WitResponse::Ok(text)) => oversized_json(text, "a response"),
+            ResponseVerdict::Replace(WitResponse::Error(error)) => oversized_error(error),
+        }
+    }
+}
+
+impl Bounded for EventVerdict {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            EventVerdict::Rewrite(data) => oversized_json(data, "event data"),
+            EventVerdict::Deliver | EventVerdict::Drop => None,
+        }
+    }
+}
+
+impl Bounded for HmpTranslation {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            HmpTranslation::NotHandled => None,
+            HmpTranslation::Command(command) => oversized_command(command),
+            HmpTranslation::HmpOnly(name) => oversized_text(name, "a command name"),
+            HmpTranslation::Invalid(reason) => oversized_text(reason, "a reason"),
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), saying how much
+/// was cut.
+fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}... ({} more bytes)",
+        &text[..end],
+        text.len() - end
+    ))
 }
 
 /// Whose input a hook call is about, and so who a fault in it is charged to.
@@ -639,6 +800,10 @@ impl Worker {
                 high_water: 0,
             },
             audit: self.audit.clone(),
+            stats: self.stats.clone(),
+            log_tokens: f64::from(LOG_BURST),
+            log_refilled: Instant::now(),
+            audits_this_call: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -714,7 +879,7 @@ impl Worker {
 
     /// Runs one hook on the live instance (recreating it if a trap killed it).
     /// A fault is charged as `blame` says.
-    fn call<R>(
+    fn call<R: Bounded>(
         &mut self,
         blame: Blame,
         hook: impl FnOnce(&wit::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
@@ -742,13 +907,24 @@ impl Worker {
         live.store.set_epoch_deadline(deadline);
         live.store.data_mut().upstream = self.upstream.clone();
         live.store.data_mut().client = self.client.clone();
+        live.store.data_mut().audits_this_call = 0;
         let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
             .memory_high_water
             .fetch_max(high_water, Ordering::Relaxed);
         let result = match result {
-            Ok(value) => Ok(value),
+            Ok(value) => match value.oversized() {
+                None => Ok(value),
+                Some(what) => {
+                    // Dropped at once: the caps bound what a plugin's output
+                    // costs the host after it was copied out.
+                    drop(value);
+                    self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                    self.charge(blame);
+                    Err(Fault::Invalid(what))
+                }
+            },
             Err(e) => {
                 let live = self.live.take().expect("still there");
                 let fault = self.describe(&live.store, e);

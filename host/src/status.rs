@@ -398,6 +398,8 @@ pub fn status_json(hub: &Hub) -> Value {
                 "memory_kills": load(&s.memory_kills),
                 "restarts": load(&s.restarts),
                 "disabled_calls": load(&s.disabled_calls),
+                "log_dropped": load(&s.log_dropped),
+                "audit_dropped": load(&s.audit_dropped),
                 "memory_high_water_bytes": load(&s.memory_high_water),
                 "latency_us": { "p50": s.latency_quantile_us(0.5), "p99": s.latency_quantile_us(0.99) },
             }));
@@ -467,7 +469,7 @@ pub fn metrics_text(hub: &Hub) -> String {
         .into_iter()
         .map(|(chain, policy, _)| (chain, escape_label(&policy.to_string())))
         .collect();
-    let per_plugin: [PerPlugin; 8] = [
+    let per_plugin: [PerPlugin; 10] = [
         (
             "qmpgate_plugin_calls_total",
             "counter",
@@ -509,6 +511,18 @@ pub fn metrics_text(hub: &Hub) -> String {
             "counter",
             "Calls refused after the plugin used up its restart budget.",
             |s| s.disabled_calls.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_plugin_log_dropped_total",
+            "counter",
+            "Log messages dropped over the plugin's rate limit.",
+            |s| s.log_dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_plugin_audit_dropped_total",
+            "counter",
+            "Audit records dropped over the per-call limit.",
+            |s| s.audit_dropped.load(Ordering::Relaxed),
         ),
         (
             "qmpgate_plugin_memory_high_water_bytes",

@@ -552,6 +552,24 @@ impl Gateway {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The log, once it shows `needle` (qmpgate writes its log from a thread of
+    /// its own, so a line may land a moment after the reply that followed it);
+    /// panics with the log if it never does.
+    pub fn logged(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let stderr = self.stderr();
+            if stderr.contains(needle) {
+                return stderr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never logged:\n{stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();

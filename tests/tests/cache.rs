@@ -137,7 +137,7 @@ fn a_cache_directory_others_could_write_or_own_is_not_used() {
         .collect();
     for ((_, reason), (_qemu, gate)) in cases.iter().zip(&running) {
         assert_policy_holds(&mut gate.negotiated(), top.path());
-        let stderr = gate.stderr();
+        let stderr = gate.logged(reason.as_str());
         assert_eq!(
             stderr.matches("plugin cache disabled").count(),
             1,

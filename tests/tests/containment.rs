@@ -240,3 +240,89 @@ fn a_plugin_cannot_block_the_chain_or_hoard_host_resources() {
         started.elapsed()
     );
 }
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// What a plugin writes costs the host a bounded amount: its log is limited in
+/// rate and size (the rest dropped and counted), its audit records per call and
+/// in size, and verdicts over the caps are refused (a 20 MB error description
+/// used to raise the host's memory by ~100 MB).
+#[test]
+fn a_plugin_cannot_flood_the_host_with_output() {
+    let qemu = Qemu::start();
+    let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()));
+    let audit_log = builder.dir().join("audit.jsonl");
+    let gateway = builder
+        .args([
+            "--plugin",
+            &format!("flood={}", guest("fixture_flood").display()),
+            "--audit-log",
+            audit_log.to_str().unwrap(),
+        ])
+        .spawn();
+    let mut c = gateway.negotiated();
+    let baseline_peak = peak_rss_kib(gateway.pid());
+
+    // 2,000 messages of 10 KB: a burst of 100 is logged, each cut to 4 KiB.
+    assert!(c.execute("query-name", json!({}))["return"].is_object());
+    let plugin_lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("plugin=\"flood\"") && l.contains("xxxx"))
+            .map(str::len)
+            .collect::<Vec<_>>()
+    };
+    let log = gateway.logged("more bytes) plugin=\"flood\"");
+    let lines = plugin_lines(&log);
+    assert!((100..=110).contains(&lines.len()), "{}", lines.len());
+    assert!(lines.iter().all(|&n| n < 4096 + 200), "{lines:?}");
+
+    let refused = |what: &str| {
+        format!(
+            "qmpgate plugin 'flood' returned an invalid result: {what}; the command was not executed"
+        )
+    };
+    assert_eq!(
+        desc(&c.execute("query-version", json!({}))),
+        refused("an error description longer than 4096 bytes")
+    );
+    assert_eq!(
+        desc(&c.execute("query-uuid", json!({}))),
+        refused("a reply longer than 1048576 bytes")
+    );
+
+    // An audit record of 1 MB and 1,000 more: the first 64 of the call are kept,
+    // the big one as its size and its start.
+    assert!(c.execute("query-kvm", json!({}))["return"].is_object());
+    let records: Vec<Value> = std::fs::read_to_string(&audit_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &Value| r["plugin"] == "flood")
+        .collect();
+    assert_eq!(records.len(), 64);
+    let big = &records[0]["oversized-record"];
+    assert_eq!(big["bytes"], (1 << 20) + 10, "{big}");
+    assert!(big["start"].as_str().unwrap().starts_with(r#"{"big":"www"#));
+    assert_eq!(records[63]["n"], 62);
+
+    let (_, _, body) = http_get(&format!("{url}/status"));
+    let status: Value = serde_json::from_str(&body).unwrap();
+    let stats = status["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "flood")
+        .unwrap();
+    assert!(stats["log_dropped"].as_u64().unwrap() >= 1890, "{stats}");
+    assert_eq!(stats["audit_dropped"], 937, "{stats}");
+    let grown_mib = (peak_rss_kib(gateway.pid()) - baseline_peak) / 1024;
+    assert!(grown_mib < 48, "peak RSS grew by {grown_mib} MiB");
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}

@@ -84,14 +84,9 @@ fn a_plugin_that_panics_or_lies_fails_closed() {
         desc(&reply),
         "qmpgate plugin 'fixture_trap' trapped: wasm trap: wasm `unreachable` instruction executed; the command was not executed"
     );
-    assert!(
-        gateway.stderr().contains("plugin panicked: panicked at"),
-        "the panic message reaches the log"
-    );
-    assert!(
-        gateway.stderr().contains("boom requested by client 1"),
-        "`log` records reach the log"
-    );
+    // The panic message and `log` records reach the log.
+    gateway.logged("plugin panicked: panicked at");
+    gateway.logged("boom requested by client 1");
     // The instance was recreated: the next command works.
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
@@ -286,12 +281,9 @@ fn a_plugin_cannot_forge_audit_fields_or_log_lines() {
         assert_eq!(r["client"]["id"].is_u64(), r["when"] == "command", "{r}");
     }
 
-    let stderr = gateway.stderr();
-    assert!(
-        stderr.contains(
-            r"ok\n2026-01-01T00:00:00Z  INFO qmpgate::gateway: FORGED line\r\u{1b}[2Kstill forged"
-        ),
-        "the message is there, escaped:\n{stderr}"
+    // The message is there, escaped.
+    let stderr = gateway.logged(
+        r"ok\n2026-01-01T00:00:00Z  INFO qmpgate::gateway: FORGED line\r\u{1b}[2Kstill forged",
     );
     for line in stderr.lines() {
         assert!(!line.starts_with("2026-01-01"), "a forged line: {line}");
@@ -310,7 +302,7 @@ fn a_plugin_cannot_forge_audit_fields_or_log_lines() {
         .args(["--plugin", &plugin])
         .spawn();
     let _ = gateway.negotiated();
-    let stderr = gateway.stderr();
+    let stderr = gateway.logged("qmpgate::audit");
     let line = stderr
         .lines()
         .find(|l| l.contains("qmpgate::audit"))

@@ -33,7 +33,7 @@ fn qemu_pid(gateway: &qmpgate_tests::Gateway) -> u32 {
 
 /// The monitor socket qmpgate connected to, from its log.
 fn monitor_path(gateway: &qmpgate_tests::Gateway) -> PathBuf {
-    let stderr = gateway.stderr();
+    let stderr = gateway.logged("connected to QEMU");
     let line = stderr
         .lines()
         .find(|l| l.contains("connected to QEMU"))
