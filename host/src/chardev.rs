@@ -826,6 +826,16 @@ impl tokio::io::AsyncWrite for Stream {
 }
 
 impl Stream {
+    /// Writes what the socket takes at once, without waiting (a last word to a
+    /// peer that is being turned away); TLS streams are left alone.
+    pub fn try_write_once(&self, bytes: &[u8]) {
+        let _ = match self {
+            Stream::Unix(s) => s.try_write(bytes),
+            Stream::Tcp(s) => s.try_write(bytes),
+            Stream::Tls(_) => Ok(0),
+        };
+    }
+
     /// Splits into owned read and write halves.
     pub fn into_split(
         self,

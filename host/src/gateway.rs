@@ -52,6 +52,8 @@ pub struct Metrics {
     pub slow_clients: AtomicU64,
     /// Clients disconnected because their input kept making plugins fail.
     pub faulting_clients: AtomicU64,
+    /// Connections refused by the caps on clients and handshakes.
+    pub refused_clients: AtomicU64,
 }
 
 /// A reload request: the answer says what was loaded, or why nothing changed.
@@ -83,6 +85,58 @@ pub struct SessionLimits {
     pub event_history: usize,
     /// How each upstream notices a QEMU that stopped answering.
     pub liveness: crate::upstream::Liveness,
+    /// Caps on connections.
+    pub admission: Admission,
+    /// Connections (clients of every listener, status requests) the process may
+    /// hold at once: its fd limit less [`Admission::fd_reserve`], so that QEMU
+    /// links, listeners and the control monitor always have fds.
+    pub connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// Caps on connections: no listener or peer can use up the fds and tasks that the
+/// others, QEMU's links and the control monitor need.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// Clients one listener serves at once (TLS handshakes included).
+    pub max_clients: usize,
+    /// TLS handshakes in progress on one listener.
+    pub max_handshakes: usize,
+    /// How long a TLS client may take to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// Fds kept out of the connections' reach.
+    pub fd_reserve: usize,
+    /// Connections the status endpoint serves at once.
+    pub status_connections: usize,
+    /// How long an HTTP client may take to send its request headers.
+    pub status_header_timeout: Duration,
+    /// `/events` streams served at once.
+    pub status_subscribers: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_clients: 64,
+            max_handshakes: 16,
+            handshake_timeout: Duration::from_secs(5),
+            fd_reserve: 512,
+            status_connections: 64,
+            status_header_timeout: Duration::from_secs(5),
+            status_subscribers: 16,
+        }
+    }
+}
+
+impl Admission {
+    /// The process-wide connection budget: the soft fd limit less the reserve
+    /// (at least 16, so that a tiny limit still serves someone).
+    pub fn connection_budget(&self) -> usize {
+        use nix::sys::resource::{Resource, getrlimit};
+        let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        (usize::try_from(soft).unwrap_or(usize::MAX))
+            .saturating_sub(self.fd_reserve)
+            .max(16)
+    }
 }
 
 /// One upstream and what its listeners and sessions share.
@@ -121,6 +175,10 @@ pub struct ListenerContext {
     /// The listener's own chain (its `profile=`/`plugins=`), shared with its entry
     /// so that a reload replaces it; `None`: the upstream's.
     own_chain: Option<Arc<RwLock<PluginChain>>>,
+    /// Its clients ([`Admission::max_clients`]).
+    clients: Arc<tokio::sync::Semaphore>,
+    /// Its TLS handshakes in progress ([`Admission::max_handshakes`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
     /// Shared state.
     pub shared: Arc<Shared>,
 }
@@ -188,6 +246,12 @@ impl Shared {
             tls,
             access: spec.access.clone(),
             own_chain,
+            clients: Arc::new(tokio::sync::Semaphore::new(
+                self.limits.admission.max_clients,
+            )),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(
+                self.limits.admission.max_handshakes,
+            )),
             shared: self.clone(),
         });
         self.tracker.spawn(accept_loop(listener, ctx, stop));
@@ -680,6 +744,11 @@ impl Hub {
             .map_err(|_| "the reloader has stopped".to_string())?
     }
 
+    /// The limits every session and connection works under.
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
     /// Runs `task` under the gateway's shutdown tracking.
     pub fn spawn<F>(&self, task: F)
     where
@@ -934,6 +1003,69 @@ impl Gateway {
     }
 }
 
+/// A client's places: in the process's connection budget, in its listener's
+/// clients and, during a TLS handshake, in its listener's handshakes.
+struct Admitted {
+    _connection: tokio::sync::OwnedSemaphorePermit,
+    _client: tokio::sync::OwnedSemaphorePermit,
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Takes a new client's places, or says why there are none (logged, counted).
+fn admit(ctx: &ListenerContext, peer: &crate::chardev::Peer) -> Option<Admitted> {
+    let refused = |why: &str| {
+        ctx.metrics.refused_clients.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(listener = %ctx.id, ?peer, "client refused: {why}");
+        None
+    };
+    let Ok(client) = ctx.clients.clone().try_acquire_owned() else {
+        return refused(&format!(
+            "the listener serves {} clients already",
+            ctx.limits.admission.max_clients
+        ));
+    };
+    let handshake = match &ctx.tls {
+        None => None,
+        Some(_) => match ctx.handshakes.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                return refused(&format!(
+                    "{} TLS handshakes are in progress on the listener already",
+                    ctx.limits.admission.max_handshakes
+                ));
+            }
+        },
+    };
+    let Ok(connection) = ctx.limits.connections.clone().try_acquire_owned() else {
+        return refused("qmpgate holds as many connections as its fd limit allows");
+    };
+    Some(Admitted {
+        _connection: connection,
+        _client: client,
+        handshake,
+    })
+}
+
+/// Closes a refused client's connection; a plaintext one is told why first, as
+/// QEMU tells a client it cannot serve (best effort: the socket is not waited on).
+fn refuse(ctx: &ListenerContext, stream: crate::chardev::Stream) {
+    if ctx.tls.is_some() {
+        return;
+    }
+    let message = format!(
+        "qmpgate cannot take more clients on listener '{}' now; try again later",
+        ctx.id
+    );
+    let bytes = match ctx.mode {
+        MonitorMode::Control => crate::qmp::encode(&crate::qmp::error_response(
+            &crate::qmp::QmpError::generic(message),
+            None,
+        )),
+        MonitorMode::Readline => format!("Error: {message}\r\n").into_bytes(),
+    };
+    stream.try_write_once(&bytes);
+}
+
 async fn accept_loop(listener: Listener, ctx: Arc<ListenerContext>, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
@@ -947,23 +1079,34 @@ async fn accept_loop(listener: Listener, ctx: Arc<ListenerContext>, stop: Cancel
                 drop(stream);
             }
             Ok((stream, peer)) => {
+                let Some(admitted) = admit(&ctx, &peer) else {
+                    refuse(&ctx, stream);
+                    continue;
+                };
                 let id = ctx.next_client.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
                 let shutdown = ctx.shutdown.clone();
                 let ctx = ctx.clone();
                 // The handshake runs in the client's own task: a slow one holds nobody up.
                 ctx.tracker.clone().spawn(async move {
+                    let mut admitted = admitted;
                     let (stream, identity) = match &ctx.tls {
                         None => (stream, None),
-                        Some(acceptor) => match crate::tls::accept(acceptor, stream).await {
-                            Ok(accepted) => accepted,
-                            Err(e) => {
-                                tracing::warn!(listener = %ctx.id, ?peer, error = %e, "TLS handshake failed");
-                                return;
+                        Some(acceptor) => {
+                            let timeout = ctx.limits.admission.handshake_timeout;
+                            match crate::tls::accept(acceptor, stream, timeout).await {
+                                Ok(accepted) => accepted,
+                                Err(e) => {
+                                    tracing::warn!(listener = %ctx.id, ?peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
                             }
-                        },
+                        }
                     };
-                    crate::session::serve(stream, peer, identity, id, ctx, shutdown).await
+                    // Handshake done: the place in the handshakes goes back.
+                    admitted.handshake = None;
+                    crate::session::serve(stream, peer, identity, id, ctx, shutdown).await;
+                    drop(admitted);
                 });
             }
             Err(e) => {

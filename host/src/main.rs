@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use qmpgate::chardev::Inherited;
 use qmpgate::config::{self, FileConfig, Overrides};
-use qmpgate::gateway::{Chains, Gateway, SHUTDOWN_GRACE, SessionLimits, Settings};
+use qmpgate::gateway::{Admission, Chains, Gateway, SHUTDOWN_GRACE, SessionLimits, Settings};
 use qmpgate::plugin::{PluginChain, Runtime};
 use qmpgate::upstream::Outcome;
 
@@ -185,9 +185,43 @@ struct GatewayArgs {
     /// counts as lost (QMPGATE_UPSTREAM_LOST with the reason).
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     probe_timeout_ms: u64,
+    /// Clients one listener serves at once; more are told so and closed.
+    #[arg(long, value_name = "N", default_value_t = Admission::default().max_clients)]
+    max_clients: usize,
+    /// TLS handshakes in progress on one listener; more connections are closed.
+    #[arg(long, value_name = "N", default_value_t = Admission::default().max_handshakes)]
+    max_tls_handshakes: usize,
+    /// How long a TLS client may take to complete its handshake, in ms.
+    #[arg(long, value_name = "MS", default_value_t = Admission::default().handshake_timeout.as_millis() as u64)]
+    tls_handshake_timeout_ms: u64,
+    /// Fds kept for QEMU links, listeners and the control monitor: connections
+    /// are refused beyond the fd limit less this.
+    #[arg(long, value_name = "N", default_value_t = Admission::default().fd_reserve)]
+    fd_reserve: usize,
+    /// Connections the status endpoint serves at once.
+    #[arg(long, value_name = "N", default_value_t = Admission::default().status_connections)]
+    status_max_connections: usize,
+    /// How long an HTTP client may take to send its request headers, in ms.
+    #[arg(long, value_name = "MS", default_value_t = Admission::default().status_header_timeout.as_millis() as u64)]
+    status_header_timeout_ms: u64,
+    /// /events streams served at once.
+    #[arg(long, value_name = "N", default_value_t = Admission::default().status_subscribers)]
+    status_max_subscribers: usize,
 }
 
 impl GatewayArgs {
+    fn admission(&self) -> Admission {
+        Admission {
+            max_clients: self.max_clients,
+            max_handshakes: self.max_tls_handshakes,
+            handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            fd_reserve: self.fd_reserve,
+            status_connections: self.status_max_connections,
+            status_header_timeout: Duration::from_millis(self.status_header_timeout_ms),
+            status_subscribers: self.status_max_subscribers,
+        }
+    }
+
     fn liveness(&self) -> qmpgate::upstream::Liveness {
         qmpgate::upstream::Liveness {
             quiet: (self.probe_after_ms > 0).then(|| Duration::from_millis(self.probe_after_ms)),
@@ -386,6 +420,10 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             timeouts: resolved.timeouts.clone(),
             event_history: resolved.event_history,
             liveness: args.liveness(),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                args.admission().connection_budget(),
+            )),
+            admission: args.admission(),
         },
         persistent: resolved.control.is_some(),
         keep_ended: prepared.is_some(),

@@ -76,6 +76,14 @@ pub const HMP_LINE_MAX: usize = 4095;
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// The longest a caller waits for its chain's thread (queue and hooks together)
+/// before the call fails closed, unless the chain's CPU limits need longer.
+pub const CHAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// What a caller is told when the chain's thread did not answer.
+const NO_ANSWER: &str =
+    "qmpgate's plugins did not answer in time (their thread is stuck or stopped)";
+
 /// A plugin's JSON texts (a reply, rewritten arguments or event data, a
 /// replacement response) may be at most this long: as much as a client may send.
 pub const OUTPUT_MAX: usize = crate::framing::DEFAULT_MAX_MESSAGE;
@@ -1053,6 +1061,9 @@ pub struct PluginChain {
     upstream: Option<Arc<str>>,
     /// Faults charged to clients, by the chain's thread.
     faults: Arc<ClientFaults>,
+    /// How long a caller waits for the chain's thread: [`CHAIN_WAIT`], or twice
+    /// the chain's CPU limits together if that is longer.
+    wait: Duration,
 }
 
 impl PluginChain {
@@ -1063,6 +1074,7 @@ impl PluginChain {
             plugins: Vec::new(),
             upstream: None,
             faults: Arc::default(),
+            wait: CHAIN_WAIT,
         }
     }
 
@@ -1073,6 +1085,7 @@ impl PluginChain {
             return Ok(PluginChain::empty());
         }
         let faults = Arc::new(ClientFaults::default());
+        let wait = CHAIN_WAIT.max(2 * loaded.iter().map(|l| l.0.limits.cpu).sum::<Duration>());
         let mut workers: Vec<Worker> = loaded
             .into_iter()
             .map(|l| Worker {
@@ -1123,6 +1136,7 @@ impl PluginChain {
                 plugins,
                 upstream: None,
                 faults,
+                wait,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PluginError::Init {
@@ -1194,6 +1208,10 @@ impl PluginChain {
         let upstream = self.upstream.clone();
         let client = Arc::new(client.clone());
         let job: Job = Box::new(move |workers| {
+            if tx.is_closed() {
+                // Its caller stopped waiting: nothing to decide.
+                return;
+            }
             for worker in workers.iter_mut() {
                 worker.upstream = upstream.clone();
                 worker.client = Some(client.clone());
@@ -1203,7 +1221,16 @@ impl PluginChain {
         if jobs.send(job).is_err() {
             return fallback;
         }
-        rx.await.unwrap_or(fallback)
+        // The caller never waits without end, whatever holds the chain's thread
+        // (hooks cannot wait, but the thread serves every client of the chain).
+        match tokio::time::timeout(self.wait, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => fallback,
+            Err(_) => {
+                tracing::warn!(wait = ?self.wait, chain = ?self.describe(), "the plugin chain did not answer in time; failing closed");
+                fallback
+            }
+        }
     }
 
     /// A client connected: any plugin may refuse it.
@@ -1212,7 +1239,7 @@ impl PluginChain {
             return Ok(());
         }
         let client = client.clone();
-        let stopped = Err(QmpError::generic("qmpgate's plugin thread has stopped"));
+        let stopped = Err(QmpError::generic(NO_ANSWER));
         self.run(&client.clone(), stopped, move |workers| {
             for worker in workers {
                 match worker.call(Blame::Plugin, |g, s| g.call_on_connect(s, &client)) {
@@ -1246,7 +1273,7 @@ impl PluginChain {
             return Decision::Forward(command);
         }
         let (client, hmp_line) = (client.clone(), hmp_line.map(str::to_string));
-        let stopped = Decision::Deny(QmpError::generic("qmpgate's plugin thread has stopped"));
+        let stopped = Decision::Deny(QmpError::generic(NO_ANSWER));
         self.run(&client.clone(), stopped, move |workers| {
             decide(workers, &client, command, hmp_line.as_deref())
         })
@@ -1282,11 +1309,9 @@ impl PluginChain {
         }
         let owned_line = line.to_string();
         let translation = self
-            .run(
-                client,
-                Err(QmpError::generic("qmpgate's plugin thread has stopped")),
-                move |workers| translate_hmp(workers, &owned_line),
-            )
+            .run(client, Err(QmpError::generic(NO_ANSWER)), move |workers| {
+                translate_hmp(workers, &owned_line)
+            })
             .await;
         let policy_command = match translation {
             Err(error) => return Decision::Deny(error),
@@ -1344,7 +1369,7 @@ impl PluginChain {
         let (client, command) = (client.clone(), command.to_wit());
         let mut stopped = reply.clone();
         stopped.remove("return");
-        stopped.insert("error".into(), serde_json::json!({"class": "GenericError", "desc": "qmpgate's plugin thread has stopped; the result was withheld"}));
+        stopped.insert("error".into(), serde_json::json!({"class": "GenericError", "desc": format!("{NO_ANSWER}; the result was withheld")}));
         self.run(&client.clone(), stopped, move |workers| {
             respond(workers, &client, &command, reply)
         })

@@ -96,31 +96,158 @@ impl Registry {
 }
 
 /// Serves the status endpoint until the gateway shuts down.
+///
+/// Its own accept loop rather than `axum::serve`, for the caps (see
+/// [`crate::gateway::Admission`]): at most `status_connections` at once (more are
+/// closed at once), request headers within `status_header_timeout`, one request
+/// per connection (an idle keep-alive connection would hold a place), and a
+/// client that stops reading a response is dropped after the write timeout.
 pub async fn serve(listener: Listener, hub: Arc<Hub>) {
+    let admission = hub.limits().admission.clone();
+    let subscribers = SseSlots(Arc::new(tokio::sync::Semaphore::new(
+        admission.status_subscribers,
+    )));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/events", get(events))
+        .layer(axum::Extension(subscribers))
         .with_state(hub.clone());
+    let connections = Arc::new(tokio::sync::Semaphore::new(admission.status_connections));
     let shutdown = hub.shutdown_token();
-    let stop = async move { shutdown.cancelled().await };
-    let result = match listener {
-        Listener::Unix { listener, unlink } => {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await;
-            drop(unlink);
-            result
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(error = %e, "status accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(place) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = admission.status_connections,
+                "status request refused: too many connections"
+            );
+            continue;
+        };
+        let Ok(fd) = hub.limits().connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "status request refused: qmpgate holds as many connections as its fd limit allows"
+            );
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(admission.status_header_timeout)
+            .keep_alive(false);
+        let io = hyper_util::rt::TokioIo::new(WriteDeadline::new(stream));
+        let connection = builder.serve_connection(io, service);
+        let shutdown = shutdown.clone();
+        hub.spawn(async move {
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "status connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+            drop((place, fd));
+        });
+    }
+    drop(listener);
+}
+
+/// Places for `/events` streams ([`crate::gateway::Admission::status_subscribers`]).
+#[derive(Clone)]
+struct SseSlots(Arc<tokio::sync::Semaphore>);
+
+/// A stream whose writes must make progress: one that stays blocked for
+/// [`crate::session::WRITE_TIMEOUT`] fails, so a client that does not read
+/// cannot hold a connection (an `/events` stream, a large `/metrics`) forever.
+struct WriteDeadline<S> {
+    inner: S,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S) -> Self {
+        WriteDeadline {
+            inner,
+            stalled: None,
         }
-        Listener::Tcp(listener) => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
+    }
+
+    /// After a write that could not proceed: fails once it has been stuck too long.
+    fn check(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(crate::session::WRITE_TIMEOUT)));
+        match stalled.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
         }
-    };
-    if let Err(e) = result {
-        tracing::error!(error = %e, "status endpoint failed");
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.check(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending => self.check(cx).map_ok(|_| ()),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -190,24 +317,34 @@ fn sse_event(event: &crate::upstream::UpstreamEvent) -> Event {
 
 async fn events(
     State(hub): State<Arc<Hub>>,
+    axum::Extension(SseSlots(slots)): axum::Extension<SseSlots>,
     uri: axum::http::Uri,
     headers: axum::http::HeaderMap,
 ) -> Response {
     match hub.pick(query(&uri, "upstream")) {
         Ok(shared) => {
+            let Ok(place) = slots.clone().try_acquire_owned() else {
+                let message = format!(
+                    "qmpgate serves {} event streams already; try again later\n",
+                    hub.limits().admission.status_subscribers
+                );
+                return (StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+            };
             let since = query(&uri, "since")
                 .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
                 .and_then(|s| s.parse::<u64>().ok());
-            event_stream(&shared, since).into_response()
+            event_stream(&shared, since, place).into_response()
         }
         Err(reason) => (StatusCode::NOT_FOUND, format!("{reason}\n")).into_response(),
     }
 }
 
 /// One upstream's events after `since` (history first), then live ones.
+/// The stream holds `place` (its place among the subscribers) while it lives.
 fn event_stream(
     shared: &Shared,
     since: Option<u64>,
+    place: tokio::sync::OwnedSemaphorePermit,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
     // Subscribe before reading the history, so nothing falls between the two.
     let rx = shared.upstream.subscribe();
@@ -216,11 +353,11 @@ fn event_stream(
         .unwrap_or_default();
     let last = backlog.last().map(|e| e.seq).or(since).unwrap_or(0);
     let replay = futures_util::stream::iter(backlog.into_iter().map(|e| Ok(sse_event(&e))));
-    let live = futures_util::stream::unfold(rx, move |mut rx| async move {
+    let live = futures_util::stream::unfold((rx, place), move |(mut rx, place)| async move {
         loop {
             match rx.recv().await {
                 Ok(event) if event.seq <= last => continue,
-                Ok(event) => return Some((Ok(sse_event(&event)), rx)),
+                Ok(event) => return Some((Ok(sse_event(&event)), (rx, place))),
                 // A slow reader misses events rather than holding memory.
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -261,7 +398,7 @@ struct Counter {
     read: fn(&Shared) -> u64,
 }
 
-const COUNTERS: [Counter; 7] = [
+const COUNTERS: [Counter; 8] = [
     Counter {
         key: "clients_connected",
         metric: "qmpgate_clients_connected",
@@ -310,6 +447,13 @@ const COUNTERS: [Counter; 7] = [
         kind: "counter",
         help: "Clients disconnected because their commands kept making plugins fail.",
         read: |s| s.metrics.faulting_clients.load(Ordering::Relaxed),
+    },
+    Counter {
+        key: "refused_clients",
+        metric: "qmpgate_refused_clients_total",
+        kind: "counter",
+        help: "Connections refused by the caps on clients and TLS handshakes.",
+        read: |s| s.metrics.refused_clients.load(Ordering::Relaxed),
     },
 ];
 

@@ -18,9 +18,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::chardev::Stream;
 
-/// How long a client may take to complete the handshake.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Errors loading TLS credentials.
 #[derive(Debug, Error)]
 #[allow(missing_docs)] // Each variant documents itself; the fields are its message.
@@ -84,11 +81,13 @@ pub fn acceptor(dir: &Path) -> Result<TlsAcceptor, TlsError> {
 }
 
 /// Completes the handshake; returns the TLS stream and the client's certificate CN.
+/// A client that has not completed it within `timeout` is dropped.
 pub async fn accept(
     acceptor: &TlsAcceptor,
     stream: Stream,
+    timeout: std::time::Duration,
 ) -> std::io::Result<(Stream, Option<String>)> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+    let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
         .await
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")

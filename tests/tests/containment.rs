@@ -4,7 +4,9 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{Control, GatewayBuilder, Qemu, eventually, guest, http_get, with_status};
+use qmpgate_tests::{
+    Control, GatewayBuilder, Qemu, QmpClient, eventually, guest, http_get, with_status,
+};
 use serde_json::{Value, json};
 
 fn open_fds(pid: u32) -> usize {
@@ -256,10 +258,21 @@ fn a_plugin_cannot_flood_the_host_with_output() {
     let qemu = Qemu::start();
     let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()));
     let audit_log = builder.dir().join("audit.jsonl");
+    // CPU time to spare: what stops it must be the output caps, even on a loaded
+    // machine (a 20 MB string takes a while to build).
+    let config = builder.dir().join("flood.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[plugin]]\nname = \"flood\"\npath = \"{}\"\ncpu-ms = 5000\n",
+            guest("fixture_flood").display()
+        ),
+    )
+    .unwrap();
     let gateway = builder
         .args([
-            "--plugin",
-            &format!("flood={}", guest("fixture_flood").display()),
+            "--config",
+            config.to_str().unwrap(),
             "--audit-log",
             audit_log.to_str().unwrap(),
         ])
@@ -323,6 +336,160 @@ fn a_plugin_cannot_flood_the_host_with_output() {
     assert!(grown_mib < 48, "peak RSS grew by {grown_mib} MiB");
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+}
+
+/// A listener serves a bounded number of clients: the one past the cap is told
+/// why and closed, other listeners are not affected, and a place that frees up is
+/// taken by the next client.
+#[test]
+fn a_listener_serves_a_bounded_number_of_clients() {
+    let qemu = Qemu::start();
+    let (builder, other) = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--max-clients", "3"])
+        .listener("other", 4);
+    let gateway = builder.spawn();
+    let mut served: Vec<QmpClient> = (0..3).map(|_| gateway.negotiated()).collect();
+    let refused = UnixStream::connect(&gateway.path).unwrap();
+    refused
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &refused, &mut text).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(text.trim()).unwrap(),
+        json!({"error": {"class": "GenericError", "desc": "qmpgate cannot take more clients on listener 'qmp' now; try again later"}})
+    );
+    let mut elsewhere = QmpClient::negotiated(&other);
+    assert_eq!(
+        elsewhere.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    for c in &mut served {
+        assert_eq!(
+            c.execute("query-status", json!({}))["return"]["status"],
+            "prelaunch"
+        );
+    }
+    drop(served.pop());
+    eventually("a freed place is taken", || {
+        let stream = UnixStream::connect(&gateway.path).unwrap();
+        stream
+            .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut line).unwrap();
+        line.contains("\"QMP\"")
+    });
+}
+
+/// Connections to the status endpoint are capped, must send their request headers
+/// in time and hold no place once answered; `/events` streams are capped too. A
+/// flood of unfinished requests used to keep every listener from accepting.
+#[test]
+fn the_status_endpoint_cannot_be_held_by_unfinished_requests() {
+    let qemu = Qemu::start();
+    let (builder, url) = with_status(GatewayBuilder::new(&qemu.upstream_spec()).args([
+        "--status-max-connections",
+        "8",
+        "--status-header-timeout-ms",
+        "300",
+        "--status-max-subscribers",
+        "2",
+    ]));
+    let gateway = builder.spawn();
+    let address = url.trim_start_matches("http://").to_string();
+    let unfinished: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+            std::io::Write::write_all(&mut stream, b"GET /status HTTP/1.1\r\nHost: x\r\n").unwrap();
+            stream
+        })
+        .collect();
+    // QMP clients are served meanwhile.
+    let mut c = gateway.negotiated();
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    // Every unfinished request is closed: past the cap at once, the others at the
+    // header deadline (hyper answers 408 first).
+    for stream in &unfinished {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let started = Instant::now();
+        match std::io::Read::read_to_end(&mut &*stream, &mut rest) {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    let (code, _, _) = http_get(&format!("{url}/status"));
+    assert_eq!(code, 200);
+
+    // Two event streams at most.
+    let subscribe = || {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        stream
+            .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+            .unwrap();
+        let mut head = [0u8; 12];
+        std::io::Read::read_exact(&mut &stream, &mut head).unwrap();
+        (String::from_utf8_lossy(&head).to_string(), stream)
+    };
+    let (first, _s1) = subscribe();
+    let (second, _s2) = subscribe();
+    let (third, _s3) = subscribe();
+    assert_eq!(
+        [first.as_str(), second.as_str(), third.as_str()],
+        ["HTTP/1.1 200", "HTTP/1.1 200", "HTTP/1.1 503"]
+    );
+}
+
+/// Connections in all are capped below the fd limit, so that however many clients
+/// connect, the control monitor (and QEMU's links) still get fds.
+#[test]
+fn connections_cannot_use_the_fds_the_control_monitor_needs() {
+    let qemu = Qemu::start();
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1;
+    // A reserve that leaves the smallest budget there is: 16 connections.
+    let reserve = limit.to_string();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec()).args(["--fd-reserve", &reserve]);
+    let control_path = builder.dir().join("control.sock");
+    let control_listener = UnixListener::bind(&control_path).unwrap();
+    let (builder, other) = builder
+        .fd(control_listener, 4)
+        .args(["--control", "socket,id=control,fd=4,server=on"])
+        .listener("other", 6);
+    let gateway = builder.spawn();
+    let mut held: Vec<QmpClient> = (0..8).map(|_| gateway.negotiated()).collect();
+    held.extend((0..8).map(|_| QmpClient::negotiated(&other)));
+    let refused = UnixStream::connect(&other).unwrap();
+    refused
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &refused, &mut text).unwrap();
+    assert!(text.contains("qmpgate cannot take more clients"), "{text}");
+    let mut control = Control::connect(&control_path);
+    assert_eq!(
+        control.execute(json!({"execute": "query-chardev"}), None::<&UnixStream>)["return"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    assert_eq!(
+        held[0].execute("query-status", json!({}))["return"]["status"],
         "prelaunch"
     );
 }

@@ -6,6 +6,8 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
+use std::time::{Duration, Instant};
+
 use qmpgate_tests::{GatewayBuilder, Qemu, python, tempdir};
 use serde_json::{Value, json};
 
@@ -276,6 +278,64 @@ fn a_tls_listener_can_be_added_at_run_time_from_a_named_fd() {
         None,
     );
     assert_eq!(read(), json!({"return": {}}));
+    let admin = client(port, creds.path(), Some("admin"), &["query-status"]);
+    assert_eq!(admin[1]["return"]["status"], "prelaunch", "{admin}");
+}
+
+/// Idle TCP connections to a TLS listener used to fill the fd limit until every
+/// listener stopped accepting. Handshakes in progress are capped per listener (more
+/// connections are closed at once) and each has a deadline; the other listeners,
+/// and a real TLS client after the flood, are served.
+#[test]
+fn idle_tls_handshakes_cannot_starve_the_gateway() {
+    let qemu = Qemu::start();
+    let creds = tempdir();
+    credentials(creds.path());
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .fd(tcp, 4)
+        .args([
+            "--listen",
+            &format!(
+                "socket,id=tls,fd=4,server=on,tls-creds={}",
+                creds.path().display()
+            ),
+            "--max-tls-handshakes",
+            "4",
+            "--tls-handshake-timeout-ms",
+            "500",
+        ])
+        .spawn();
+    let idle: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // The unix listener is served while they sit there.
+    let started = Instant::now();
+    let mut c = gateway.negotiated();
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Past the cap: closed at once; within it: closed at the handshake deadline.
+    let closed_within = |stream: &std::net::TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let started = Instant::now();
+        let eof = matches!(std::io::Read::read(&mut &*stream, &mut byte), Ok(0))
+            || matches!(std::io::Read::read(&mut &*stream, &mut byte), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        assert!(eof, "the connection stays open");
+        started.elapsed()
+    };
+    for stream in &idle[4..] {
+        assert!(closed_within(stream) < Duration::from_millis(300));
+    }
+    for stream in &idle[..4] {
+        assert!(closed_within(stream) < Duration::from_secs(2));
+    }
     let admin = client(port, creds.path(), Some("admin"), &["query-status"]);
     assert_eq!(admin[1]["return"]["status"], "prelaunch", "{admin}");
 }
