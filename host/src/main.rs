@@ -616,7 +616,10 @@ async fn plugin_test(
             verdict(chain.on_hmp(&client(Protocol::Hmp), hmp, None).await)
         } else if let Some(Value::String(event)) = input.get("event") {
             let body = input.as_object().cloned().unwrap_or_default();
-            match chain.on_event(&client(Protocol::Qmp), event, &body).await {
+            match chain
+                .on_event(&client(Protocol::Qmp), event, &body, false)
+                .await
+            {
                 EventDecision::Deliver => json!({"verdict": "deliver"}),
                 EventDecision::Drop => json!({"verdict": "drop"}),
                 EventDecision::Rewrite(data) => json!({"verdict": "rewrite", "data": data}),

@@ -80,6 +80,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// before the call fails closed, unless the chain's CPU limits need longer.
 pub const CHAIN_WAIT: Duration = Duration::from_secs(5);
 
+/// Calls queued for a chain's thread at most; more fail closed at once.
+const MAX_QUEUED_JOBS: usize = 4096;
+
 /// What a caller is told when the chain's thread did not answer.
 const NO_ANSWER: &str =
     "qmpgate's plugins did not answer in time (their thread is stuck or stopped)";
@@ -443,10 +446,11 @@ impl bindings::qmpgate::plugin::host::Host for HostState {
         }
         self.log_tokens -= 1.0;
         let plugin = &*self.plugin;
-        let message = cut(&message, LOG_MESSAGE_MAX);
         // A plugin's text must not pass for qmpgate's own lines: control
-        // characters (newlines, escape sequences) are shown escaped.
+        // characters (newlines, escape sequences) are shown escaped (then cut, so
+        // escaping cannot grow a message past the cap).
         let message = escape_controls(&message);
+        let message = cut(&message, LOG_MESSAGE_MAX);
         match level {
             Level::Trace => tracing::trace!(plugin, "{message}"),
             Level::Debug => tracing::debug!(plugin, "{message}"),
@@ -717,21 +721,50 @@ enum Blame {
     Plugin,
 }
 
-/// Recent faults caused by each client's input, shared by a chain's thread (which
+/// Recent faults caused by clients' input, shared by a chain's thread (which
 /// records them) and its sessions (which disconnect a client over the limit).
+///
+/// Faults are kept per principal (the listener and the peer's uid, address or TLS
+/// identity), not per connection, and outlive the connection: reconnecting does
+/// not buy a fresh budget.
 #[derive(Debug, Default)]
-pub struct ClientFaults(Mutex<HashMap<u64, std::collections::VecDeque<Instant>>>);
+pub struct ClientFaults(Mutex<HashMap<String, std::collections::VecDeque<Instant>>>);
+
+/// Who a client is, for [`ClientFaults`].
+fn principal(client: &Client) -> String {
+    let peer = match (&client.tls_identity, &client.peer) {
+        (Some(identity), _) => format!("tls:{identity}"),
+        (None, Peer::Unix(p)) => format!("uid:{}", p.uid),
+        (None, Peer::Inet(address)) => {
+            // The address without the port: one host is one principal.
+            let host = address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(h, _)| h);
+            format!("inet:{host}")
+        }
+        (None, Peer::Unknown) => "unknown".to_string(),
+    };
+    format!("{}/{peer}", client.listener)
+}
 
 impl ClientFaults {
-    fn charge(&self, client: u64) {
+    fn charge(&self, client: &Client) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(client).or_default().push_back(Instant::now());
+        let now = Instant::now();
+        // Records of principals with no fault in the window go, so the map stays
+        // as small as the set of recent offenders.
+        map.retain(|_, times| {
+            times
+                .back()
+                .is_some_and(|t| now.duration_since(*t) <= CLIENT_FAULT_WINDOW)
+        });
+        map.entry(principal(client)).or_default().push_back(now);
     }
 
-    /// Faults client `client` caused within the last [`CLIENT_FAULT_WINDOW`].
-    pub fn recent(&self, client: u64) -> usize {
+    /// Faults `client`'s principal caused within the last [`CLIENT_FAULT_WINDOW`].
+    pub fn recent(&self, client: &Client) -> usize {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(times) = map.get_mut(&client) else {
+        let Some(times) = map.get_mut(&principal(client)) else {
             return 0;
         };
         let now = Instant::now();
@@ -742,14 +775,6 @@ impl ClientFaults {
             times.pop_front();
         }
         times.len()
-    }
-
-    /// Drops a client's record (it left).
-    pub fn forget(&self, client: u64) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&client);
     }
 }
 
@@ -794,7 +819,9 @@ impl Worker {
             upstream: None,
             client: None,
             // No environment, arguments, preopened directories, sockets or stdin.
-            wasi: WasiCtx::builder().build(),
+            // Random bytes come from one host call the deadline cannot interrupt:
+            // a small cap keeps that call short.
+            wasi: WasiCtx::builder().max_random_size(4096).build(),
             table: {
                 // Host-side entries (pollables, streams) live outside the plugin's
                 // memory cap: bounded by count instead.
@@ -827,7 +854,7 @@ impl Worker {
             .call_init(&mut store, &self.config)
         {
             Ok(Ok(())) => Ok(Live { store, bindings }),
-            Ok(Err(reason)) => Err(reason),
+            Ok(Err(reason)) => Err(cut(&reason, DESC_MAX).into_owned()),
             Err(e) => Err(self.describe(&store, e).to_string()),
         }
     }
@@ -876,7 +903,7 @@ impl Worker {
     /// Charges a fault to whoever's input caused it (see [`Blame`]).
     fn charge(&mut self, blame: Blame) {
         match (blame, &self.client) {
-            (Blame::Client, Some(client)) => self.client_faults.charge(client.id),
+            (Blame::Client, Some(client)) => self.client_faults.charge(client),
             _ => self
                 .own_faults
                 .entry(self.upstream.clone())
@@ -1055,7 +1082,7 @@ type Job = Box<dyn FnOnce(&mut [Worker]) + Send>;
 #[derive(Clone)]
 pub struct PluginChain {
     /// Sends work to the chain's thread; `None` for an empty chain.
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
     plugins: Vec<PluginInfo>,
     /// The upstream this handle serves (see [`PluginChain::for_upstream`]).
     upstream: Option<Arc<str>>,
@@ -1103,7 +1130,7 @@ impl PluginChain {
                 stats: w.stats.clone(),
             })
             .collect();
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(MAX_QUEUED_JOBS);
         let (ready_tx, ready) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("qmpgate-plugins".into())
@@ -1172,16 +1199,11 @@ impl PluginChain {
         }
     }
 
-    /// Faults client `id`'s input caused in this chain's plugins within
-    /// [`CLIENT_FAULT_WINDOW`]; a session disconnects its client at
-    /// [`CLIENT_FAULT_LIMIT`].
-    pub fn client_faults(&self, id: u64) -> usize {
-        self.faults.recent(id)
-    }
-
-    /// Forgets client `id`'s faults (it left).
-    pub fn forget_client(&self, id: u64) {
-        self.faults.forget(id)
+    /// Faults `client`'s input (or its principal's, over its connections) caused
+    /// in this chain's plugins within [`CLIENT_FAULT_WINDOW`]; a session
+    /// disconnects its client at [`CLIENT_FAULT_LIMIT`].
+    pub fn client_faults(&self, client: &Client) -> usize {
+        self.faults.recent(client)
     }
 
     /// Whether `other` is a clone of this chain (the same instances).
@@ -1218,7 +1240,9 @@ impl PluginChain {
             }
             let _ = tx.send(job(workers));
         });
-        if jobs.send(job).is_err() {
+        // A full queue means the thread is far behind: fail closed at once rather
+        // than pile up work (and memory) it would reach too late.
+        if jobs.try_send(job).is_err() {
             return fallback;
         }
         // The caller never waits without end, whatever holds the chain's thread
@@ -1378,11 +1402,16 @@ impl PluginChain {
 
     /// An event for one client: plugins may drop or rewrite its data. A faulting
     /// plugin drops it (fail closed: an event may carry what a policy hides).
+    ///
+    /// `asked` is true when the client asked for the event (a replay of the
+    /// history): a fault is then charged to it, since it chose when and how often
+    /// the hook runs; a live event's fault is the plugin's own.
     pub async fn on_event(
         &self,
         client: &Client,
         name: &str,
         body: &Map<String, Value>,
+        asked: bool,
     ) -> EventDecision {
         if self.jobs.is_none() {
             return EventDecision::Deliver;
@@ -1404,8 +1433,9 @@ impl PluginChain {
             microseconds: field("microseconds"),
         };
         let client = client.clone();
+        let blame = if asked { Blame::Client } else { Blame::Plugin };
         self.run(&client.clone(), EventDecision::Drop, move |workers| {
-            filter_event(workers, &client, event)
+            filter_event(workers, &client, event, blame)
         })
         .await
     }
@@ -1544,6 +1574,8 @@ fn respond(
                 match serde_json::from_str::<Value>(&text) {
                     Ok(value) => crate::qmp::return_response(value, None),
                     Err(e) => {
+                        worker.stats.traps.fetch_add(1, Ordering::Relaxed);
+                        worker.charge(Blame::Client);
                         let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
                         crate::qmp::error_response(&fault_error(worker, &fault, withheld), None)
                     }
@@ -1566,10 +1598,15 @@ fn respond(
     reply
 }
 
-fn filter_event(workers: &mut [Worker], client: &Client, mut event: WitEvent) -> EventDecision {
+fn filter_event(
+    workers: &mut [Worker],
+    client: &Client,
+    mut event: WitEvent,
+    blame: Blame,
+) -> EventDecision {
     let mut rewritten = None;
     for worker in workers {
-        match worker.call(Blame::Plugin, |g, s| g.call_on_event(s, client, &event)) {
+        match worker.call(blame, |g, s| g.call_on_event(s, client, &event)) {
             Ok(EventVerdict::Deliver) => {}
             Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
             Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {

@@ -133,7 +133,6 @@ pub async fn serve(
             session.run(reader, shutdown).await
         }
     };
-    ctx.chain().forget_client(client_id);
     ctx.metrics
         .clients_connected
         .fetch_sub(1, Ordering::Relaxed);
@@ -192,6 +191,12 @@ impl Session {
             while self.in_band.len() < MAX_CLIENT_QUEUE
                 && let Some(frame) = frames.pop_front()
             {
+                // Checked before each command (OOB ones are not held back by the
+                // queue bound): a client over its fault budget sends no more.
+                if faulting(&self.ctx, &self.client) {
+                    self.flush().await;
+                    return FAULTING;
+                }
                 self.handle_frame(frame).await;
             }
             if eof && frames.is_empty() && self.in_band.is_empty() && self.oob.is_empty() {
@@ -407,7 +412,7 @@ impl Session {
             let body = match self
                 .ctx
                 .chain()
-                .on_event(&self.client, name, &event.body)
+                .on_event(&self.client, name, &event.body, true)
                 .await
             {
                 EventDecision::Deliver => Value::Object(event.body.clone()),
@@ -584,7 +589,12 @@ impl Session {
 
     async fn deliver_event(&mut self, event: &Map<String, Value>) -> std::io::Result<()> {
         let name = event.get("event").and_then(Value::as_str).unwrap_or("");
-        match self.ctx.chain().on_event(&self.client, name, event).await {
+        match self
+            .ctx
+            .chain()
+            .on_event(&self.client, name, event, false)
+            .await
+        {
             EventDecision::Deliver => self.write(&Value::Object(event.clone())).await,
             EventDecision::Drop => Ok(()),
             EventDecision::Rewrite(data) => {
@@ -622,7 +632,7 @@ pub const FAULTING: &str = "its commands kept making plugins fail";
 /// disconnected (counted, and logged with its listener), so that it cannot keep a
 /// chain that other clients and VMs share busy recreating instances.
 pub fn faulting(ctx: &ListenerContext, client: &plugin::Client) -> bool {
-    let faults = ctx.chain().client_faults(client.id);
+    let faults = ctx.chain().client_faults(client);
     if faults < plugin::CLIENT_FAULT_LIMIT {
         return false;
     }
