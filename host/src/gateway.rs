@@ -864,7 +864,10 @@ pub fn deadline_passed(
     else {
         unreachable!("error responses are objects")
     };
-    crate::upstream::Reply { seq: 0, body }
+    crate::upstream::Reply {
+        seq: 0,
+        body: body.into(),
+    }
 }
 
 /// Why the gateway could not start.

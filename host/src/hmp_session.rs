@@ -113,7 +113,8 @@ async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) ->
             let limit = ctx.limits.timeouts.for_command(&command.name);
             let reply = crate::gateway::run_command(&ctx.upstream, command, limit)
                 .await
-                .body;
+                .body
+                .into_object();
             match (reply.get("return"), reply.get("error")) {
                 (Some(Value::String(text)), _) => text.clone(),
                 (Some(other), _) => format!("{other}\r\n"),

@@ -30,7 +30,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::cache::{CacheKey, CompileCache};
-use crate::qmp::QmpError;
+use crate::qmp::{Answer, QmpError};
 
 #[allow(missing_docs)]
 mod bindings {
@@ -1381,19 +1381,14 @@ impl PluginChain {
     /// QEMU's reply to `command`: plugins may replace it. A faulting plugin turns it
     /// into an error (QEMU did run the command; the client is told the result was
     /// withheld).
-    pub async fn on_response(
-        &self,
-        client: &Client,
-        command: &Command,
-        reply: Map<String, Value>,
-    ) -> Map<String, Value> {
+    pub async fn on_response(&self, client: &Client, command: &Command, reply: Answer) -> Answer {
         if self.jobs.is_none() {
             return reply;
         }
         let (client, command) = (client.clone(), command.to_wit());
-        let mut stopped = reply.clone();
-        stopped.remove("return");
-        stopped.insert("error".into(), serde_json::json!({"class": "GenericError", "desc": format!("{NO_ANSWER}; the result was withheld")}));
+        let stopped = error_answer(&QmpError::generic(format!(
+            "{NO_ANSWER}; the result was withheld"
+        )));
         self.run(&client.clone(), stopped, move |workers| {
             respond(workers, &client, &command, reply)
         })
@@ -1542,58 +1537,62 @@ fn run_chain(
     Decision::Forward(command)
 }
 
+fn error_answer(error: &QmpError) -> Answer {
+    match crate::qmp::error_response(error, None) {
+        Value::Object(object) => Answer::Object(object),
+        _ => unreachable!("error_response builds an object"),
+    }
+}
+
 fn respond(
     workers: &mut [Worker],
     client: &Client,
     command: &WitCommand,
-    mut reply: Map<String, Value>,
-) -> Map<String, Value> {
+    mut reply: Answer,
+) -> Answer {
     let withheld = "the result was withheld";
     for worker in workers {
-        let response = match (reply.get("return"), reply.get("error")) {
-            (Some(value), _) => WitResponse::Ok(value.to_string()),
-            (None, Some(error)) => WitResponse::Error(WitError {
-                class: error
-                    .get("class")
-                    .and_then(Value::as_str)
-                    .unwrap_or("GenericError")
-                    .into(),
-                desc: error
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .into(),
-            }),
-            (None, None) => return reply,
+        // A `return` goes to the plugin as the text QEMU wrote (no tree is built).
+        let response = match &reply {
+            Answer::Return(text) => WitResponse::Ok(text.to_string()),
+            Answer::Object(object) => match (object.get("return"), object.get("error")) {
+                (Some(value), _) => WitResponse::Ok(value.to_string()),
+                (None, Some(error)) => WitResponse::Error(WitError {
+                    class: error
+                        .get("class")
+                        .and_then(Value::as_str)
+                        .unwrap_or("GenericError")
+                        .into(),
+                    desc: error
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .into(),
+                }),
+                (None, None) => return reply,
+            },
         };
-        let replacement = match worker.call(Blame::Client, |g, s| {
+        reply = match worker.call(Blame::Client, |g, s| {
             g.call_on_response(s, client, command, &response)
         }) {
             Ok(ResponseVerdict::Deliver) => continue,
             Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
                 match serde_json::from_str::<Value>(&text) {
-                    Ok(value) => crate::qmp::return_response(value, None),
+                    Ok(value) => Answer::returning(&value),
                     Err(e) => {
                         worker.stats.traps.fetch_add(1, Ordering::Relaxed);
                         worker.charge(Blame::Client);
                         let fault = Fault::Invalid(format!("replacement is not JSON: {e}"));
-                        crate::qmp::error_response(&fault_error(worker, &fault, withheld), None)
+                        error_answer(&fault_error(worker, &fault, withheld))
                     }
                 }
             }
-            Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => crate::qmp::error_response(
-                &QmpError {
-                    class: e.class,
-                    desc: e.desc,
-                },
-                None,
-            ),
-            Err(fault) => crate::qmp::error_response(&fault_error(worker, &fault, withheld), None),
+            Ok(ResponseVerdict::Replace(WitResponse::Error(e))) => error_answer(&QmpError {
+                class: e.class,
+                desc: e.desc,
+            }),
+            Err(fault) => error_answer(&fault_error(worker, &fault, withheld)),
         };
-        let Value::Object(map) = replacement else {
-            unreachable!("replies are built as objects")
-        };
-        reply = map;
     }
     reply
 }

@@ -155,13 +155,13 @@ pub enum Upstream {
         /// Capabilities QEMU offers (e.g. `oob`).
         capabilities: Vec<String>,
     },
-    /// A reply to a command: the whole object (with `return` or `error`).
+    /// A reply to a command (with `return` or `error`).
     Reply {
         /// The `id` the gateway put on the command; `None` for QEMU's id-less
         /// errors (which mean the gateway itself sent something malformed).
         id: Option<Value>,
-        /// The reply object without `id`.
-        body: Map<String, Value>,
+        /// The reply without `id`.
+        body: Answer,
     },
     /// An event: the whole object.
     Event {
@@ -174,8 +174,100 @@ pub enum Upstream {
     Unknown(Value),
 }
 
+/// QEMU's answer to one command, as it travels to a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// A `return`, as the JSON text QEMU wrote for its value: never a parsed
+    /// tree, which costs many times the text (a schema is 200 KB of text and
+    /// megabytes as a tree), and written back out as it came.
+    Return(Box<str>),
+    /// Anything else (an `error`, or an answer qmpgate made): the object, without
+    /// `id`.
+    Object(Map<String, Value>),
+}
+
+impl Answer {
+    /// `{"return": value}`, written as QEMU writes it.
+    pub fn returning(value: &Value) -> Answer {
+        let mut text = Vec::new();
+        crate::qjson::write(value, &mut text);
+        // The writer emits UTF-8 (non-ASCII as \uXXXX).
+        Answer::Return(String::from_utf8_lossy(&text).into())
+    }
+
+    /// The answer as an object (`{"return": ...}` or `{"error": ...}`), for the
+    /// few that need a tree (small replies: HMP output, negotiation).
+    pub fn into_object(self) -> Map<String, Value> {
+        match self {
+            Answer::Return(text) => {
+                let value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let mut object = Map::new();
+                object.insert("return".into(), value);
+                object
+            }
+            Answer::Object(object) => object,
+        }
+    }
+
+    /// Bytes in memory, roughly: what a queued answer costs.
+    pub fn size(&self) -> usize {
+        match self {
+            Answer::Return(text) => text.len(),
+            Answer::Object(object) => Value::Object(object.clone()).to_string().len(),
+        }
+    }
+
+    /// The message for the client, with its `id`, as QEMU writes it (CRLF ended).
+    pub fn encode(&self, id: Option<Value>) -> Vec<u8> {
+        match self {
+            Answer::Return(text) => {
+                // QEMU's writer puts `return` before `id` (its dict order).
+                let mut bytes = Vec::with_capacity(text.len() + 32);
+                bytes.extend_from_slice(b"{\"return\": ");
+                bytes.extend_from_slice(text.as_bytes());
+                if let Some(id) = id {
+                    bytes.extend_from_slice(b", \"id\": ");
+                    crate::qjson::write(&id, &mut bytes);
+                }
+                bytes.extend_from_slice(b"}\r\n");
+                bytes
+            }
+            Answer::Object(object) => encode(&with_id(Value::Object(object.clone()), id)),
+        }
+    }
+}
+
+impl From<Map<String, Value>> for Answer {
+    fn from(object: Map<String, Value>) -> Answer {
+        Answer::Object(object)
+    }
+}
+
+/// A reply read without building a tree of its `return` value (nothing but
+/// `return` and `id`: anything else goes the long way, so nothing is dropped).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReply<'a> {
+    #[serde(rename = "return", borrow)]
+    returned: &'a serde_json::value::RawValue,
+    #[serde(borrow)]
+    id: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Classifies one framed message from QEMU.
 pub fn parse_upstream(bytes: &[u8]) -> Result<Upstream, serde_json::Error> {
+    // The common case, a `return`, keeps its value as text. (Any other member, or
+    // anything unusual, goes the long way below.)
+    if let Ok(raw) = serde_json::from_slice::<RawReply<'_>>(bytes) {
+        let id = raw
+            .id
+            .map(|id| serde_json::from_str(id.get()))
+            .transpose()?;
+        return Ok(Upstream::Reply {
+            id,
+            body: Answer::Return(raw.returned.get().into()),
+        });
+    }
     let value: Value = serde_json::from_slice(bytes)?;
     let Value::Object(mut object) = value else {
         return Ok(Upstream::Unknown(value));
@@ -196,7 +288,10 @@ pub fn parse_upstream(bytes: &[u8]) -> Result<Upstream, serde_json::Error> {
     }
     if object.contains_key("return") || object.contains_key("error") {
         let id = object.remove("id");
-        return Ok(Upstream::Reply { id, body: object });
+        return Ok(Upstream::Reply {
+            id,
+            body: Answer::Object(object),
+        });
     }
     if let Some(Value::String(name)) = object.get("event") {
         let name = name.clone();
@@ -343,7 +438,7 @@ mod tests {
         match parse_upstream(br#"{"return": {}, "id": 7}"#).unwrap() {
             Upstream::Reply { id, body } => {
                 assert_eq!(id, Some(json!(7)));
-                assert_eq!(Value::Object(body), json!({"return": {}}));
+                assert_eq!(body, Answer::Return("{}".into()));
             }
             other => panic!("{other:?}"),
         }
@@ -351,6 +446,43 @@ mod tests {
             parse_upstream(br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap(),
             Upstream::Event { name, .. } if name == "STOP"
         ));
+    }
+
+    /// A `return` travels as QEMU's text and is written back byte for byte, its
+    /// id restored where QEMU puts it; anything else takes the object path.
+    #[test]
+    fn a_return_is_passed_on_as_the_text_qemu_wrote() {
+        for text in [
+            r#"{"return": {}, "id": 1}"#,
+            r#"{"return": {"status": "prelaunch", "singlestep": false, "running": false}, "id": "x"}"#,
+            r#"{"return": [1, 2.5, "\u00e9", null, {"a": [true]}], "id": {"k": [1]}}"#,
+            r#"{"return": {}}"#,
+        ] {
+            let Upstream::Reply { id, body } = parse_upstream(text.as_bytes()).unwrap() else {
+                panic!("{text}")
+            };
+            assert!(matches!(body, Answer::Return(_)), "{text}");
+            assert_eq!(
+                String::from_utf8(body.encode(id)).unwrap(),
+                format!("{text}\r\n")
+            );
+        }
+        for text in [
+            r#"{"return": {}, "id": 1, "extra": 2}"#,
+            r#"{"return": {}, "return": {}}"#,
+            r#"{"id": 1, "error": {"class": "GenericError", "desc": "no"}}"#,
+        ] {
+            match parse_upstream(text.as_bytes()) {
+                Ok(Upstream::Reply { body, .. }) => {
+                    assert!(matches!(body, Answer::Object(_)), "{text}")
+                }
+                other => assert!(other.is_err(), "{text}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            Answer::returning(&json!({"b": 1, "a": "é"})).encode(Some(json!(3))),
+            encode(&json!({"return": {"b": 1, "a": "é"}, "id": 3}))
+        );
     }
 
     #[test]

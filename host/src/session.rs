@@ -35,7 +35,7 @@ use crate::chardev::{MonitorMode, Peer, Stream};
 use crate::gateway::{ListenerContext, deadline_passed, within};
 use crate::plugin::{self, Command, Decision, EventDecision};
 use crate::qjson::{Input, Reader};
-use crate::qmp::{self, ErrorClass, QmpError, Request};
+use crate::qmp::{self, Answer, ErrorClass, QmpError, Request};
 use crate::upstream::UpstreamEvent;
 
 /// qmpgate's own command: the events it kept (QEMU drops events while no client
@@ -71,9 +71,13 @@ struct Outgoing {
     /// What QEMU ran, when the reply came from QEMU (for the response hook).
     command: Option<Command>,
     /// `{"return": ...}` or `{"error": ...}`, without id.
-    body: Map<String, Value>,
+    body: Answer,
     /// Where QEMU's reply stood among QEMU's messages; `None` for gateway answers.
     seq: Option<u64>,
+    /// The command's place in the client's share of QEMU's queue, held until the
+    /// reply is written: a client that does not read its replies cannot have
+    /// more than its share of them waiting in qmpgate's memory.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
@@ -500,18 +504,22 @@ impl Session {
                 (slot, pending)
             })
             .await;
-            let reply = match queued {
-                // The slot is held until QEMU answers or the deadline passes.
-                Some((_slot, pending)) => within(deadline, pending.reply())
-                    .await
-                    .unwrap_or_else(|| deadline_passed(&name, limit, true)),
-                None => deadline_passed(&name, limit, false),
+            let (reply, slot) = match queued {
+                // The slot is held until the reply is written to the client; a
+                // command whose deadline passed gives it back at once (QEMU's late
+                // reply is discarded, never queued here).
+                Some((slot, pending)) => match within(deadline, pending.reply()).await {
+                    Some(reply) => (reply, slot),
+                    None => (deadline_passed(&name, limit, true), None),
+                },
+                None => (deadline_passed(&name, limit, false), None),
             };
             Outgoing {
                 id,
                 command: Some(command),
                 body: reply.body,
                 seq: Some(reply.seq),
+                _slot: slot,
             }
         });
         if oob {
@@ -533,8 +541,9 @@ impl Session {
         let out = Outgoing {
             id,
             command: None,
-            body,
+            body: Answer::Object(body),
             seq: None,
+            _slot: None,
         };
         let ready: Pending = Box::pin(std::future::ready(out));
         if oob {
@@ -557,7 +566,8 @@ impl Session {
             }
             None => out.body,
         };
-        self.write(&qmp::with_id(Value::Object(body), out.id)).await
+        self.write_bytes(&body.encode(out.id)).await
+        // `out`'s slot goes back here, once the reply is written.
     }
 
     /// Delivers the queued events QEMU sent before the message numbered `seq`, so
@@ -606,8 +616,11 @@ impl Session {
     }
 
     async fn write(&mut self, message: &Value) -> std::io::Result<()> {
-        let bytes = qmp::encode(message);
-        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&bytes)).await {
+        self.write_bytes(&qmp::encode(message)).await
+    }
+
+    async fn write_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await {
             Ok(result) => result,
             Err(_) => {
                 self.ctx

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chardev::{ChardevError, ChardevSpec, Inherited};
 use crate::framing::{Frame, Framer};
 use crate::plugin::Command;
-use crate::qmp::{self, QmpError, Upstream as Message};
+use crate::qmp::{self, Answer, QmpError, Upstream as Message};
 use crate::schema::QmpSchema;
 
 /// QEMU's own limit on queued in-band commands with OOB enabled
@@ -210,7 +210,7 @@ pub struct Reply {
     /// `SHUTDOWN` before the reply to `quit`), which travel on different channels.
     pub seq: u64,
     /// `{"return": ...}` or `{"error": ...}`, without `id`.
-    pub body: Map<String, Value>,
+    pub body: Answer,
 }
 
 /// A submitted command, waiting for QEMU's reply.
@@ -271,7 +271,7 @@ impl UpstreamHandle {
     /// Sends a command and waits for QEMU's reply. Never fails: a lost link becomes
     /// a QMP error reply, as the client would expect.
     pub async fn execute(&self, command: Command) -> Map<String, Value> {
-        self.submit(command).await.reply().await.body
+        self.submit(command).await.reply().await.body.into_object()
     }
 
     /// Subscribes to QEMU's events (and qmpgate's own `QMPGATE_*` events).
@@ -314,15 +314,15 @@ impl UpstreamHandle {
 
 /// The answer to a command that was never sent because its upstream stopped
 /// being served.
-fn not_sent(upstream: &str, command: &str) -> Map<String, Value> {
+fn not_sent(upstream: &str, command: &str) -> Answer {
     lost(&format!(
         "qmpgate stopped serving upstream '{upstream}' before '{command}' was sent to QEMU; it was not run"
     ))
 }
 
-fn lost(desc: &str) -> Map<String, Value> {
+fn lost(desc: &str) -> Answer {
     match qmp::error_response(&QmpError::generic(desc), None) {
-        Value::Object(map) => map,
+        Value::Object(map) => Answer::Object(map),
         _ => unreachable!("error_response builds an object"),
     }
 }
@@ -402,7 +402,7 @@ impl Negotiation {
             writer.write_all(&qmp::encode(&command)).await?;
             loop {
                 if let Message::Reply { body, .. } = self.next().await? {
-                    return Ok(body);
+                    return Ok(body.into_object());
                 }
             }
         };
@@ -828,7 +828,7 @@ impl Upstream {
                 }
             }
             Ok(Message::Reply { id: None, body }) => {
-                let reply = Value::Object(body).to_string();
+                let reply = Value::Object(body.into_object()).to_string();
                 tracing::error!(%reply, "QEMU rejected a message from qmpgate");
             }
             Ok(Message::Event { name, body }) => {

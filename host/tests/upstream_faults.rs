@@ -560,6 +560,7 @@ async fn submitter(
         }
         for (arguments, oob, pending) in waiting {
             let upstream::Reply { seq, body } = pending.reply().await;
+            let body = body.into_object();
             let asked = Value::Object(arguments);
             if cut && body.contains_key("error") {
                 let error = &body["error"];
@@ -965,6 +966,7 @@ async fn events_sharing_writes_with_negotiation_replies_neither_hang_nor_get_los
             oob: false,
         };
         let upstream::Reply { seq, body } = handle.submit(command).await.reply().await;
+        let body = body.into_object();
         ensure!(
             body.get("return") == Some(&json!({"echo": arguments})),
             "reply {body:?}"

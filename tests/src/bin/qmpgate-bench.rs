@@ -4,6 +4,7 @@
 //! cargo build --release --workspace --bins && target/release/qmpgate-bench [ROUNDS]
 //! target/release/qmpgate-bench load [CLIENTS] [COMMANDS]
 //! target/release/qmpgate-bench scale [VMS] [ROUNDS]
+//! target/release/qmpgate-bench burst [CLIENTS] [REQUESTS]
 //! ```
 //!
 //! `scale` starts VMS QEMU processes and serves them first from one qmpgate (each VM
@@ -16,12 +17,19 @@
 //! fast fake QEMU and to a real one; it checks that every reply reaches its asker
 //! and reports throughput, p99 latency and the gateway's peak memory.
 //!
+//! `burst` has CLIENTS clients (8) each pipeline REQUESTS `query-qmp-schema` (32),
+//! once reading their replies and once never reading them; it reports qmpgate's
+//! RSS at idle, its peak and after the clients have left.
+//!
 //! QEMU is the version under test of the end-to-end tests: 7.2, or 10.0 with
 //! `QMPGATE_TEST_QEMU=10.0` (see `QemuVersion::under_test`).
 //!
 //! For each path to a fresh `qemu-system-x86_64 -M none` it measures
 //! - latency: ROUNDS sequential `query-status` round trips (p50, p99);
-//! - throughput: 5 x ROUNDS `query-status` with up to 16 in flight on one connection.
+//! - throughput: 5 x ROUNDS `query-status` with up to 16 in flight on one connection;
+//! - the sporadic pattern: rounds alternating between the paths, with a pause before
+//!   each request, so every request meets an idle gateway, as management traffic
+//!   does (ratios to direct QEMU and to socat).
 //!
 //! Paths: QEMU directly; `socat` as a plain byte relay; qmpgate with no plugin;
 //! qmpgate with its default chain (hmp reader and the `safe` allowlist); and
@@ -183,6 +191,71 @@ fn load(clients: usize, commands: usize) {
             peak.parse::<u64>().unwrap_or(0) / 1024
         );
         assert_eq!(bad, 0, "replies were lost or misrouted");
+    }
+}
+
+/// Memory under large replies: `clients` clients each pipeline `requests`
+/// `query-qmp-schema` (about 200 KB each from QEMU), either reading their replies
+/// or never reading; reports qmpgate's RSS at idle, its peak, and after the
+/// clients leave.
+fn burst(clients: usize, requests: usize) {
+    println!(
+        "{clients} clients x {requests} pipelined query-qmp-schema, QEMU {} (-M none), default plugins",
+        QemuVersion::under_test()
+    );
+    println!("| clients | idle RSS | peak RSS | RSS 2 s after they left | schemas returned |");
+    println!("|---|---|---|---|---|");
+    for reading in [true, false] {
+        let qemu = Qemu::start();
+        let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
+        let pid = gateway.pid();
+        let rss = |field: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+                / 1024
+        };
+        // Warm up (plugins instantiated, the schema read once) before "idle".
+        gateway.negotiated().execute("query-qmp-schema", json!({}));
+        std::thread::sleep(Duration::from_millis(500));
+        let idle = rss("VmRSS:");
+        let path = gateway.path.clone();
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut c = QmpClient::negotiated(&path);
+                    for id in 0..requests {
+                        c.send(&json!({"execute": "query-qmp-schema", "id": id}));
+                    }
+                    let mut read = 0;
+                    if reading {
+                        // Answers or errors (a command still queued when its
+                        // deadline passes is refused, not run).
+                        for _ in 0..requests {
+                            if c.read_reply().get("return").is_some() {
+                                read += 1;
+                            }
+                        }
+                    } else {
+                        // Never reads: the gateway has to hold or drop what it owes.
+                        std::thread::sleep(Duration::from_secs(12));
+                    }
+                    read
+                })
+            })
+            .collect();
+        let read: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        std::thread::sleep(Duration::from_secs(2));
+        let (peak, after) = (rss("VmHWM:"), rss("VmRSS:"));
+        println!(
+            "| {clients} {} | {idle} MiB | {peak} MiB | {after} MiB | {read} |",
+            if reading { "reading" } else { "never reading" }
+        );
     }
 }
 
@@ -364,6 +437,17 @@ fn main() {
             .unwrap_or(100);
         return scale(vms, rounds);
     }
+    if let Some("burst") = mode.as_deref() {
+        let clients = args
+            .next()
+            .map(|n| n.parse().expect("CLIENTS is a number"))
+            .unwrap_or(8);
+        let requests = args
+            .next()
+            .map(|n| n.parse().expect("REQUESTS is a number"))
+            .unwrap_or(32);
+        return burst(clients, requests);
+    }
     if let Some("load") = mode.as_deref() {
         let clients = args
             .next()
@@ -379,11 +463,14 @@ fn main() {
         .nth(1)
         .map(|n| n.parse().expect("ROUNDS is a number"))
         .unwrap_or(5000);
-    let mut results = Vec::new();
+    // Every path stays up for the whole run: measured one after another, then
+    // together in the sporadic pattern.
+    let mut paths: Vec<(&'static str, PathBuf)> = Vec::new();
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
 
     let qemu = Qemu::start();
-    results.push(measure("QEMU direct", &qemu.monitor, rounds));
-    drop(qemu);
+    paths.push(("QEMU direct", qemu.monitor.clone()));
+    keep.push(Box::new(qemu));
 
     let qemu = Qemu::start();
     let dir = qmpgate_tests::tempdir();
@@ -397,24 +484,24 @@ fn main() {
         .expect("socat must be installed");
     let socat = Socat(child, relay.clone());
     wait_for(&relay);
-    results.push(measure("socat relay", &relay, rounds));
-    drop(socat);
-    drop(qemu);
+    paths.push(("socat relay", relay.clone()));
+    keep.push(Box::new(socat));
+    keep.push(Box::new(qemu));
 
     let qemu = Qemu::start();
     let gateway = GatewayBuilder::new(&qemu.upstream_spec())
         .args(["--no-default-policy"])
         .spawn();
-    results.push(measure("qmpgate, 0 plugins", &gateway.path, rounds));
-    drop(gateway);
-    drop(qemu);
+    paths.push(("qmpgate, 0 plugins", gateway.path.clone()));
+    keep.push(Box::new(gateway));
+    keep.push(Box::new(qemu));
 
     // What qmpgate runs by default: the hmp reader and the safe allowlist.
     let qemu = Qemu::start();
     let gateway = GatewayBuilder::new(&qemu.upstream_spec()).spawn();
-    results.push(measure("qmpgate, default chain", &gateway.path, rounds));
-    drop(gateway);
-    drop(qemu);
+    paths.push(("qmpgate, default chain", gateway.path.clone()));
+    keep.push(Box::new(gateway));
+    keep.push(Box::new(qemu));
 
     let qemu = Qemu::start();
     let config = dir.path().join("three.toml");
@@ -443,28 +530,75 @@ fn main() {
     let gateway = GatewayBuilder::new(&qemu.upstream_spec())
         .args(["--config", config.to_str().unwrap(), "--no-default-policy"])
         .spawn();
-    results.push(measure("qmpgate, 3 plugins", &gateway.path, rounds));
-    drop(gateway);
-    drop(qemu);
+    paths.push(("qmpgate, 3 plugins", gateway.path.clone()));
+    keep.push(Box::new(gateway));
+    keep.push(Box::new(qemu));
 
-    let base = &results[0];
+    let results: Vec<Measurement> = paths
+        .iter()
+        .map(|(name, path)| measure(name, path, rounds))
+        .collect();
+    let (direct, socat) = (&results[0], &results[1]);
     println!(
         "query-status, {rounds} sequential round trips; throughput with 16 in flight ({} commands)",
         rounds * 5
     );
     println!(
-        "| path | p50 latency | p99 latency | throughput | p50 vs direct | throughput vs direct |"
+        "| path | p50 latency | p99 latency | throughput | p50 vs direct | p50 vs socat | throughput vs direct |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for m in &results {
         println!(
-            "| {} | {:.0} µs | {:.0} µs | {:.0}/s | {:.2}x | {:.2}x |",
+            "| {} | {:.0} µs | {:.0} µs | {:.0}/s | {:.2}x | {:.2}x | {:.2}x |",
             m.name,
             m.p50_us,
             m.p99_us,
             m.per_sec,
-            m.p50_us / base.p50_us,
-            m.per_sec / base.per_sec
+            m.p50_us / direct.p50_us,
+            m.p50_us / socat.p50_us,
+            m.per_sec / direct.per_sec
+        );
+    }
+    sporadic(&paths, rounds.min(2000));
+    drop(keep);
+}
+
+/// The sporadic pattern of management traffic: rounds alternate between the
+/// paths, one `query-status` each with a pause between, so every request meets a
+/// gateway (and a QEMU) that has been idle, with cold caches and parked threads.
+fn sporadic(paths: &[(&'static str, PathBuf)], rounds: usize) {
+    const PAUSE: Duration = Duration::from_millis(2);
+    let mut clients: Vec<QmpClient> = paths
+        .iter()
+        .map(|(_, path)| QmpClient::negotiated(path))
+        .collect();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); paths.len()];
+    for _ in 0..rounds {
+        for (client, samples) in clients.iter_mut().zip(&mut samples) {
+            std::thread::sleep(PAUSE);
+            let start = Instant::now();
+            let reply = client.execute("query-status", json!({}));
+            samples.push(start.elapsed());
+            assert!(reply.get("return").is_some(), "{reply}");
+        }
+    }
+    for s in &mut samples {
+        s.sort();
+    }
+    let p50: Vec<f64> = samples.iter().map(|s| percentile_us(s, 0.5)).collect();
+    println!(
+        "\nsporadic: {rounds} rounds, each path in turn with {} ms of quiet before every request",
+        PAUSE.as_millis()
+    );
+    println!("| path | p50 latency | p99 latency | p50 vs direct | p50 vs socat |");
+    println!("|---|---|---|---|---|");
+    for (i, (name, _)) in paths.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} µs | {:.0} µs | {:.2}x | {:.2}x |",
+            p50[i],
+            percentile_us(&samples[i], 0.99),
+            p50[i] / p50[0],
+            p50[i] / p50[1]
         );
     }
 }
