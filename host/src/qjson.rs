@@ -201,6 +201,10 @@ pub struct Reader {
     bracket: i64,
     /// Skipping the rest of a message that broke a limit (its error was given).
     skipping: bool,
+    /// The size in bytes of each value the latest [`Reader::push`] completed, in
+    /// order (its tokens, without the whitespace between them): what holding the
+    /// message costs its reader.
+    sizes: Vec<usize>,
 }
 
 impl Reader {
@@ -216,7 +220,14 @@ impl Reader {
             brace: 0,
             bracket: 0,
             skipping: false,
+            sizes: Vec::new(),
         }
+    }
+
+    /// The sizes of the values the latest [`Reader::push`] completed, in order
+    /// (one per [`Input::Value`] it appended).
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
     }
 
     /// Whether a message is partly received (to tell a clean end of input from a
@@ -229,6 +240,7 @@ impl Reader {
 
     /// Feeds bytes; what they complete is appended to `out`.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Input>) {
+        self.sizes.clear();
         for &b in bytes {
             self.byte(b, out);
         }
@@ -318,7 +330,10 @@ impl Reader {
         }
         let tokens = std::mem::take(&mut self.tokens);
         out.push(match parse(&tokens) {
-            Ok(value) => Input::Value(value),
+            Ok(value) => {
+                self.sizes.push(self.size);
+                Input::Value(value)
+            }
             Err(desc) => Input::Error(desc),
         });
         self.reset();
@@ -854,6 +869,18 @@ fn trim_fraction(s: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_value_comes_with_its_size() {
+        let mut reader = Reader::new(1 << 20, 64);
+        let mut out = Vec::new();
+        reader.push(br#"{"a": 1} [2, "xy"] {"#, &mut out);
+        assert_eq!(out.len(), 2);
+        // `{` `"a"` `:` `1` `}`, then `[` `2` `,` `"xy"` `]`.
+        assert_eq!(reader.sizes(), [7, 8]);
+        reader.push(b"}", &mut out);
+        assert_eq!(reader.sizes(), [2], "sizes are those of the latest push");
+    }
     use serde_json::json;
 
     fn read(input: &[u8]) -> Vec<Input> {

@@ -46,6 +46,11 @@ pub const QUERY_EVENTS: &str = "query-qmpgate-events";
 /// Outstanding in-band commands per client before the session stops reading.
 pub const MAX_CLIENT_QUEUE: usize = 32;
 
+/// Bytes of commands one client may have forwarded and not yet answered (a
+/// command is held, parsed, until its reply is written); past it the client is not
+/// read until replies go out. One command over it still goes alone.
+pub const CLIENT_INPUT_BUDGET: usize = 2 << 20;
+
 /// Commands one client may have inside QEMU at once: half of QEMU's queue, so a
 /// client that floods QEMU with slow commands leaves room for everyone else.
 pub const MAX_CLIENT_UPSTREAM: usize = crate::upstream::MAX_IN_FLIGHT / 2;
@@ -74,6 +79,8 @@ struct Outgoing {
     body: Answer,
     /// Where QEMU's reply stood among QEMU's messages; `None` for gateway answers.
     seq: Option<u64>,
+    /// The command's size, counted in the client's input budget until written.
+    input: usize,
     /// The command's place in the client's share of QEMU's queue, held until the
     /// reply is written: a client that does not read its replies cannot have
     /// more than its share of them waiting in qmpgate's memory.
@@ -133,6 +140,7 @@ pub async fn serve(
                 held_event: None,
                 upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
                 last_handover: None,
+                input_bytes: 0,
             };
             session.run(reader, shutdown).await
         }
@@ -164,6 +172,9 @@ struct Session {
     /// Resolves when this client's latest in-band command has been handed to the
     /// upstream (or gave up), so that the next one goes after it.
     last_handover: Option<oneshot::Receiver<()>>,
+    /// Bytes of this client's forwarded commands whose replies are not written
+    /// yet; over [`CLIENT_INPUT_BUDGET`], the client is not read.
+    input_bytes: usize,
 }
 
 impl Session {
@@ -193,7 +204,8 @@ impl Session {
         let mut eof = false;
         loop {
             while self.in_band.len() < MAX_CLIENT_QUEUE
-                && let Some(frame) = frames.pop_front()
+                && self.input_bytes < CLIENT_INPUT_BUDGET
+                && let Some((frame, size)) = frames.pop_front()
             {
                 // Checked before each command (OOB ones are not held back by the
                 // queue bound): a client over its fault budget sends no more.
@@ -201,7 +213,7 @@ impl Session {
                     self.flush().await;
                     return FAULTING;
                 }
-                self.handle_frame(frame).await;
+                self.handle_frame(frame, size).await;
             }
             if eof && frames.is_empty() && self.in_band.is_empty() && self.oob.is_empty() {
                 return "end of input";
@@ -243,7 +255,15 @@ impl Session {
                     Ok(0) | Err(_) => eof = true,
                     Ok(n) => {
                         framer.push(&buf[..n], &mut scratch);
-                        frames.extend(scratch.drain(..));
+                        // Each command with its size in bytes, for the input budget.
+                        let mut sizes = framer.sizes().iter().copied();
+                        frames.extend(scratch.drain(..).map(|frame| {
+                            let size = match frame {
+                                Input::Value(_) => sizes.next().unwrap_or(0),
+                                _ => 0,
+                            };
+                            (frame, size)
+                        }));
                     }
                 },
             }
@@ -269,7 +289,9 @@ impl Session {
     }
 
     /// Decides what to do with one message (or one error in the input).
-    async fn handle_frame(&mut self, frame: Input) {
+    /// `size` is the command's size in bytes: a forwarded command counts against
+    /// the client's input budget until its reply is written.
+    async fn handle_frame(&mut self, frame: Input, size: usize) {
         self.ctx.metrics.commands.fetch_add(1, Ordering::Relaxed);
         let value = match frame {
             Input::Value(value) => value,
@@ -386,7 +408,7 @@ impl Session {
                         let reply = self.query_events(&command.arguments).await;
                         self.answer(id, reply)
                     }
-                    Decision::Forward(command) => self.forward(id, command),
+                    Decision::Forward(command) => self.forward(id, command, size),
                     Decision::Deny(e) => {
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
                         self.answer_as(id, qmp::error_response(&e, None), oob)
@@ -475,7 +497,8 @@ impl Session {
     ///
     /// Order: one client's in-band commands reach QEMU in the order it sent them;
     /// each is handed to the upstream only after the one before it was (or gave up).
-    fn forward(&mut self, id: Option<Value>, command: Command) {
+    fn forward(&mut self, id: Option<Value>, command: Command, size: usize) {
+        self.input_bytes += size;
         let oob = command.oob;
         let limit = self.ctx.limits.timeouts.for_command(&command.name);
         let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
@@ -519,6 +542,7 @@ impl Session {
                 command: Some(command),
                 body: reply.body,
                 seq: Some(reply.seq),
+                input: size,
                 _slot: slot,
             }
         });
@@ -543,6 +567,7 @@ impl Session {
             command: None,
             body: Answer::Object(body),
             seq: None,
+            input: 0,
             _slot: None,
         };
         let ready: Pending = Box::pin(std::future::ready(out));
@@ -554,6 +579,7 @@ impl Session {
     }
 
     async fn deliver(&mut self, out: Outgoing) -> std::io::Result<()> {
+        self.input_bytes -= out.input;
         if let Some(seq) = out.seq {
             self.deliver_events_before(seq).await?;
         }

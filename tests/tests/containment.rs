@@ -543,3 +543,41 @@ fn clients_that_never_read_large_replies_cost_bounded_memory() {
         rss_mib(gateway.pid(), "VmRSS:") <= idle + 8
     });
 }
+
+/// A client's forwarded commands cost their size until answered, and are bounded:
+/// past 2 MiB outstanding the client is not read until replies go out (a command is
+/// held, parsed, until its reply is written). Here QEMU is stopped while a client
+/// pipelines eight 1 MiB commands: qmpgate stops reading after the budget, holds
+/// little, and every command is answered once QEMU resumes.
+#[test]
+fn a_client_cannot_make_qmpgate_hold_unbounded_input() {
+    let qemu = Qemu::start();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--no-default-policy"])
+        .spawn();
+    let mut c = gateway.negotiated();
+    let idle = rss_mib(gateway.pid(), "VmRSS:");
+    let pid = nix::unistd::Pid::from_raw(qemu.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let big = "x".repeat((1 << 20) - 100);
+    let mut writer = c.stream().try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for id in 0..8 {
+            let command = json!({"execute": "qom-get", "arguments": {"path": big, "property": "type"}, "id": id});
+            std::io::Write::write_all(&mut writer, command.to_string().as_bytes()).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !sender.is_finished(),
+        "qmpgate read all 8 MiB while QEMU was stopped"
+    );
+    let held = rss_mib(gateway.pid(), "VmRSS:");
+    assert!(held < idle + 40, "RSS {held} MiB (idle {idle} MiB)");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    sender.join().unwrap();
+    for id in 0..8 {
+        let reply = c.read_reply();
+        assert_eq!(reply["id"], id, "{reply}");
+    }
+}
