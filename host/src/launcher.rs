@@ -90,6 +90,14 @@ pub fn prepare() -> Result<Prepared, LaunchError> {
         .map_err(LaunchError::Socket)?;
     let path: PathBuf = dir.path().join("monitor.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).map_err(LaunchError::Socket)?;
+    // Non-blocking before QEMU inherits it: QEMU (7.2 and 10.0 alike) sometimes
+    // calls accept() on its listening monitor fd a second time after the one client
+    // connected, and on a blocking socket that call never returns. QEMU's main loop
+    // then hangs (the greeting went out, no command is ever answered); seen about
+    // once in 300 starts.
+    listener
+        .set_nonblocking(true)
+        .map_err(LaunchError::Socket)?;
     // Nobody else can reach into the directory; the socket is the owner's alone too.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(LaunchError::Socket)?;

@@ -772,21 +772,25 @@ pub fn write(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Value::Object(object) => {
-            out.push(b'{');
-            // By bucket, as QEMU iterates; within a bucket the order the object
-            // came in, which for QEMU's own objects passed on is QEMU's order.
-            for (i, (key, value)) in by_bucket(object, false).into_iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b", ");
-                }
-                write_str(key, out);
-                out.extend_from_slice(b": ");
-                write(value, out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(object) => write_object(object, out),
     }
+}
+
+/// Writes an object as QEMU's writer does (see [`write`]), without wrapping it in
+/// a [`Value`] first.
+pub fn write_object(object: &Map<String, Value>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    // By bucket, as QEMU iterates; within a bucket the order the object came in,
+    // which for QEMU's own objects passed on is QEMU's order.
+    for (i, (key, value)) in by_bucket(object, false).into_iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        write_str(key, out);
+        out.extend_from_slice(b": ");
+        write(value, out);
+    }
+    out.push(b'}');
 }
 
 fn write_str(s: &str, out: &mut Vec<u8>) {

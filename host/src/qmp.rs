@@ -309,6 +309,15 @@ pub fn encode(value: &Value) -> Vec<u8> {
     bytes
 }
 
+/// As [`encode`], for an object held by reference (an event shared by every
+/// client: written without a copy per client).
+pub fn encode_object(object: &Map<String, Value>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    crate::qjson::write_object(object, &mut bytes);
+    bytes.extend_from_slice(b"\r\n");
+    bytes
+}
+
 /// `{"return": value, "id": id}`.
 pub fn return_response(value: Value, id: Option<Value>) -> Value {
     with_id(json!({ "return": value }), id)

@@ -631,7 +631,7 @@ impl Session {
             .on_event(&self.client, name, event, false)
             .await
         {
-            EventDecision::Deliver => self.write(&Value::Object(event.clone())).await,
+            EventDecision::Deliver => self.write_bytes(&qmp::encode_object(event)).await,
             EventDecision::Drop => Ok(()),
             EventDecision::Rewrite(data) => {
                 let mut event = event.clone();
