@@ -76,16 +76,9 @@ pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
                         ?peer,
                         "control client refused: not qmpgate's uid nor listed in uids=/gids="
                     );
-                    let refusal = qmp::error_response(
-                        &QmpError::generic(
-                            "qmpgate's control monitor serves only its own user and the uids/gids it lists",
-                        ),
-                        None,
-                    );
-                    // Best effort, bounded: the refused peer may not read.
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        stream.write_all(&qmp::encode(&refusal)),
+                    refuse(
+                        &mut stream,
+                        "qmpgate's control monitor serves only its own user and the uids/gids it lists",
                     )
                     .await;
                     continue;
@@ -96,15 +89,11 @@ pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
                         limit = MAX_CONTROL_CLIENTS,
                         "control client refused: too many control connections"
                     );
-                    let refusal = qmp::error_response(
-                        &QmpError::generic(format!(
+                    refuse(
+                        &mut stream,
+                        &format!(
                             "qmpgate's control monitor serves at most {MAX_CONTROL_CLIENTS} connections at once"
-                        )),
-                        None,
-                    );
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        stream.write_all(&qmp::encode(&refusal)),
+                        ),
                     )
                     .await;
                     continue;
@@ -131,6 +120,17 @@ pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
             }
         }
     }
+}
+
+/// Tells a refused peer why, in one QMP error, then lets it go. Best effort,
+/// bounded: the refused peer may not read.
+async fn refuse(stream: &mut UnixStream, desc: &str) {
+    let refusal = qmp::error_response(&QmpError::generic(desc), None);
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        stream.write_all(&qmp::encode(&refusal)),
+    )
+    .await;
 }
 
 struct ControlSession {

@@ -159,13 +159,15 @@ fn huge_hmp_lines_are_refused_before_any_plugin_reads_them() {
     );
 }
 
-fn sleeper_config(dir: &std::path::Path, config: &str) -> String {
-    let path = dir.join("sleeper.toml");
+/// A configuration file with one plugin, `name`, loaded from fixture `fixture`,
+/// with `extra` TOML lines of its entry; returns its path.
+fn plugin_config(dir: &std::path::Path, name: &str, fixture: &str, extra: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
         format!(
-            "[[plugin]]\nname = \"sleeper\"\npath = \"{}\"\nconfig = {config}\n",
-            guest("fixture_sleeper").display()
+            "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n",
+            guest(fixture).display()
         ),
     )
     .unwrap();
@@ -181,7 +183,7 @@ fn sleeper_config(dir: &std::path::Path, config: &str) -> String {
 fn a_plugin_cannot_block_the_chain_or_hoard_host_resources() {
     let qemu = Qemu::start();
     let builder = GatewayBuilder::new(&qemu.upstream_spec());
-    let config = sleeper_config(builder.dir(), "{}");
+    let config = plugin_config(builder.dir(), "sleeper", "fixture_sleeper", "config = {}");
     let gateway = builder.args(["--config", &config]).spawn();
     let mut sleeper = gateway.negotiated();
     let mut other = gateway.negotiated();
@@ -230,7 +232,12 @@ fn a_plugin_cannot_block_the_chain_or_hoard_host_resources() {
 
     // `init` that sleeps fails at start-up, at once, with the reason.
     let builder = GatewayBuilder::new(&qemu.upstream_spec());
-    let config = sleeper_config(builder.dir(), "{ sleep-in-init = true }");
+    let config = plugin_config(
+        builder.dir(),
+        "sleeper",
+        "fixture_sleeper",
+        "config = { sleep-in-init = true }",
+    );
     let started = Instant::now();
     builder
         .args(["--config", &config])
@@ -241,12 +248,6 @@ fn a_plugin_cannot_block_the_chain_or_hoard_host_resources() {
         "{:?}",
         started.elapsed()
     );
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// What a plugin writes costs the host a bounded amount: its log is limited in
@@ -260,25 +261,17 @@ fn a_plugin_cannot_flood_the_host_with_output() {
     let audit_log = builder.dir().join("audit.jsonl");
     // CPU time to spare: what stops it must be the output caps, even on a loaded
     // machine (a 20 MB string takes a while to build).
-    let config = builder.dir().join("flood.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[plugin]]\nname = \"flood\"\npath = \"{}\"\ncpu-ms = 5000\n",
-            guest("fixture_flood").display()
-        ),
-    )
-    .unwrap();
+    let config = plugin_config(builder.dir(), "flood", "fixture_flood", "cpu-ms = 5000");
     let gateway = builder
         .args([
             "--config",
-            config.to_str().unwrap(),
+            &config,
             "--audit-log",
             audit_log.to_str().unwrap(),
         ])
         .spawn();
     let mut c = gateway.negotiated();
-    let baseline_peak = peak_rss_kib(gateway.pid());
+    let baseline_peak = rss_mib(gateway.pid(), "VmHWM:");
 
     // 2,000 messages of 10 KB: a burst of 100 is logged, each cut to 4 KiB.
     assert!(c.execute("query-name", json!({}))["return"].is_object());
@@ -332,7 +325,7 @@ fn a_plugin_cannot_flood_the_host_with_output() {
         .unwrap();
     assert!(stats["log_dropped"].as_u64().unwrap() >= 1890, "{stats}");
     assert_eq!(stats["audit_dropped"], 937, "{stats}");
-    let grown_mib = (peak_rss_kib(gateway.pid()) - baseline_peak) / 1024;
+    let grown_mib = rss_mib(gateway.pid(), "VmHWM:") - baseline_peak;
     assert!(grown_mib < 48, "peak RSS grew by {grown_mib} MiB");
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
