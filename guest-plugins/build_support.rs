@@ -1,4 +1,4 @@
-// Shared by the build scripts of `host` (which embeds the policy plugin) and
+// Shared by the build scripts of `host/plugin` (which embeds the built-in plugins) and
 // `tests` (which loads the fixtures): builds the guest workspace for
 // wasm32-wasip2 and returns the directory holding the `.wasm` components.
 //
@@ -11,8 +11,13 @@ fn build_guest_plugins() -> std::path::PathBuf {
     use std::process::Command;
 
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let guests = manifest_dir.join("../guest-plugins").canonicalize().unwrap();
-    let wit = manifest_dir.join("../wit").canonicalize().unwrap();
+    // The repository's root: the nearest folder up that holds `guest-plugins`.
+    let root = manifest_dir
+        .ancestors()
+        .find(|dir| dir.join("guest-plugins").is_dir())
+        .expect("the package lives inside the qmpgate repository");
+    let guests = root.join("guest-plugins").canonicalize().unwrap();
+    let wit = root.join("wit").canonicalize().unwrap();
     for dir in ["sdk", "qmp-policy", "hmp", "audit", "fixtures", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", guests.join(dir).display());
     }

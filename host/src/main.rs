@@ -11,10 +11,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use qmpgate::chardev::Inherited;
-use qmpgate::config::{self, FileConfig, Overrides};
-use qmpgate::gateway::{Admission, Chains, Gateway, SHUTDOWN_GRACE, SessionLimits, Settings};
+use qmpgate::control::config::{self, FileConfig, Overrides};
+use qmpgate::gateway::{Chains, Gateway, SHUTDOWN_GRACE, Settings};
+use qmpgate::io::FdTable;
 use qmpgate::plugin::{PluginChain, Runtime};
+use qmpgate::session::{Admission, SessionLimits};
 use qmpgate::upstream::Outcome;
 
 /// A sandboxed gateway for the QEMU monitor.
@@ -252,7 +253,7 @@ impl GatewayArgs {
 
 /// `qmpgate policy show|check`.
 fn policy(action: &PolicyAction) -> anyhow::Result<u8> {
-    use qmpgate::policy_table::{self, Format, allowlist};
+    use qmpgate::plugin::policy_table::{self, Format, allowlist};
     let table = allowlist::Table::builtin();
     match action {
         PolicyAction::Show { profile, markdown } => {
@@ -293,7 +294,7 @@ fn policy(action: &PolicyAction) -> anyhow::Result<u8> {
 fn main() -> ExitCode {
     // Before anything opens a file: every fd above stderr now is one the parent
     // passed, and none may be confused with, or leak like, one of our own.
-    let inherited = Inherited::from_process();
+    let fds = FdTable::from_process();
     // Log lines go to stderr from a thread of their own: a reader that stalls (a
     // full pipe) costs dropped lines, never a stalled session or plugin thread.
     let (log_writer, log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -322,7 +323,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(run(cli, inherited));
+    let outcome = runtime.block_on(run(cli, fds));
     // Everything logged so far is written before the final word.
     drop(log_flush);
     match outcome {
@@ -338,7 +339,7 @@ fn main() -> ExitCode {
 /// messages cut at [`qmpgate::plugin::LOG_MESSAGE_MAX`], a few MiB at most.
 const LOG_BUFFER_LINES: usize = 1024;
 
-async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
+async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
     let signalled = stop_on_signal()?;
     // `qmpgate run`'s own options; `qemu` is `Some` only under `run`.
     let (args, qemu, runas, kill_on_loss) = match &cli.command {
@@ -378,8 +379,10 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             {
                 anyhow::bail!("'qmpgate run' creates the upstream itself; do not give --upstream");
             }
-            let runas = runas.map(qmpgate::launcher::RunAs::lookup).transpose()?;
-            let prepared = (qmpgate::launcher::prepare()?, runas);
+            let runas = runas
+                .map(qmpgate::control::launcher::RunAs::lookup)
+                .transpose()?;
+            let prepared = (qmpgate::control::launcher::prepare()?, runas);
             // `,,` escapes a comma inside a chardev value.
             let path = prepared.0.monitor.display().to_string().replace(',', ",,");
             overrides.upstreams = vec![format!("socket,id=qemu,path={path}")];
@@ -391,7 +394,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
 
     let audit = match &resolved.audit_log {
         Some(path) => Some(Arc::new(
-            qmpgate::audit::AuditSink::open(path)
+            qmpgate::plugin::audit::AuditSink::open(path)
                 .with_context(|| format!("cannot open audit log {}", path.display()))?,
         )),
         None => None,
@@ -400,16 +403,14 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let mut chains = Chains::new(wasm.clone(), resolved.plugins.clone());
     // Load the default chain now, so that a plugin error is a start-up error even for
     // a gateway that gets its upstreams at run time.
-    chains
-        .get(&qmpgate::chardev::Policy::Default)
-        .map_err(anyhow::Error::msg)?;
+    chains.get(&qmpgate::protocol::chardev::Policy::Default)?;
     // And every policy an upstream or listener selects.
     for spec in resolved.upstreams.iter().chain(&resolved.listeners) {
         chains
             .get(&spec.policy)
-            .map_err(|e| anyhow::anyhow!("chardev '{}': {e}", spec.id))?;
+            .with_context(|| format!("chardev '{}'", spec.id))?;
     }
-    let listeners = Gateway::open_listeners(resolved.listeners.clone(), &mut inherited)?;
+    let listeners = Gateway::open_listeners(resolved.listeners.clone(), &mut fds)?;
     let settings = Settings {
         upstreams: resolved.upstreams,
         listeners,
@@ -432,18 +433,18 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     let status_listener = resolved
         .status
         .as_ref()
-        .map(|spec| spec.listen(&mut inherited))
+        .map(|spec| qmpgate::io::listen(spec, &mut fds))
         .transpose()?;
     let control_listener = resolved
         .control
         .as_ref()
-        .map(|spec| spec.listen(&mut inherited))
+        .map(|spec| qmpgate::io::listen(spec, &mut fds))
         .transpose()?;
     let mut launched = match (prepared, &qemu) {
         (Some((prepared, runas)), Some(argv)) => Some(prepared.spawn(argv, runas)?),
         _ => None,
     };
-    let gateway = match Gateway::start(settings, &mut inherited).await {
+    let gateway = match Gateway::start(settings, &mut fds).await {
         Ok(gateway) => gateway,
         Err(e) => {
             if let Some(launched) = &mut launched {
@@ -454,7 +455,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
                 if let Ok(Ok(status)) = exited {
                     anyhow::bail!(
                         "QEMU exited at start-up ({})",
-                        qmpgate::launcher::describe_exit(status)
+                        qmpgate::control::launcher::describe_exit(status)
                     );
                 }
                 let _ = launched.child.start_kill();
@@ -471,7 +472,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
     }
     if let Some(listener) = status_listener {
         tracing::info!(address = %listener.local_description(), "status endpoint");
-        hub.spawn(qmpgate::status::serve(listener, hub.clone()));
+        hub.spawn(qmpgate::control::status::serve(listener, hub.clone()));
     }
     if let Some(listener) = control_listener {
         tracing::info!(address = %listener.local_description(), "control monitor");
@@ -480,7 +481,11 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             .as_ref()
             .map(|spec| spec.access.clone())
             .unwrap_or_default();
-        hub.spawn(qmpgate::control::serve(listener, access, hub.clone()));
+        hub.spawn(qmpgate::control::monitor::serve(
+            listener,
+            access,
+            hub.clone(),
+        ));
     }
     spawn_reloader(hub.clone(), wasm, args.config.clone(), overrides);
     notify_systemd("READY=1");
@@ -514,7 +519,7 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
         _ = signalled.cancelled() => {
             // Ask QEMU to quit through its monitor, so clients see its SHUTDOWN event,
             // then give it the grace period, then kill it.
-            let quit = qmpgate::plugin::Command { name: "quit".into(), arguments: Default::default(), oob: false };
+            let quit = qmpgate::protocol::qmp::Command { name: "quit".into(), arguments: Default::default(), oob: false };
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, shared.upstream.execute(quit)).await;
             match tokio::time::timeout(SHUTDOWN_GRACE, launched.child.wait()).await {
                 Ok(status) => status?,
@@ -526,9 +531,9 @@ async fn run(cli: Cli, mut inherited: Inherited) -> anyhow::Result<u8> {
             }
         }
     };
-    let description = qmpgate::launcher::describe_exit(status);
+    let description = qmpgate::control::launcher::describe_exit(status);
     tracing::info!(status = %description, "QEMU exited");
-    let code = qmpgate::launcher::exit_code(status);
+    let code = qmpgate::control::launcher::exit_code(status);
     shared.registry.set_qemu_exit(description.clone());
     // Clients get the event as their sessions drain.
     shared.upstream.announce(
@@ -625,9 +630,9 @@ async fn plugin_test(
                 EventDecision::Rewrite(data) => json!({"verdict": "rewrite", "data": data}),
             }
         } else {
-            match qmpgate::qmp::parse_request(input.clone(), true) {
+            match qmpgate::protocol::qmp::parse_request(input.clone(), true) {
                 Ok(request) => {
-                    let command = qmpgate::plugin::Command {
+                    let command = qmpgate::protocol::qmp::Command {
                         name: request.name,
                         arguments: request.arguments,
                         oob: request.oob,
@@ -681,8 +686,7 @@ fn spawn_reloader(
                 // for the life of the process.
                 wasm.forget_compiled();
                 let names = resolved.plugins.iter().map(|p| p.name.clone()).collect();
-                hub.replace_chains(Chains::new(wasm, resolved.plugins))
-                    .map_err(anyhow::Error::msg)?;
+                hub.replace_chains(Chains::new(wasm, resolved.plugins))?;
                 Ok(names)
             })
             .await;

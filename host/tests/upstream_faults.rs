@@ -23,8 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use qmpgate::chardev::{ChardevSpec, Inherited};
-use qmpgate::plugin::Command;
+use qmpgate::io::FdTable;
+use qmpgate::protocol::chardev::ChardevSpec;
+use qmpgate::protocol::qmp::Command;
 use qmpgate::upstream::{self, Liveness, MAX_IN_FLIGHT, Outcome, UpstreamEvent, UpstreamHandle};
 use serde_json::{Map, Value, json};
 use tempfile::TempDir;
@@ -671,7 +672,7 @@ async fn connect(
 ) -> Result<(UpstreamHandle, JoinHandle<Outcome>)> {
     Ok(upstream::connect(
         fake.spec.clone(),
-        &mut Inherited::default(),
+        &mut FdTable::default(),
         HISTORY,
         liveness,
         shutdown.clone(),
@@ -949,7 +950,7 @@ async fn events_sharing_writes_with_negotiation_replies_neither_hang_nor_get_los
         let shutdown = CancellationToken::new();
         let (handle, task) = upstream::connect(
             spec,
-            &mut Inherited::default(),
+            &mut FdTable::default(),
             HISTORY,
             Liveness::default(),
             shutdown.clone(),

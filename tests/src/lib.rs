@@ -319,7 +319,7 @@ impl Drop for Qemu {
 fn spawn_qemu(version: QemuVersion, monitor: &Path, args: &[String]) -> Child {
     let listener = UnixListener::bind(monitor).expect("bind QEMU monitor");
     // QEMU sometimes accept()s its listening fd again after the client connected;
-    // on a blocking socket that hangs its main loop (see host/src/launcher.rs).
+    // on a blocking socket that hangs its main loop (see host/src/control/launcher.rs).
     listener.set_nonblocking(true).unwrap();
     let mut cmd = version.command();
     cmd.args(["-chardev", "socket,id=mon,fd=3,server=on,wait=off"])

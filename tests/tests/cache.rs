@@ -151,7 +151,7 @@ fn a_cache_directory_others_could_write_or_own_is_not_used() {
     assert!(names(&p("shared")).is_empty());
 }
 
-/// The header of a cache entry (see `host/src/cache.rs`): magic, key, SHA-256 of the
+/// The header of a cache entry (see `host/plugin/src/cache.rs`): magic, key, SHA-256 of the
 /// artifact. Public knowledge, so an attacker can forge it.
 const MAGIC: &[u8] = b"qmpgate-cwasm-1\n";
 const HEADER_LEN: usize = 16 + 32 + 32;

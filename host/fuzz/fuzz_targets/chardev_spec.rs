@@ -2,15 +2,17 @@
 //! fail with a message; none panics, and a parsed spec always has an id.
 #![no_main]
 
-#[path = "../../src/chardev.rs"]
-#[allow(dead_code)]
-mod chardev;
-
 use libfuzzer_sys::fuzz_target;
+use qmpgate_protocol::chardev;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    for parse in [chardev::ChardevSpec::parse, chardev::ChardevSpec::parse_runtime] {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for parse in [
+        chardev::ChardevSpec::parse,
+        chardev::ChardevSpec::parse_runtime,
+    ] {
         match parse(text) {
             Ok(spec) => assert!(!spec.id.is_empty()),
             Err(e) => assert!(!e.to_string().is_empty()),

@@ -2,17 +2,16 @@
 //! input into the same frames however it is chunked.
 #![no_main]
 
-#[path = "../../src/framing.rs"]
-#[allow(dead_code)]
-mod framing;
-
 use framing::{Frame, Framer};
 use libfuzzer_sys::fuzz_target;
+use qmpgate_protocol::framing;
 
 const LIMIT: usize = 256;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, input)) = data.split_first() else { return };
+    let Some((&split, input)) = data.split_first() else {
+        return;
+    };
     let mut whole = Framer::new(LIMIT, 8);
     let mut a = Vec::new();
     whole.push(input, &mut a);

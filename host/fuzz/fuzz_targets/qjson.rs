@@ -3,15 +3,14 @@
 //! may come back as an integer: QEMU prints 200.0 as `200` and -0.0 as `-0` too).
 #![no_main]
 
-#[path = "../../src/qjson.rs"]
-#[allow(dead_code)]
-mod qjson;
-
 use libfuzzer_sys::fuzz_target;
 use qjson::{Input, Reader};
+use qmpgate_protocol::qjson;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, input)) = data.split_first() else { return };
+    let Some((&split, input)) = data.split_first() else {
+        return;
+    };
     let mut whole = Reader::new(256, 8);
     let mut a = Vec::new();
     whole.push(input, &mut a);
@@ -36,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
         let [Input::Value(reread)] = out.as_slice() else {
             panic!("what qjson wrote does not read back: {out:?}");
         };
-        assert!(same(value, reread), "write then read changed {value} into {reread}");
+        assert!(
+            same(value, reread),
+            "write then read changed {value} into {reread}"
+        );
     }
 });
 

@@ -3,14 +3,8 @@
 //! ever a parse error or a non-object.
 #![no_main]
 
-#[path = "../../src/qjson.rs"]
-#[allow(dead_code)]
-mod qjson;
-#[path = "../../src/qmp.rs"]
-#[allow(dead_code)]
-mod qmp;
-
 use libfuzzer_sys::fuzz_target;
+use qmpgate_protocol::{qjson, qmp};
 
 fuzz_target!(|data: &[u8]| {
     let mut reader = qjson::Reader::new(1 << 16, 32);

@@ -16,10 +16,10 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::chardev::Stream;
-use crate::gateway::ListenerContext;
-use crate::plugin::{self, Decision};
-use crate::session::write_within;
+use qmpgate_plugin_host::{self as plugin, Decision};
+
+use super::{Context, FAULTING, faulting, run_command, write_within};
+use crate::io::Stream;
 
 const PROMPT_TEXT: &str = "(qemu) ";
 
@@ -27,7 +27,7 @@ const PROMPT_TEXT: &str = "(qemu) ";
 pub async fn serve(
     stream: Stream,
     client: plugin::Client,
-    ctx: Arc<ListenerContext>,
+    ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) -> &'static str {
     let (reader, mut writer) = stream.into_split();
@@ -93,9 +93,9 @@ pub async fn serve(
             }
         };
         let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
-        if crate::session::faulting(&ctx, &client) {
+        if faulting(&ctx, &client) {
             let _ = write_within(&mut writer, output.as_bytes()).await;
-            return crate::session::FAULTING;
+            return FAULTING;
         }
         if write_within(&mut writer, format!("{output}{PROMPT_TEXT}").as_bytes())
             .await
@@ -107,11 +107,11 @@ pub async fn serve(
 }
 
 /// Decides on one line and, if allowed, runs it in QEMU; returns what to print.
-async fn run_line(ctx: &ListenerContext, client: &plugin::Client, line: &str) -> String {
+async fn run_line(ctx: &Context, client: &plugin::Client, line: &str) -> String {
     match ctx.chain().on_hmp(client, line, None).await {
         Decision::Forward(command) => {
             let limit = ctx.limits.timeouts.for_command(&command.name);
-            let reply = crate::gateway::run_command(&ctx.upstream, command, limit)
+            let reply = run_command(&ctx.upstream, command, limit)
                 .await
                 .body
                 .into_object();

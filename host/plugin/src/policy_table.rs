@@ -15,7 +15,7 @@ use std::fmt::Write;
 use serde_json::Value;
 
 #[allow(missing_docs, clippy::all)]
-#[path = "../../guest-plugins/qmp-policy/src/allowlist.rs"]
+#[path = "../../../guest-plugins/qmp-policy/src/allowlist.rs"]
 pub mod allowlist;
 
 use allowlist::{Level, Shape, Table};

@@ -16,7 +16,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::chardev::Stream;
+use crate::io::Stream;
 
 /// Errors loading TLS credentials.
 #[derive(Debug, Error)]

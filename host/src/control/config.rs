@@ -33,18 +33,13 @@ use serde::Deserialize;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::chardev::{ChardevError, ChardevSpec, Policy};
-use crate::framing::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE};
-use crate::plugin::Limits;
+use qmpgate_plugin_host::Limits;
+use qmpgate_plugin_host::builtin;
+use qmpgate_plugin_host::spec::{ChainError, PluginSource, PluginSpec, compose, select};
+use qmpgate_protocol::chardev::{ChardevSpec, RoleError, SpecError};
+use qmpgate_protocol::framing::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE};
 
-/// The qmp-policy plugin, built from `guest-plugins/qmp-policy` and embedded.
-pub const BUILTIN_POLICY: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_POLICY"));
-
-/// The hmp plugin (HMP command lines in QMP terms), built from `guest-plugins/hmp`.
-pub const BUILTIN_HMP: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_HMP"));
-
-/// The audit plugin (one record per decision), built from `guest-plugins/audit`.
-pub const BUILTIN_AUDIT: &[u8] = include_bytes!(env!("QMPGATE_BUILTIN_AUDIT"));
+use crate::session::Timeouts;
 
 /// Configuration errors.
 #[derive(Debug, Error)]
@@ -62,7 +57,13 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     /// A chardev spec is wrong.
     #[error(transparent)]
-    Chardev(#[from] ChardevError),
+    Chardev(#[from] SpecError),
+    /// A chardev cannot have the role it was given.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// The plugins do not make a chain.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// Anything else, described.
     #[error("{0}")]
     Invalid(String),
@@ -164,38 +165,6 @@ impl FileConfig {
 /// Events kept per upstream by default: a few minutes of a busy VM's events.
 pub const DEFAULT_EVENT_HISTORY: usize = 1000;
 
-/// Where a plugin's bytes come from.
-#[derive(Debug, Clone)]
-pub enum PluginSource {
-    /// A file.
-    File(PathBuf),
-    /// Embedded in the binary.
-    Builtin(&'static [u8]),
-}
-
-/// A plugin ready to load.
-#[derive(Debug, Clone)]
-pub struct PluginSpec {
-    /// Its name.
-    pub name: String,
-    /// Its bytes.
-    pub source: PluginSource,
-    /// Its configuration, as JSON.
-    pub config: Value,
-    /// Its limits.
-    pub limits: Limits,
-}
-
-/// Built-in plugins by name.
-pub fn builtin(name: &str) -> Option<&'static [u8]> {
-    match name {
-        "qmp-policy" => Some(BUILTIN_POLICY),
-        "hmp" => Some(BUILTIN_HMP),
-        "audit" => Some(BUILTIN_AUDIT),
-        _ => None,
-    }
-}
-
 /// Everything the gateway needs, resolved.
 #[derive(Debug)]
 pub struct Resolved {
@@ -218,7 +187,7 @@ pub struct Resolved {
     /// The control monitor.
     pub control: Option<ChardevSpec>,
     /// Per-command timeouts.
-    pub timeouts: crate::gateway::Timeouts,
+    pub timeouts: Timeouts,
     /// Events kept for clients that reconnect.
     pub event_history: usize,
 }
@@ -302,7 +271,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
                 spec.id
             )));
         }
-        crate::gateway::check_upstream(&spec).map_err(ConfigError::Invalid)?;
+        spec.check_upstream()?;
         upstreams.push(spec);
     }
     let mut listeners = Vec::new();
@@ -316,10 +285,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
                 spec.id
             )));
         }
-        spec.upstream = Some(bound_upstream(
-            &spec,
-            upstreams.iter().map(|u| u.id.as_str()),
-        )?);
+        spec.upstream = Some(spec.bound_upstream(upstreams.iter().map(|u| u.id.as_str()))?);
         listeners.push(spec);
     }
     if listeners.is_empty() && !control_given {
@@ -332,7 +298,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
     for p in file.plugins {
         let source = match (&p.path, &p.builtin) {
             (Some(path), None) => PluginSource::File(path.clone()),
-            (None, Some(name)) => PluginSource::Builtin(builtin(name).ok_or_else(|| {
+            (None, Some(name)) => PluginSource::Builtin(builtin::by_name(name).ok_or_else(|| {
                 ConfigError::Invalid(format!(
                     "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy, hmp, audit)",
                     p.name
@@ -415,7 +381,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
     // The control monitor is root-equivalent: its socket is the owner's alone unless
     // the operator says otherwise (perm=, with uids=/gids= for the peers it serves).
     if let Some(spec) = &mut control
-        && matches!(spec.address, crate::chardev::Address::Path(_))
+        && matches!(spec.address, qmpgate_protocol::chardev::Address::Path(_))
         && spec.access.perm.is_none()
     {
         spec.access.perm = Some(0o600);
@@ -461,164 +427,12 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
     })
 }
 
-/// The upstream a listener serves: its `upstream=`, or the only upstream there is.
-pub fn bound_upstream<'a>(
-    listener: &ChardevSpec,
-    upstream_ids: impl IntoIterator<Item = &'a str>,
-) -> Result<String, ConfigError> {
-    let ids: Vec<&str> = upstream_ids.into_iter().collect();
-    match (&listener.upstream, ids.as_slice()) {
-        (Some(id), _) if ids.contains(&id.as_str()) => Ok(id.clone()),
-        (Some(id), _) => Err(ConfigError::Invalid(format!(
-            "listener '{}': no upstream '{id}' (upstreams: {})",
-            listener.id,
-            if ids.is_empty() {
-                "none".to_string()
-            } else {
-                ids.join(", ")
-            }
-        ))),
-        (None, [only]) => Ok(only.to_string()),
-        (None, []) => Err(ConfigError::Invalid(format!(
-            "listener '{}': there is no upstream to serve",
-            listener.id
-        ))),
-        (None, _) => Err(ConfigError::Invalid(format!(
-            "listener '{}': give upstream=ID; qmpgate has several upstreams ({})",
-            listener.id,
-            ids.join(", ")
-        ))),
-    }
-}
-
-/// The plugins `policy` selects from the configured ones, in chain order.
-pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>, ConfigError> {
-    match policy {
-        Policy::Default => Ok(plugins.to_vec()),
-        // The profile replaces the built-in policy's; the operator's other plugins
-        // (audit, say) stay in the chain.
-        Policy::Profile(profile) => {
-            let mut chain = plugins.to_vec();
-            let mut found = false;
-            for p in chain.iter_mut().filter(|p| is_builtin(p, BUILTIN_POLICY)) {
-                if let Value::Object(config) = &mut p.config {
-                    config.insert("profile".into(), Value::from(profile.as_str()));
-                } else {
-                    p.config = serde_json::json!({ "profile": profile });
-                }
-                found = true;
-            }
-            if found {
-                Ok(chain)
-            } else {
-                let without_builtins = chain
-                    .into_iter()
-                    .filter(|p| !is_builtin(p, BUILTIN_HMP))
-                    .collect();
-                compose(without_builtins, Some(profile), false)
-            }
-        }
-        Policy::Plugins(names) => names
-            .iter()
-            .map(|name| {
-                plugins
-                    .iter()
-                    .find(|p| &p.name == name)
-                    .cloned()
-                    .ok_or_else(|| {
-                        let known: Vec<&str> = plugins.iter().map(|p| p.name.as_str()).collect();
-                        ConfigError::Invalid(format!(
-                            "no plugin named '{name}' is configured (configured: {})",
-                            known.join(", ")
-                        ))
-                    })
-            })
-            .collect(),
-    }
-}
-
-/// Whether `spec` is the embedded plugin `bytes` (configured as `builtin = ...`).
-fn is_builtin(spec: &PluginSpec, bytes: &'static [u8]) -> bool {
-    matches!(spec.source, PluginSource::Builtin(b) if std::ptr::eq(b, bytes))
-}
-
-/// The default chain around the operator's plugins: the built-in HMP interpreter
-/// first (so that every plugin sees inside HMP lines), the operator's plugins, then
-/// the built-in policy with `profile` last, so that it judges the command as the
-/// other plugins left it. Configuring a plugin never drops the policy silently:
-/// only `--no-default-policy` does (and an operator who configures the built-in
-/// `qmp-policy` or `hmp` themselves places it where they want).
-fn compose(
-    configured: Vec<PluginSpec>,
-    profile: Option<&str>,
-    no_default_policy: bool,
-) -> Result<Vec<PluginSpec>, ConfigError> {
-    if no_default_policy {
-        if profile.is_some() {
-            return Err(ConfigError::Invalid(
-                "--profile applies to the built-in policy, which --no-default-policy leaves out"
-                    .into(),
-            ));
-        }
-        return Ok(configured);
-    }
-    let own_policy = configured.iter().any(|p| is_builtin(p, BUILTIN_POLICY));
-    if own_policy && profile.is_some() {
-        return Err(ConfigError::Invalid(
-            "--profile applies to the built-in policy; the configuration places its own 'qmp-policy' plugin (set its config's profile there)".into(),
-        ));
-    }
-    let [hmp, policy] = <[PluginSpec; 2]>::try_from(builtin_policy(profile.unwrap_or("safe")))
-        .expect("the built-in chain has two plugins");
-    let mut chain = Vec::new();
-    if !configured.iter().any(|p| is_builtin(p, BUILTIN_HMP)) {
-        chain.push(hmp);
-    }
-    chain.extend(configured);
-    if !own_policy {
-        chain.push(policy);
-    }
-    if let Some(p) = chain
-        .iter()
-        .enumerate()
-        .find_map(|(i, p)| chain[..i].iter().find(|q| q.name == p.name))
-    {
-        return Err(ConfigError::Invalid(format!(
-            "two plugins are named '{}' (the built-in chain uses 'hmp' and 'policy'; name yours otherwise, or give --no-default-policy)",
-            p.name
-        )));
-    }
-    Ok(chain)
-}
-
-/// The built-in chain: the HMP interpreter first, so that the policy sees inside HMP
-/// lines, then the policy with `profile`.
-fn builtin_policy(profile: &str) -> Vec<PluginSpec> {
-    vec![
-        PluginSpec {
-            name: "hmp".into(),
-            source: PluginSource::Builtin(BUILTIN_HMP),
-            config: serde_json::json!({}),
-            limits: Limits::default(),
-        },
-        PluginSpec {
-            name: "policy".into(),
-            source: PluginSource::Builtin(BUILTIN_POLICY),
-            config: serde_json::json!({ "profile": profile }),
-            limits: Limits::default(),
-        },
-    ]
-}
-
 /// Default: 5 s, and 5 min for the commands in `Timeouts::SLOW_COMMANDS`; 0 means
 /// no limit; the file's per-command entries override both.
-fn timeouts(
-    default_ms: Option<u64>,
-    per_command: &HashMap<String, u64>,
-) -> crate::gateway::Timeouts {
+fn timeouts(default_ms: Option<u64>, per_command: &HashMap<String, u64>) -> Timeouts {
     let limit = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
     let default = limit(default_ms.unwrap_or(5_000));
-    let mut table: HashMap<String, Option<Duration>> = crate::gateway::Timeouts::SLOW_COMMANDS
+    let mut table: HashMap<String, Option<Duration>> = Timeouts::SLOW_COMMANDS
         .iter()
         .map(|c| {
             (
@@ -630,7 +444,7 @@ fn timeouts(
     for (command, ms) in per_command {
         table.insert(command.clone(), limit(*ms));
     }
-    crate::gateway::Timeouts {
+    Timeouts {
         default,
         per_command: table,
     }
@@ -647,6 +461,7 @@ fn default_cache_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qmpgate_protocol::chardev::Policy;
 
     fn cli(upstream: &str, listen: &[&str]) -> Overrides {
         Overrides {

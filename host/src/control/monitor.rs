@@ -30,13 +30,12 @@ use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-use crate::chardev::{
-    Access, Address, ChardevSpec, Inherited, Listener, MonitorMode, Peer, Policy, Stream,
-    recv_with_fds,
-};
+use qmpgate_protocol::chardev::{Access, Address, ChardevSpec, MonitorMode, Peer, Policy};
+use qmpgate_protocol::qjson::{Input, Reader};
+use qmpgate_protocol::qmp::{self, ErrorClass, QmpError};
+
 use crate::gateway::Hub;
-use crate::qjson::{Input, Reader};
-use crate::qmp::{self, ErrorClass, QmpError};
+use crate::io::{self, FdTable, Listener, Stream, recv_with_fds};
 use crate::session::write_within;
 
 /// Named fds one control connection may hold.
@@ -101,7 +100,7 @@ pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
                 tracing::info!(?peer, "control client connected");
                 let session = ControlSession {
                     hub: hub.clone(),
-                    named: Inherited::default(),
+                    named: FdTable::default(),
                     held: 0,
                     received: Vec::new(),
                     negotiated: false,
@@ -136,7 +135,7 @@ async fn refuse(stream: &mut UnixStream, desc: &str) {
 struct ControlSession {
     hub: Arc<Hub>,
     /// Fds named with `getfd` on this connection.
-    named: Inherited,
+    named: FdTable,
     /// How many of them count in [`NAMED_FDS_HELD`].
     held: usize,
     /// Fds that came with the latest message that carried any.
@@ -166,8 +165,8 @@ impl ControlSession {
             return;
         }
         let mut framer = Reader::new(
-            crate::framing::DEFAULT_MAX_MESSAGE,
-            crate::framing::DEFAULT_MAX_DEPTH,
+            qmpgate_protocol::framing::DEFAULT_MAX_MESSAGE,
+            qmpgate_protocol::framing::DEFAULT_MAX_DEPTH,
         );
         let mut frames = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -350,13 +349,22 @@ impl ControlSession {
         // Everything that can refuse the add is checked before the socket is bound.
         self.hub
             .check_new_listener(&spec)
-            .map_err(QmpError::generic)?;
-        let listener = spec
-            .listen(&mut self.named)
             .map_err(|e| QmpError::generic(error_chain(&e)))?;
+        // Binding may resolve a host name: on a blocking thread, with the
+        // connection's named fds (one of them may be the socket).
+        let mut named = std::mem::take(&mut self.named);
+        let (listened, named) = tokio::task::spawn_blocking({
+            let spec = spec.clone();
+            move || (io::listen(&spec, &mut named), named)
+        })
+        .await
+        .expect("binding a socket does not panic");
+        self.named = named;
+        let listener = listened.map_err(|e| QmpError::generic(error_chain(&e)))?;
         self.hub
             .add_listener(&spec, listener)
-            .map_err(QmpError::generic)?;
+            .await
+            .map_err(|e| QmpError::generic(error_chain(&e)))?;
         Ok(json!({}))
     }
 

@@ -1,6 +1,6 @@
 //! Builds the guest plugins so the binary can embed its default plugins.
 
-include!("../guest-plugins/build_support.rs");
+include!("../../guest-plugins/build_support.rs");
 
 fn main() {
     let out = build_guest_plugins();

@@ -31,11 +31,12 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::chardev::{MonitorMode, Peer, Stream};
-use crate::gateway::{ListenerContext, deadline_passed, within};
-use crate::plugin::{self, Command, Decision, EventDecision};
-use crate::qjson::{Input, Reader};
-use crate::qmp::{self, Answer, ErrorClass, QmpError, Request};
+use qmpgate_plugin_host::{self as plugin, Decision, EventDecision};
+use qmpgate_protocol::qjson::{Input, Reader};
+use qmpgate_protocol::qmp::{self, Answer, Command, ErrorClass, QmpError, Request};
+
+use super::{Context, FAULTING, WRITE_TIMEOUT, deadline_passed, faulting, within};
+use crate::io::Stream;
 use crate::upstream::UpstreamEvent;
 
 /// qmpgate's own command: the events it kept (QEMU drops events while no client
@@ -54,9 +55,6 @@ pub const CLIENT_INPUT_BUDGET: usize = 2 << 20;
 /// Commands one client may have inside QEMU at once: half of QEMU's queue, so a
 /// client that floods QEMU with slow commands leaves room for everyone else.
 pub const MAX_CLIENT_UPSTREAM: usize = crate::upstream::MAX_IN_FLIGHT / 2;
-
-/// A client that cannot take a write for this long is disconnected.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a closing session waits for the replies it still owes (the upstream
 /// answers them at once when it stops; this bounds a wedged one).
@@ -89,70 +87,32 @@ struct Outgoing {
 
 type Pending = Pin<Box<dyn Future<Output = Outgoing> + Send>>;
 
-/// Serves one client until it leaves, misbehaves, or the gateway stops.
-pub async fn serve(
+/// Runs one QMP client's session; returns why it ended.
+pub(super) async fn serve(
     stream: Stream,
-    peer: Peer,
-    tls_identity: Option<String>,
-    client_id: u64,
-    ctx: Arc<ListenerContext>,
+    client: plugin::Client,
+    ctx: Arc<Context>,
     shutdown: CancellationToken,
-) {
-    let protocol = match ctx.mode {
-        MonitorMode::Control => plugin::Protocol::Qmp,
-        MonitorMode::Readline => plugin::Protocol::Hmp,
+) -> &'static str {
+    let (reader, writer) = stream.into_split();
+    let mut session = Session {
+        ctx,
+        client,
+        writer,
+        phase: Phase::Negotiating,
+        in_band: FuturesOrdered::new(),
+        oob: FuturesUnordered::new(),
+        events: None,
+        held_event: None,
+        upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
+        last_handover: None,
+        input_bytes: 0,
     };
-    let client = plugin::Client {
-        id: client_id,
-        listener: ctx.id.clone(),
-        protocol,
-        peer: match &peer {
-            Peer::Unix { pid, uid, gid } => plugin::Peer::Unix(plugin::UnixPeer {
-                pid: *pid,
-                uid: *uid,
-                gid: *gid,
-            }),
-            Peer::Inet(addr) => plugin::Peer::Inet(addr.clone()),
-            Peer::Unknown => plugin::Peer::Unknown,
-        },
-        capabilities: Vec::new(),
-        tls_identity,
-    };
-    let _registered = ctx.registry.client(client_id, &ctx.id, &peer);
-    ctx.metrics
-        .clients_connected
-        .fetch_add(1, Ordering::Relaxed);
-    tracing::info!(client = client_id, listener = %ctx.id, ?peer, "client connected");
-    let reason = match ctx.mode {
-        MonitorMode::Readline => {
-            crate::hmp_session::serve(stream, client, ctx.clone(), shutdown).await
-        }
-        MonitorMode::Control => {
-            let (reader, writer) = stream.into_split();
-            let mut session = Session {
-                ctx: ctx.clone(),
-                client,
-                writer,
-                phase: Phase::Negotiating,
-                in_band: FuturesOrdered::new(),
-                oob: FuturesUnordered::new(),
-                events: None,
-                held_event: None,
-                upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_UPSTREAM)),
-                last_handover: None,
-                input_bytes: 0,
-            };
-            session.run(reader, shutdown).await
-        }
-    };
-    ctx.metrics
-        .clients_connected
-        .fetch_sub(1, Ordering::Relaxed);
-    tracing::info!(client = client_id, reason, "client disconnected");
+    session.run(reader, shutdown).await
 }
 
 struct Session {
-    ctx: Arc<ListenerContext>,
+    ctx: Arc<Context>,
     /// The client as plugins see it.
     client: plugin::Client,
     writer: Box<dyn AsyncWrite + Send + Unpin>,
@@ -661,41 +621,6 @@ impl Session {
             }
         }
     }
-}
-
-/// Why a client whose input keeps making plugins fail was disconnected.
-pub const FAULTING: &str = "its commands kept making plugins fail";
-
-/// Whether `client`'s input has made the chain's plugins fail
-/// [`plugin::CLIENT_FAULT_LIMIT`] times within the window: such a client is
-/// disconnected (counted, and logged with its listener), so that it cannot keep a
-/// chain that other clients and VMs share busy recreating instances.
-pub fn faulting(ctx: &ListenerContext, client: &plugin::Client) -> bool {
-    let faults = ctx.chain().client_faults(client);
-    if faults < plugin::CLIENT_FAULT_LIMIT {
-        return false;
-    }
-    ctx.metrics.faulting_clients.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(
-        client = client.id,
-        listener = %ctx.id,
-        faults,
-        window_s = plugin::CLIENT_FAULT_WINDOW.as_secs(),
-        "disconnecting a client: its commands kept making plugins fail"
-    );
-    true
-}
-
-/// Writes to a client within [`WRITE_TIMEOUT`]; a client that does not read gets
-/// `TimedOut`, and its task drops it rather than waiting for ever (HMP and control
-/// clients; QMP sessions also count it, in `Session::write`).
-pub(crate) async fn write_within(
-    writer: &mut (impl AsyncWrite + Unpin),
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(bytes))
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn write_failed(e: std::io::Error) -> &'static str {

@@ -16,12 +16,11 @@
 //! Layout: [`Registry`] (who is connected, how QEMU ended), [`serve`], the
 //! handlers, and the renderers [`status_json`] and [`metrics_text`].
 
-use std::collections::BTreeMap;
+use qmpgate_protocol::lock;
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -32,68 +31,10 @@ use axum::routing::get;
 use futures_util::Stream;
 use serde_json::{Value, json};
 
-use crate::chardev::{Listener, Peer};
-use crate::gateway::{Hub, Shared};
+use qmpgate_protocol::chardev::Peer;
 
-/// One upstream's connected clients and how its QEMU ended, for status.
-#[derive(Debug, Default)]
-pub struct Registry {
-    clients: Mutex<BTreeMap<u64, ClientEntry>>,
-    qemu_exit: Mutex<Option<String>>,
-}
-
-#[derive(Debug, Clone)]
-struct ClientEntry {
-    listener: String,
-    peer: Peer,
-    since: u64,
-}
-
-/// Removes a client from the registry when its session ends.
-pub struct ClientGuard {
-    registry: Arc<Registry>,
-    id: u64,
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        self.registry
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-    }
-}
-
-impl Registry {
-    /// Records a connected client until the guard is dropped.
-    pub fn client(self: &Arc<Self>, id: u64, listener: &str, peer: &Peer) -> ClientGuard {
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id,
-                ClientEntry {
-                    listener: listener.to_string(),
-                    peer: peer.clone(),
-                    since,
-                },
-            );
-        ClientGuard {
-            registry: self.clone(),
-            id,
-        }
-    }
-
-    /// Records how QEMU exited (`qmpgate run`).
-    pub fn set_qemu_exit(&self, description: String) {
-        *self.qemu_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(description);
-    }
-}
+use crate::gateway::{Hub, Vm};
+use crate::io::Listener;
 
 /// Serves the status endpoint until the gateway shuts down.
 ///
@@ -342,7 +283,7 @@ async fn events(
 /// One upstream's events after `since` (history first), then live ones.
 /// The stream holds `place` (its place among the subscribers) while it lives.
 fn event_stream(
-    shared: &Shared,
+    shared: &Vm,
     since: Option<u64>,
     place: tokio::sync::OwnedSemaphorePermit,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
@@ -395,7 +336,7 @@ struct Counter {
     metric: &'static str,
     kind: &'static str,
     help: &'static str,
-    read: fn(&Shared) -> u64,
+    read: fn(&Vm) -> u64,
 }
 
 const COUNTERS: [Counter; 8] = [
@@ -458,7 +399,7 @@ const COUNTERS: [Counter; 8] = [
 ];
 
 /// The counters of `upstreams`, summed, as a `/status` object.
-fn counters_json(upstreams: &[Arc<Shared>]) -> Value {
+fn counters_json(upstreams: &[Arc<Vm>]) -> Value {
     Value::Object(
         COUNTERS
             .iter()
@@ -499,11 +440,7 @@ pub fn status_json(hub: &Hub) -> Value {
             }));
         }
         clients.extend(
-            shared
-                .registry
-                .clients
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            lock::mutex(&shared.registry.clients)
                 .iter()
                 .map(|(id, c)| json!({ "id": id, "upstream": spec.id, "listener": c.listener, "peer": peer_json(&c.peer), "connected_since": c.since })),
         );
@@ -516,7 +453,7 @@ pub fn status_json(hub: &Hub) -> Value {
             "qemu": info.version,
             "run_state": info.run_state,
             "oob": info.oob,
-            "exit": *shared.registry.qemu_exit.lock().unwrap_or_else(|e| e.into_inner()),
+            "exit": *lock::mutex(&shared.registry.qemu_exit),
             "listeners": listeners.iter().map(|l| l.id.clone()).collect::<Vec<_>>(),
             "counters": counters_json(std::slice::from_ref(shared)),
         }));
@@ -608,7 +545,7 @@ pub fn metrics_text(hub: &Hub) -> String {
         }
     }
     // A chain is named by the policy of the upstreams that share it.
-    let chains: Vec<(crate::plugin::PluginChain, String)> = hub
+    let chains: Vec<(qmpgate_plugin_host::PluginChain, String)> = hub
         .chains_in_use()
         .into_iter()
         .map(|(chain, policy, _)| (chain, escape_label(&policy.to_string())))
@@ -725,7 +662,7 @@ type PerPlugin = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&crate::plugin::PluginStats) -> u64,
+    fn(&qmpgate_plugin_host::PluginStats) -> u64,
 );
 
 fn escape_label(value: &str) -> String {

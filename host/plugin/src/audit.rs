@@ -5,6 +5,7 @@
 //! plugin cannot forge (its own fields of those names are dropped), and writes
 //! whole lines so that a crash never leaves half a record.
 
+use qmpgate_protocol::lock;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -38,7 +39,7 @@ impl AuditSink {
         let mut line = String::with_capacity(record.len() + 1);
         line.push_str(record);
         line.push('\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = lock::mutex(&self.file);
         if let Err(e) = file.write_all(line.as_bytes()) {
             tracing::error!(plugin, error = %e, "cannot write audit record");
         }

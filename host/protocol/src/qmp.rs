@@ -6,7 +6,8 @@
 //! answer through the gateway as it would from QEMU. What a command *means* is for
 //! the plugins.
 //!
-//! Layout: [`Request`] / [`parse_request`] for client input, [`Upstream`] /
+//! Layout: [`Request`] / [`parse_request`] for client input, [`Command`] for what
+//! goes to QEMU, [`Upstream`] /
 //! [`parse_upstream`] for QEMU's output, [`QmpError`] and the `*_response` helpers
 //! for what goes back to clients.
 
@@ -65,6 +66,18 @@ pub struct Request {
     /// `arguments`, or an empty object.
     pub arguments: Map<String, Value>,
     /// Sent as `exec-oob`.
+    pub oob: bool,
+}
+
+/// A command on its way to QEMU: what the plugin chain judged and the upstream
+/// link sends (with an id of the link's own), its arguments as a JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The command name.
+    pub name: String,
+    /// The arguments object.
+    pub arguments: Map<String, Value>,
+    /// `exec-oob`.
     pub oob: bool,
 }
 

@@ -1,0 +1,358 @@
+//! One plugin instance: its compiled component, live store, deadline and memory
+//! cap, the output caps on what it returns, and how its faults are told.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use thiserror::Error;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi::WasiCtx;
+
+use crate::audit::AuditSink;
+use crate::faults::{Blame, ClientFaults};
+use crate::host::{HostState, MemoryCap, cut};
+use crate::stats::PluginStats;
+use crate::wit::{
+    self, Client, EventVerdict, HmpTranslation, PluginPre, ResponseVerdict, Verdict, WitCommand,
+    WitError, WitResponse,
+};
+use crate::{
+    DESC_MAX, EPOCH_TICK, INIT_DEADLINE_FACTOR, LOG_BURST, Limits, MAX_RESOURCES, OUTPUT_MAX,
+    RESTART_BUDGET, RESTART_WINDOW,
+};
+
+/// A live instance and its store.
+pub(crate) struct Live {
+    store: Store<HostState>,
+    bindings: wit::Plugin,
+}
+
+/// How a hook call failed. Every fault fails closed.
+#[derive(Debug, Error)]
+pub enum Fault {
+    /// The CPU deadline stopped the call.
+    #[error("exceeded its CPU time limit ({0} ms)")]
+    Deadline(u128),
+    /// The call hit the memory cap.
+    #[error("exceeded its memory limit ({0} MiB)")]
+    Memory(usize),
+    /// Any other trap (panic, unreachable, ...).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The plugin used up its restart budget and is down for a while.
+    #[error("is disabled: it failed {0} times within {1} s")]
+    Disabled(usize, u64),
+    /// The instance could not be recreated.
+    #[error("could not be restarted: {0}")]
+    Restart(String),
+    /// It returned something invalid (e.g. a reply that is not JSON).
+    #[error("returned an invalid result: {0}")]
+    Invalid(String),
+}
+
+/// A hook's result, checked against the output caps ([`OUTPUT_MAX`],
+/// [`DESC_MAX`]): `oversized` says what is too long, if anything.
+pub(crate) trait Bounded {
+    fn oversized(&self) -> Option<String>;
+}
+
+fn oversized_json(text: &str, what: &str) -> Option<String> {
+    (text.len() > OUTPUT_MAX).then(|| format!("{what} longer than {OUTPUT_MAX} bytes"))
+}
+
+fn oversized_text(text: &str, what: &str) -> Option<String> {
+    (text.len() > DESC_MAX).then(|| format!("{what} longer than {DESC_MAX} bytes"))
+}
+
+fn oversized_error(error: &WitError) -> Option<String> {
+    oversized_text(&error.class, "an error class")
+        .or_else(|| oversized_text(&error.desc, "an error description"))
+}
+
+fn oversized_command(command: &WitCommand) -> Option<String> {
+    oversized_text(&command.name, "a command name")
+        .or_else(|| oversized_json(&command.arguments, "arguments"))
+}
+
+impl Bounded for () {
+    fn oversized(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Bounded for Result<(), WitError> {
+    fn oversized(&self) -> Option<String> {
+        self.as_ref().err().and_then(oversized_error)
+    }
+}
+
+impl Bounded for Verdict {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            Verdict::Forward => None,
+            Verdict::Rewrite(command) => oversized_command(command),
+            Verdict::Deny(error) => oversized_error(error),
+            Verdict::Reply(text) => oversized_json(text, "a reply"),
+        }
+    }
+}
+
+impl Bounded for ResponseVerdict {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            ResponseVerdict::Deliver => None,
+            ResponseVerdict::Replace(WitResponse::Ok(text)) => oversized_json(text, "a response"),
+            ResponseVerdict::Replace(WitResponse::Error(error)) => oversized_error(error),
+        }
+    }
+}
+
+impl Bounded for EventVerdict {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            EventVerdict::Rewrite(data) => oversized_json(data, "event data"),
+            EventVerdict::Deliver | EventVerdict::Drop => None,
+        }
+    }
+}
+
+impl Bounded for HmpTranslation {
+    fn oversized(&self) -> Option<String> {
+        match self {
+            HmpTranslation::NotHandled => None,
+            HmpTranslation::Command(command) => oversized_command(command),
+            HmpTranslation::HmpOnly(name) => oversized_text(name, "a command name"),
+            HmpTranslation::Invalid(reason) => oversized_text(reason, "a reason"),
+        }
+    }
+}
+
+/// One plugin's compiled component and live instance. Lives on its chain's thread.
+pub(crate) struct Instance {
+    pub(crate) name: Arc<str>,
+    pub(crate) engine: Engine,
+    pub(crate) pre: PluginPre<HostState>,
+    pub(crate) config: String,
+    pub(crate) limits: Limits,
+    pub(crate) audit: Option<Arc<AuditSink>>,
+    /// The live instance; `None` after a trap until the next call recreates it.
+    pub(crate) live: Option<Live>,
+    /// The plugin's own faults within the last `RESTART_WINDOW`, per upstream.
+    pub(crate) own_faults: HashMap<Option<Arc<str>>, VecDeque<Instant>>,
+    /// Faults charged to clients (shared with the chain's sessions).
+    pub(crate) client_faults: Arc<ClientFaults>,
+    pub(crate) stats: Arc<PluginStats>,
+    /// The upstream whose traffic the current job is about, for audit records.
+    pub(crate) upstream: Option<Arc<str>>,
+    /// The client the current job is about, for audit records.
+    pub(crate) client: Option<Arc<Client>>,
+}
+
+impl Instance {
+    fn deadline_ticks(&self) -> u64 {
+        (self.limits.cpu.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+
+    /// Instantiation and `init` run once per instance, not per command: they get
+    /// [`INIT_DEADLINE_FACTOR`] times a hook's limit (at least a second), since the
+    /// deadline is wall time and a loaded host can keep the plugin thread off the
+    /// CPU for longer than a hook's 50 ms.
+    fn init_deadline_ticks(&self) -> u64 {
+        let ticks_per_second = (1000 / EPOCH_TICK.as_millis()) as u64;
+        (self.deadline_ticks() * INIT_DEADLINE_FACTOR).max(ticks_per_second)
+    }
+
+    pub(crate) fn instantiate(&self) -> Result<Live, String> {
+        let state = HostState {
+            plugin: self.name.clone(),
+            upstream: None,
+            client: None,
+            // No environment, arguments, preopened directories, sockets or stdin.
+            // Random bytes come from one host call the deadline cannot interrupt:
+            // a small cap keeps that call short.
+            wasi: WasiCtx::builder().max_random_size(4096).build(),
+            table: {
+                // Host-side entries (pollables, streams) live outside the plugin's
+                // memory cap: bounded by count instead.
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_RESOURCES);
+                table
+            },
+            memory: MemoryCap {
+                max: self.limits.memory_bytes,
+                hit: false,
+                high_water: 0,
+            },
+            audit: self.audit.clone(),
+            stats: self.stats.clone(),
+            log_tokens: f64::from(LOG_BURST),
+            log_refilled: Instant::now(),
+            audits_this_call: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.init_deadline_ticks());
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.describe(&store, e).to_string())?;
+        store.set_epoch_deadline(self.init_deadline_ticks());
+        match bindings
+            .qmpgate_plugin_guest()
+            .call_init(&mut store, &self.config)
+        {
+            Ok(Ok(())) => Ok(Live { store, bindings }),
+            Ok(Err(reason)) => Err(cut(&reason, DESC_MAX).into_owned()),
+            Err(e) => Err(self.describe(&store, e).to_string()),
+        }
+    }
+
+    fn describe(&self, store: &Store<HostState>, error: wasmtime::Error) -> Fault {
+        if store.data().memory.hit {
+            return Fault::Memory(self.limits.memory_bytes >> 20);
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Fault::Deadline(self.limits.cpu.as_millis()),
+            // The trap's own words; the wasm backtrace goes to the log, not to clients.
+            Some(trap) => {
+                tracing::debug!(plugin = &*self.name, error = %format!("{error:#}"), "trap details");
+                Fault::Trap(trap.to_string())
+            }
+            // A host function's error (the outermost context is wasmtime's
+            // backtrace note): its own first line.
+            None => Fault::Trap(
+                error
+                    .root_cause()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("unknown error")
+                    .to_string(),
+            ),
+        }
+    }
+
+    /// Whether the plugin's own faults have used up its budget on the current
+    /// job's upstream (other upstreams sharing the chain are not affected).
+    fn disabled(&mut self) -> bool {
+        let Some(times) = self.own_faults.get_mut(&self.upstream) else {
+            return false;
+        };
+        let now = Instant::now();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            times.pop_front();
+        }
+        times.len() >= RESTART_BUDGET
+    }
+
+    /// Charges a fault to whoever's input caused it (see [`Blame`]).
+    pub(crate) fn charge(&mut self, blame: Blame) {
+        match (blame, &self.client) {
+            (Blame::Client, Some(client)) => self.client_faults.charge(client),
+            _ => self
+                .own_faults
+                .entry(self.upstream.clone())
+                .or_default()
+                .push_back(Instant::now()),
+        }
+    }
+
+    /// Runs one hook on the live instance (recreating it if a trap killed it).
+    /// A fault is charged as `blame` says.
+    pub(crate) fn call<R: Bounded>(
+        &mut self,
+        blame: Blame,
+        hook: impl FnOnce(&wit::guest::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let started = Instant::now();
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        // A plugin that keeps failing by itself stays down on this upstream (every
+        // call refused) until the window has passed, or a reload.
+        if self.disabled() {
+            self.stats.disabled_calls.fetch_add(1, Ordering::Relaxed);
+            return Err(Fault::Disabled(RESTART_BUDGET, RESTART_WINDOW.as_secs()));
+        }
+        if self.live.is_none() {
+            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+            match self.instantiate() {
+                Ok(live) => self.live = Some(live),
+                Err(reason) => {
+                    self.charge(Blame::Plugin);
+                    return Err(Fault::Restart(reason));
+                }
+            }
+        }
+        let deadline = self.deadline_ticks();
+        let live = self.live.as_mut().expect("just ensured");
+        live.store.set_epoch_deadline(deadline);
+        live.store.data_mut().upstream = self.upstream.clone();
+        live.store.data_mut().client = self.client.clone();
+        live.store.data_mut().audits_this_call = 0;
+        let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
+        let high_water = live.store.data().memory.high_water as u64;
+        self.stats
+            .memory_high_water
+            .fetch_max(high_water, Ordering::Relaxed);
+        let result = match result {
+            Ok(value) => match value.oversized() {
+                None => Ok(value),
+                Some(what) => {
+                    // Dropped at once: the caps bound what a plugin's output
+                    // costs the host after it was copied out.
+                    drop(value);
+                    self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                    self.charge(blame);
+                    Err(Fault::Invalid(what))
+                }
+            },
+            Err(e) => {
+                let live = self.live.take().expect("still there");
+                let fault = self.describe(&live.store, e);
+                self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                match fault {
+                    Fault::Deadline(_) => self.stats.deadline_kills.fetch_add(1, Ordering::Relaxed),
+                    Fault::Memory(_) => self.stats.memory_kills.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                self.charge(blame);
+                tracing::warn!(
+                    plugin = &*self.name,
+                    upstream = self.upstream.as_deref(),
+                    client = self.client.as_ref().map(|c| c.id),
+                    ?blame,
+                    error = %fault,
+                    "plugin fault; the instance will be recreated"
+                );
+                Err(fault)
+            }
+        };
+        let elapsed = started.elapsed();
+        self.stats
+            .busy_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.stats.record_latency(elapsed);
+        result
+    }
+}
+
+/// A compiled, linked plugin, not instantiated yet.
+pub struct Loaded(pub(crate) Instance);
+
+/// A plugin in a running chain, as status reports it.
+#[derive(Clone)]
+pub struct PluginInfo {
+    /// The configured name.
+    pub name: Arc<str>,
+    /// The `profile` of its configuration, when it has one (the built-in policy's),
+    /// so that status shows which profile a chain enforces.
+    pub profile: Option<String>,
+    /// Its counters.
+    pub stats: Arc<PluginStats>,
+}

@@ -1,0 +1,157 @@
+//! Configured plugins, and how a policy (a listener's or an upstream's chain
+//! selector) picks and orders them into a chain.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use thiserror::Error;
+
+use qmpgate_protocol::chardev::Policy;
+
+use crate::{Limits, builtin};
+
+/// A chain that cannot be built as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct ChainError(pub String);
+
+/// Where a plugin's bytes come from.
+#[derive(Debug, Clone)]
+pub enum PluginSource {
+    /// A file.
+    File(PathBuf),
+    /// Embedded in the binary.
+    Builtin(&'static [u8]),
+}
+
+/// A plugin ready to load.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// Its name.
+    pub name: String,
+    /// Its bytes.
+    pub source: PluginSource,
+    /// Its configuration, as JSON.
+    pub config: Value,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// The plugins `policy` selects from the configured ones, in chain order.
+pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>, ChainError> {
+    match policy {
+        Policy::Default => Ok(plugins.to_vec()),
+        // The profile replaces the built-in policy's; the operator's other plugins
+        // (audit, say) stay in the chain.
+        Policy::Profile(profile) => {
+            let mut chain = plugins.to_vec();
+            let mut found = false;
+            for p in chain.iter_mut().filter(|p| is_builtin(p, builtin::POLICY)) {
+                if let Value::Object(config) = &mut p.config {
+                    config.insert("profile".into(), Value::from(profile.as_str()));
+                } else {
+                    p.config = serde_json::json!({ "profile": profile });
+                }
+                found = true;
+            }
+            if found {
+                Ok(chain)
+            } else {
+                let without_builtins = chain
+                    .into_iter()
+                    .filter(|p| !is_builtin(p, builtin::HMP))
+                    .collect();
+                compose(without_builtins, Some(profile), false)
+            }
+        }
+        Policy::Plugins(names) => names
+            .iter()
+            .map(|name| {
+                plugins
+                    .iter()
+                    .find(|p| &p.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = plugins.iter().map(|p| p.name.as_str()).collect();
+                        ChainError(format!(
+                            "no plugin named '{name}' is configured (configured: {})",
+                            known.join(", ")
+                        ))
+                    })
+            })
+            .collect(),
+    }
+}
+
+/// Whether `spec` is the embedded plugin `bytes` (configured as `builtin = ...`).
+fn is_builtin(spec: &PluginSpec, bytes: &'static [u8]) -> bool {
+    matches!(spec.source, PluginSource::Builtin(b) if std::ptr::eq(b, bytes))
+}
+
+/// The default chain around the operator's plugins: the built-in HMP interpreter
+/// first (so that every plugin sees inside HMP lines), the operator's plugins, then
+/// the built-in policy with `profile` last, so that it judges the command as the
+/// other plugins left it. Configuring a plugin never drops the policy silently:
+/// only `--no-default-policy` does (and an operator who configures the built-in
+/// `qmp-policy` or `hmp` themselves places it where they want).
+pub fn compose(
+    configured: Vec<PluginSpec>,
+    profile: Option<&str>,
+    no_default_policy: bool,
+) -> Result<Vec<PluginSpec>, ChainError> {
+    if no_default_policy {
+        if profile.is_some() {
+            return Err(ChainError(
+                "--profile applies to the built-in policy, which --no-default-policy leaves out"
+                    .into(),
+            ));
+        }
+        return Ok(configured);
+    }
+    let own_policy = configured.iter().any(|p| is_builtin(p, builtin::POLICY));
+    if own_policy && profile.is_some() {
+        return Err(ChainError(
+            "--profile applies to the built-in policy; the configuration places its own 'qmp-policy' plugin (set its config's profile there)".into(),
+        ));
+    }
+    let [hmp, policy] = <[PluginSpec; 2]>::try_from(builtin_policy(profile.unwrap_or("safe")))
+        .expect("the built-in chain has two plugins");
+    let mut chain = Vec::new();
+    if !configured.iter().any(|p| is_builtin(p, builtin::HMP)) {
+        chain.push(hmp);
+    }
+    chain.extend(configured);
+    if !own_policy {
+        chain.push(policy);
+    }
+    if let Some(p) = chain
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| chain[..i].iter().find(|q| q.name == p.name))
+    {
+        return Err(ChainError(format!(
+            "two plugins are named '{}' (the built-in chain uses 'hmp' and 'policy'; name yours otherwise, or give --no-default-policy)",
+            p.name
+        )));
+    }
+    Ok(chain)
+}
+
+/// The built-in chain: the HMP interpreter first, so that the policy sees inside HMP
+/// lines, then the policy with `profile`.
+fn builtin_policy(profile: &str) -> Vec<PluginSpec> {
+    vec![
+        PluginSpec {
+            name: "hmp".into(),
+            source: PluginSource::Builtin(builtin::HMP),
+            config: serde_json::json!({}),
+            limits: Limits::default(),
+        },
+        PluginSpec {
+            name: "policy".into(),
+            source: PluginSource::Builtin(builtin::POLICY),
+            config: serde_json::json!({ "profile": profile }),
+            limits: Limits::default(),
+        },
+    ]
+}

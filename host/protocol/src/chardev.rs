@@ -1,0 +1,604 @@
+//! Chardev specs: QEMU's `-chardev socket,...` language and what each key means.
+//!
+//! qmpgate takes socket specs in QEMU's own `-chardev` syntax
+//! (`socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off`), so an operator who
+//! knows QEMU knows qmpgate. A chardev's socket is one of:
+//! - a unix path or a TCP `host=`/`port=` that qmpgate binds or connects;
+//! - `fd=N`: a socket the parent process created and left open for us (QEMU's
+//!   `-chardev socket,fd=N` idea: the parent owns the socket, so it can connect
+//!   exactly once, with no retry loop and no race with our start-up);
+//! - `systemd=NAME`: a socket passed by systemd socket activation.
+//!
+//! This module gives a spec its meaning and checks the rules between its keys; it
+//! opens nothing (the host's `io` layer turns a spec into a socket). Both of the
+//! control monitor's forms (the QemuOpts string and QAPI's `chardev-add` object)
+//! end in [`ChardevSpec::parse_runtime`], so there is one validator.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// A spec that does not parse, or whose keys break a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("chardev '{spec}': {reason}")]
+pub struct SpecError {
+    /// The spec as given.
+    pub spec: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Where a chardev's socket comes from, as shown in status and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A unix socket path.
+    Path(PathBuf),
+    /// A TCP address.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port (0: any free port).
+        port: u16,
+    },
+    /// A numeric fd inherited from the parent process.
+    Fd(RawFd),
+    /// A socket from systemd socket activation, by its LISTEN_FDNAMES name.
+    Systemd(String),
+    /// A named fd received at run time over SCM_RIGHTS (`getfd`), by name.
+    Named(String),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Path(p) => write!(f, "path={}", p.display()),
+            Address::Tcp { host, port } => write!(f, "host={host},port={port}"),
+            Address::Fd(fd) => write!(f, "fd={fd}"),
+            Address::Systemd(name) => write!(f, "systemd={name}"),
+            Address::Named(name) => write!(f, "fd={name}"),
+        }
+    }
+}
+
+/// How a monitor listener speaks to its clients (QEMU's `-mon mode=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MonitorMode {
+    /// QMP.
+    #[default]
+    Control,
+    /// HMP (human monitor, line-oriented).
+    Readline,
+}
+
+/// Which plugin chain traffic passes: qmpgate's own keys `profile=NAME` or
+/// `plugins=A:B:C`, on an upstream chardev (for every listener of that VM) or on a
+/// listener (for its clients only: a tenant's socket `readonly` beside a
+/// management socket). Chardevs that select the same policy share one chain (one
+/// set of plugin instances).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    /// The configured plugins (or, with none configured, the built-in policy).
+    #[default]
+    Default,
+    /// The built-in `hmp` and `qmp-policy` plugins with this profile.
+    Profile(String),
+    /// These configured plugins, by name, in this order.
+    Plugins(Vec<String>),
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Default => write!(f, "default"),
+            Policy::Profile(profile) => write!(f, "profile={profile}"),
+            Policy::Plugins(names) => write!(f, "plugins={}", names.join(":")),
+        }
+    }
+}
+
+/// Who may reach a unix listener: the socket file's mode and owner, and which peers
+/// (by SO_PEERCRED) it serves. qmpgate's own keys `perm=0660`, `owner=`, `group=`
+/// (systemd's `SocketMode=`/`SocketUser=`/`SocketGroup=`), `uids=0:1000`,
+/// `gids=100`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Access {
+    /// The socket file's mode; `None`: whatever the umask gives.
+    pub perm: Option<u32>,
+    /// The socket file's owner.
+    pub owner: Option<u32>,
+    /// The socket file's group.
+    pub group: Option<u32>,
+    /// Peers served by uid (empty with `gids` empty: anyone who can connect).
+    pub uids: Vec<u32>,
+    /// Peers served by primary gid.
+    pub gids: Vec<u32>,
+}
+
+impl Access {
+    /// Whether the spec restricts peers at all.
+    pub fn restricts_peers(&self) -> bool {
+        !self.uids.is_empty() || !self.gids.is_empty()
+    }
+
+    /// Whether `peer` is one of the listed uids or gids.
+    pub fn lists(&self, peer: &Peer) -> bool {
+        match peer {
+            Peer::Unix { uid, gid, .. } => self.uids.contains(uid) || self.gids.contains(gid),
+            _ => false,
+        }
+    }
+
+    /// Whether the socket file needs its mode or owner set.
+    pub fn shapes_file(&self) -> bool {
+        self.perm.is_some() || self.owner.is_some() || self.group.is_some()
+    }
+}
+
+/// A user name or uid, as `owner=` takes it.
+fn parse_user(value: &str) -> Result<u32, String> {
+    if let Ok(uid) = value.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(value) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        _ => Err(format!("no user '{value}'")),
+    }
+}
+
+/// A group name or gid, as `group=` takes it.
+fn parse_group(value: &str) -> Result<u32, String> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(format!("no group '{value}'")),
+    }
+}
+
+/// `0:1000:users`-style lists of uids or gids.
+fn parse_ids(
+    key: &str,
+    value: &str,
+    one: fn(&str) -> Result<u32, String>,
+) -> Result<Vec<u32>, String> {
+    value
+        .split(':')
+        .map(|part| {
+            if part.is_empty() {
+                Err(format!(
+                    "Parameter '{key}' expects ids separated by ':', got '{value}'"
+                ))
+            } else {
+                one(part)
+            }
+        })
+        .collect()
+}
+
+/// A parsed `socket,...` chardev spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevSpec {
+    /// `id=`: names the chardev in logs, status and plugin context.
+    pub id: String,
+    /// Where the socket is.
+    pub address: Address,
+    /// `server=on`: listen for connections; `off`: connect (or adopt a connected fd).
+    pub server: bool,
+    /// `reconnect-ms=` (or QEMU's older `reconnect=` in seconds): for a client
+    /// chardev, how long to wait before reconnecting after the link drops; `None`
+    /// means never.
+    pub reconnect_ms: Option<u64>,
+    /// `mode=`: the monitor protocol on a listener.
+    pub mode: MonitorMode,
+    /// `tls-creds=DIR`: serve TLS with the credentials in DIR (listeners only).
+    pub tls_creds: Option<PathBuf>,
+    /// `upstream=ID` (qmpgate's own key, listeners only): the upstream whose clients
+    /// this listener accepts; needed once qmpgate has more than one upstream.
+    pub upstream: Option<String>,
+    /// `profile=`/`plugins=` (qmpgate's own keys): the upstream's policy, or on a
+    /// listener the policy of its clients (`Default`: its upstream's).
+    pub policy: Policy,
+    /// `perm=`, `owner=`, `group=`, `uids=`, `gids=` (qmpgate's own keys, unix
+    /// listeners only): who may reach it.
+    pub access: Access,
+}
+
+impl ChardevSpec {
+    /// Parses QEMU's `socket,key=value,...` form, as on the command line: `fd=` is a
+    /// number. `,,` is a literal comma in a value.
+    pub fn parse(spec: &str) -> Result<Self, SpecError> {
+        ChardevSpec::parse_as(spec, false)
+    }
+
+    /// Parses a spec given at run time (on the control monitor): as in QEMU, `fd=`
+    /// is then the *name* of an fd received with `getfd`, never a number.
+    pub fn parse_runtime(spec: &str) -> Result<Self, SpecError> {
+        ChardevSpec::parse_as(spec, true)
+    }
+
+    fn parse_as(spec: &str, runtime: bool) -> Result<Self, SpecError> {
+        let fail = |reason: String| SpecError {
+            spec: spec.to_string(),
+            reason,
+        };
+        let mut parts = split_opts(spec).into_iter();
+        match parts.next().as_deref() {
+            Some("socket") => {}
+            Some("") | None => return Err(fail("empty spec; expected 'socket,id=...'".into())),
+            Some(other) if other.contains('=') => {
+                return Err(fail(format!(
+                    "expected the backend 'socket' first, found '{other}'"
+                )));
+            }
+            Some(other) => {
+                return Err(fail(format!(
+                    "chardev backend '{other}' is not supported by qmpgate (only 'socket')"
+                )));
+            }
+        }
+
+        // `named` is a socket found by name: systemd's, or (at run time) a getfd name.
+        let (mut id, mut path, mut host, mut port, mut fd, mut named) =
+            (None, None, None, None, None, None);
+        let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
+        let mut tls_creds = None;
+        let (mut upstream, mut policy) = (None, Policy::Default);
+        let mut access = Access::default();
+        let mut seen = HashSet::new();
+        for part in parts {
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(fail(format!("'{part}' is not of the form key=value")));
+            };
+            if !seen.insert(key.to_string()) {
+                return Err(fail(format!("parameter '{key}' given twice")));
+            }
+            let value = value.to_string();
+            match key {
+                "id" => id = Some(value),
+                "path" => path = Some(PathBuf::from(value)),
+                "host" => host = Some(value),
+                "port" => {
+                    port = Some(value.parse::<u16>().map_err(|_| {
+                        fail(format!(
+                            "Parameter 'port' expects a port number, got '{value}'"
+                        ))
+                    })?)
+                }
+                // QEMU's rule: on the command line an fd is a number; names exist only
+                // at run time (getfd).
+                "fd" if runtime => named = Some(Address::Named(value)),
+                "fd" => {
+                    fd = Some(
+                        value
+                            .parse::<RawFd>()
+                            .ok()
+                            .filter(|n| *n >= 0)
+                            .ok_or_else(|| fail(format!("Unable to parse FD number '{value}'")))?,
+                    )
+                }
+                "systemd" => named = Some(Address::Systemd(value)),
+                "server" => server = Some(parse_bool(key, &value).map_err(fail)?),
+                // A listener never blocks start-up waiting for a client: qmpgate
+                // accepts `wait=` for compatibility with QEMU specs and ignores it.
+                "wait" => {
+                    parse_bool(key, &value).map_err(fail)?;
+                }
+                "tls-creds" => tls_creds = Some(PathBuf::from(value)),
+                "upstream" => upstream = Some(value),
+                "profile" | "plugins" if policy != Policy::Default => {
+                    return Err(fail("give one of 'profile' or 'plugins', not both".into()));
+                }
+                "profile" => policy = Policy::Profile(value),
+                "plugins" => {
+                    let names: Vec<String> = value.split(':').map(str::to_string).collect();
+                    if names.iter().any(String::is_empty) {
+                        return Err(fail(format!(
+                            "Parameter 'plugins' expects names separated by ':', got '{value}'"
+                        )));
+                    }
+                    policy = Policy::Plugins(names)
+                }
+                "perm" => access.perm = Some(
+                    u32::from_str_radix(&value, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o777)
+                        .ok_or_else(|| {
+                            fail(format!(
+                                "Parameter 'perm' expects an octal mode such as 0660, got '{value}'"
+                            ))
+                        })?,
+                ),
+                "owner" => access.owner = Some(parse_user(&value).map_err(fail)?),
+                "group" => access.group = Some(parse_group(&value).map_err(fail)?),
+                "uids" => access.uids = parse_ids(key, &value, parse_user).map_err(fail)?,
+                "gids" => access.gids = parse_ids(key, &value, parse_group).map_err(fail)?,
+                "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?),
+                "reconnect" => {
+                    reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?.saturating_mul(1000))
+                }
+                "mode" => {
+                    mode = match value.as_str() {
+                        "control" => MonitorMode::Control,
+                        "readline" => MonitorMode::Readline,
+                        _ => {
+                            return Err(fail(format!(
+                                "Parameter 'mode' expects 'control' or 'readline', got '{value}'"
+                            )));
+                        }
+                    }
+                }
+                _ => return Err(fail(format!("Invalid parameter '{key}'"))),
+            }
+        }
+
+        let id = id
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| fail("Parameter 'id' is missing".into()))?;
+        if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(fail(format!(
+                "Parameter 'id' expects an identifier (letters, digits, '-', '_', '.'), got '{id}'"
+            )));
+        }
+        let address = match (path, host, port, fd, named) {
+            (Some(p), None, None, None, None) => Address::Path(p),
+            (None, Some(host), Some(port), None, None) => Address::Tcp { host, port },
+            (None, None, Some(port), None, None) => Address::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            (None, Some(_), None, None, None) => {
+                return Err(fail("'host' needs 'port'".into()));
+            }
+            (None, None, None, Some(fd), None) => Address::Fd(fd),
+            (None, None, None, None, Some(address)) => address,
+            (None, None, None, None, None) => {
+                return Err(fail(
+                    "one of 'path', 'host'/'port', 'fd' or 'systemd' is required".into(),
+                ));
+            }
+            (_, _, _, Some(_), _) => {
+                return Err(fail(
+                    "'fd' cannot be combined with 'path', 'host', 'port' or 'systemd'".into(),
+                ));
+            }
+            _ => {
+                return Err(fail(
+                    "give exactly one of 'path', 'host'/'port', 'fd' or 'systemd'".into(),
+                ));
+            }
+        };
+        // QEMU's default is server=off; systemd only ever passes listening sockets.
+        let server = server.unwrap_or(matches!(address, Address::Systemd(_)));
+        if tls_creds.is_some() && !server {
+            // QEMU's rule: no TLS on a client socket given as an fd (there is no host
+            // name to check a certificate against).
+            return Err(fail(
+                if matches!(address, Address::Fd(_) | Address::Named(_)) {
+                    "TLS is not allowed on a client socket given as an fd: there is no host name to verify".into()
+                } else {
+                    "tls-creds is for listeners (server=on); qmpgate's link to QEMU does not use TLS".into()
+                },
+            ));
+        }
+        let spec = ChardevSpec {
+            id,
+            address,
+            server,
+            reconnect_ms,
+            mode,
+            tls_creds,
+            upstream,
+            policy,
+            access,
+        };
+        spec.check_own_keys("on").map_err(fail)?;
+        Ok(spec)
+    }
+
+    /// qmpgate's own keys each belong to a role: `upstream=` to listeners,
+    /// `profile=`/`plugins=` to either. `on` is how the caller's syntax spells
+    /// server=on (`on` in specs, `true` in QAPI).
+    pub fn check_own_keys(&self, on: &str) -> Result<(), String> {
+        if self.access.shapes_file() && !matches!(self.address, Address::Path(_)) {
+            return Err("'perm', 'owner' and 'group' set a socket file's mode: give 'path'".into());
+        }
+        if !self.server && self.upstream.is_some() {
+            return Err(format!(
+                "'upstream' binds a listener (server={on}) to an upstream; this chardev is a client"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A spec used in a role it cannot have (an upstream that listens, a listener bound
+/// to no upstream, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct RoleError(pub String);
+
+impl ChardevSpec {
+    /// Checks that the spec can be an upstream (a link to QEMU's monitor).
+    pub fn check_upstream(&self) -> Result<(), RoleError> {
+        if self.server {
+            return Err(RoleError(format!(
+                "upstream '{}' must be a client chardev (server=off): qmpgate connects to QEMU's monitor",
+                self.id
+            )));
+        }
+        if self.access != Access::default() {
+            return Err(RoleError(format!(
+                "upstream '{}': 'perm', 'owner', 'group', 'uids' and 'gids' are for listeners",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that the spec can be a listener.
+    pub fn check_listener(&self) -> Result<(), RoleError> {
+        if !self.server {
+            return Err(RoleError(format!(
+                "listener '{}': a listener needs server=on",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The upstream a listener serves: its `upstream=`, or the only upstream there is.
+    pub fn bound_upstream<'a>(
+        &self,
+        upstream_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<String, RoleError> {
+        let ids: Vec<&str> = upstream_ids.into_iter().collect();
+        let listener = &self.id;
+        match (&self.upstream, ids.as_slice()) {
+            (Some(id), _) if ids.contains(&id.as_str()) => Ok(id.clone()),
+            (Some(id), _) => Err(RoleError(format!(
+                "listener '{listener}': no upstream '{id}' (upstreams: {})",
+                if ids.is_empty() {
+                    "none".to_string()
+                } else {
+                    ids.join(", ")
+                }
+            ))),
+            (None, [only]) => Ok(only.to_string()),
+            (None, []) => Err(RoleError(format!(
+                "listener '{listener}': there is no upstream to serve"
+            ))),
+            (None, _) => Err(RoleError(format!(
+                "listener '{listener}': give upstream=ID; qmpgate has several upstreams ({})",
+                ids.join(", ")
+            ))),
+        }
+    }
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!(
+            "Parameter '{key}' expects 'on' or 'off', got '{value}'"
+        )),
+    }
+}
+
+fn parse_u64(key: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse()
+        .map_err(|_| format!("Parameter '{key}' expects a number, got '{value}'"))
+}
+
+/// Splits QemuOpts-style `a,b=c,,d` into `["a", "b=c,d"]`.
+fn split_opts(spec: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                parts.last_mut().expect("never empty").push(',');
+            } else {
+                parts.push(String::new());
+            }
+        } else {
+            parts.last_mut().expect("never empty").push(c);
+        }
+    }
+    parts
+}
+
+/// Who connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Kernel-verified credentials of a unix-socket peer (SO_PEERCRED).
+    Unix {
+        /// Process id (0 if unknown).
+        pid: i32,
+        /// User id.
+        uid: u32,
+        /// Group id.
+        gid: u32,
+    },
+    /// A TCP peer address.
+    Inet(String),
+    /// Nothing known.
+    Unknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(spec: &str) -> String {
+        ChardevSpec::parse(spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_qemu_style_specs() {
+        let s = ChardevSpec::parse("socket,id=qmp,path=/run/a,,b.sock,server=on,wait=off").unwrap();
+        assert_eq!(s.id, "qmp");
+        assert_eq!(s.address, Address::Path("/run/a,b.sock".into()));
+        assert!(s.server);
+        let s = ChardevSpec::parse("socket,id=t,host=::1,port=4444,reconnect=2").unwrap();
+        assert_eq!(
+            s.address,
+            Address::Tcp {
+                host: "::1".into(),
+                port: 4444
+            }
+        );
+        assert!(!s.server);
+        assert_eq!(s.reconnect_ms, Some(2000));
+        let s = ChardevSpec::parse("socket,id=f,fd=3,server=on,mode=readline").unwrap();
+        assert_eq!(s.address, Address::Fd(3));
+        assert_eq!(s.mode, MonitorMode::Readline);
+        let s = ChardevSpec::parse("socket,id=sd,systemd=qmp").unwrap();
+        assert!(s.server, "systemd sockets listen");
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_clear_reasons() {
+        assert!(err("socket,path=/x").contains("Parameter 'id' is missing"));
+        assert!(err("file,id=x,path=/x").contains("backend 'file' is not supported"));
+        assert!(err("socket,id=x,fd=3,path=/x").contains("'fd' cannot be combined"));
+        assert!(err("socket,id=x,fd=myfd").contains("Unable to parse FD number 'myfd'"));
+        assert!(err("socket,id=x,path=/x,server=maybe").contains("expects 'on' or 'off'"));
+        assert!(err("socket,id=x,path=/x,colour=red").contains("Invalid parameter 'colour'"));
+        assert!(err("socket,id=x").contains("one of 'path'"));
+        assert!(err("socket,id=x,path=/a,path=/b").contains("given twice"));
+        assert!(err("socket,id=x,host=h").contains("'host' needs 'port'"));
+        assert!(err("socket,id=a b,path=/x").contains("expects an identifier"));
+    }
+
+    #[test]
+    fn upstreams_select_policies_and_listeners_select_upstreams() {
+        let s = ChardevSpec::parse("socket,id=vm1,path=/q,profile=readonly").unwrap();
+        assert_eq!(s.policy, Policy::Profile("readonly".into()));
+        let s = ChardevSpec::parse("socket,id=vm1,path=/q,plugins=hmp:strict").unwrap();
+        assert_eq!(
+            s.policy,
+            Policy::Plugins(vec!["hmp".into(), "strict".into()])
+        );
+        let s = ChardevSpec::parse("socket,id=g,path=/g,server=on,upstream=vm1").unwrap();
+        assert_eq!(s.upstream.as_deref(), Some("vm1"));
+        assert_eq!(
+            ChardevSpec::parse("socket,id=g,path=/g,server=on,profile=readonly")
+                .unwrap()
+                .policy,
+            Policy::Profile("readonly".into())
+        );
+        assert!(err("socket,id=q,path=/q,upstream=vm1").contains("this chardev is a client"));
+        assert!(err("socket,id=q,path=/q,profile=safe,plugins=a").contains("not both"));
+        assert!(err("socket,id=q,path=/q,plugins=a::b").contains("separated by ':'"));
+    }
+}

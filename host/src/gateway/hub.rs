@@ -1,0 +1,416 @@
+//! The hub: every VM's entry, and what they share: ids, chains, services,
+//! reloading, task supervision and shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use qmpgate_plugin_host::PluginChain;
+use qmpgate_protocol::chardev::{ChardevSpec, Policy};
+use qmpgate_protocol::lock;
+
+use super::chains::Chains;
+use super::vm::Vm;
+use super::{HubError, ReloadRequest};
+use crate::io::{FdTable, Listener, tls};
+use crate::session::{ClientRegistry, Metrics, SessionLimits};
+use crate::upstream::{self, Outcome};
+
+/// Every upstream, and what they share: services, reloading, chains, shutdown.
+pub struct Hub {
+    upstreams: Mutex<BTreeMap<String, Arc<Vm>>>,
+    chains: Mutex<Chains>,
+    limits: Arc<SessionLimits>,
+    /// The status endpoint's and control monitor's chardevs: (id, role, address).
+    services: Mutex<Vec<(String, &'static str, String)>>,
+    /// Where reload requests go (SIGHUP and the control monitor's `x-qmpgate-reload`).
+    reload: Mutex<Option<tokio::sync::mpsc::Sender<ReloadRequest>>>,
+    /// Upstreams whose QEMU went away stay listed (`qmpgate run`, which reports the
+    /// exit to their clients before it stops).
+    keep_ended: bool,
+    /// How each upstream that went away ended, for [`Gateway::run`].
+    ended: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    next_client: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Hub {
+    /// An empty hub: upstreams and listeners are added next. `ended` hears how each
+    /// upstream that went away ended.
+    pub(super) fn new(
+        chains: Chains,
+        limits: SessionLimits,
+        keep_ended: bool,
+        ended: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    ) -> Self {
+        Hub {
+            upstreams: Mutex::new(BTreeMap::new()),
+            chains: Mutex::new(chains),
+            limits: Arc::new(limits),
+            services: Mutex::new(Vec::new()),
+            reload: Mutex::new(None),
+            keep_ended,
+            ended,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            next_client: Arc::new(AtomicU64::new(1)),
+            started: Instant::now(),
+        }
+    }
+
+    /// Connects to QEMU once on `spec` and serves it as upstream `spec.id`.
+    pub async fn add_upstream(
+        self: &Arc<Self>,
+        spec: ChardevSpec,
+        fds: &mut FdTable,
+    ) -> Result<Arc<Vm>, HubError> {
+        spec.check_upstream()?;
+        if self.id_in_use(&spec.id) {
+            return Err(HubError::IdInUse(spec.id));
+        }
+        let chain = self
+            .chain_off_workers(&spec.policy, format!("upstream '{}'", spec.id))
+            .await?;
+
+        let shutdown = self.shutdown.child_token();
+        let (handle, task) = upstream::connect(
+            spec.clone(),
+            fds,
+            self.limits.event_history,
+            self.limits.liveness,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|source| HubError::Upstream {
+            id: spec.id.clone(),
+            source,
+        })?;
+        let chain = chain.for_upstream(&spec.id);
+        let shared = Arc::new(Vm {
+            upstream: handle,
+            upstream_spec: spec,
+            chain: Arc::new(RwLock::new(chain)),
+            limits: self.limits.clone(),
+            metrics: Arc::new(Metrics::default()),
+            registry: Arc::new(ClientRegistry::default()),
+            tracker: self.tracker.clone(),
+            shutdown,
+            next_client: self.next_client.clone(),
+            listeners: Mutex::new(BTreeMap::new()),
+        });
+        let id = shared.upstream_spec.id.clone();
+        {
+            let mut upstreams = lock::mutex(&self.upstreams);
+            // Another add of the same id may have finished while this one connected.
+            if self.id_in_use_locked(&upstreams, &id) {
+                shared.shutdown.cancel();
+                return Err(HubError::IdInUse(id));
+            }
+            upstreams.insert(id.clone(), shared.clone());
+        }
+        tracing::info!(
+            upstream = %id,
+            policy = %shared.upstream_spec.policy,
+            chain = %shared.chain().describe().join(" -> "),
+            "upstream added"
+        );
+        let hub = self.clone();
+        let watched = shared.clone();
+        self.tracker.spawn(async move {
+            let outcome = task
+                .await
+                .unwrap_or_else(|e| Outcome::Lost(format!("upstream task failed: {e}")));
+            hub.upstream_ended(&watched, outcome);
+        });
+        Ok(shared)
+    }
+
+    fn upstream_ended(&self, shared: &Arc<Vm>, outcome: Outcome) {
+        if self.keep_ended || self.shutdown.is_cancelled() {
+            return;
+        }
+        let id = &shared.upstream_spec.id;
+        tracing::info!(upstream = %id, ?outcome, "upstream ended; removing it and its listeners");
+        {
+            let mut upstreams = lock::mutex(&self.upstreams);
+            // Only this instance: the id may have been removed and added again.
+            if upstreams.get(id).is_some_and(|u| Arc::ptr_eq(u, shared)) {
+                upstreams.remove(id);
+            }
+        }
+        shared.shutdown.cancel();
+        let _ = self.ended.send(outcome);
+    }
+
+    /// Stops serving upstream `id`: its listeners close and its clients disconnect.
+    /// False if there is no such upstream.
+    pub fn remove_upstream(&self, id: &str) -> bool {
+        let removed = lock::mutex(&self.upstreams).remove(id);
+        match removed {
+            Some(shared) => {
+                tracing::info!(upstream = id, "upstream removed");
+                // Clients get the event as their sessions drain, then the link closes.
+                shared.upstream.announce(
+                    "QMPGATE_UPSTREAM_REMOVED",
+                    serde_json::json!({ "upstream": id }),
+                );
+                shared.shutdown.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The upstream named `id`.
+    pub fn upstream(&self, id: &str) -> Option<Arc<Vm>> {
+        lock::mutex(&self.upstreams).get(id).cloned()
+    }
+
+    /// Every upstream, by id.
+    pub fn upstreams(&self) -> Vec<Arc<Vm>> {
+        lock::mutex(&self.upstreams).values().cloned().collect()
+    }
+
+    /// The upstream a request names, or the only one when it names none.
+    pub fn pick(&self, id: Option<&str>) -> Result<Arc<Vm>, HubError> {
+        let upstreams = lock::mutex(&self.upstreams);
+        match id {
+            Some(id) => upstreams
+                .get(id)
+                .cloned()
+                .ok_or_else(|| HubError::NoUpstream(format!("no upstream '{id}'"))),
+            None => {
+                let mut all = upstreams.values();
+                match (all.next(), all.next()) {
+                    (Some(only), None) => Ok(only.clone()),
+                    (None, _) => Err(HubError::NoUpstream("there is no upstream".into())),
+                    _ => Err(HubError::NoUpstream(format!(
+                        "name an upstream; there are {}: {}",
+                        upstreams.len(),
+                        upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn id_in_use(&self, id: &str) -> bool {
+        let upstreams = lock::mutex(&self.upstreams);
+        self.id_in_use_locked(&upstreams, id)
+    }
+
+    /// Whether `id` names an upstream, a listener or a service; callers hold the
+    /// upstreams lock, so that the check and the insertion that follows are one step.
+    fn id_in_use_locked(&self, upstreams: &BTreeMap<String, Arc<Vm>>, id: &str) -> bool {
+        upstreams.contains_key(id)
+            || upstreams
+                .values()
+                .any(|u| lock::mutex(&u.listeners).contains_key(id))
+            || lock::mutex(&self.services).iter().any(|(s, _, _)| s == id)
+    }
+
+    /// Whether `spec` could be added as a listener now (its id is free, it names
+    /// an upstream there is): checked before its socket is bound, so that a
+    /// refused `chardev-add` touches nothing.
+    pub fn check_new_listener(&self, spec: &ChardevSpec) -> Result<(), HubError> {
+        spec.check_listener()?;
+        let upstreams = lock::mutex(&self.upstreams);
+        if self.id_in_use_locked(&upstreams, &spec.id) {
+            return Err(HubError::IdInUse(spec.id.clone()));
+        }
+        spec.bound_upstream(upstreams.keys().map(String::as_str))?;
+        Ok(())
+    }
+
+    /// Starts accepting on `listener` as chardev `spec.id`, for the upstream its
+    /// `upstream=` names (or the only upstream). A listener with its own
+    /// `profile=`/`plugins=` gets that chain. Plugins load and TLS credentials are
+    /// read on a blocking thread, before any lock is taken.
+    pub async fn add_listener(
+        self: &Arc<Self>,
+        spec: &ChardevSpec,
+        listener: Listener,
+    ) -> Result<(), HubError> {
+        spec.check_listener()?;
+        let own_chain = match &spec.policy {
+            Policy::Default => None,
+            policy => Some(
+                self.chain_off_workers(policy, format!("listener '{}'", spec.id))
+                    .await?,
+            ),
+        };
+        let tls = match spec.tls_creds.clone() {
+            Some(dir) => Some(
+                tokio::task::spawn_blocking(move || tls::acceptor(&dir))
+                    .await
+                    .expect("reading TLS credentials does not panic")?,
+            ),
+            None => None,
+        };
+        let upstreams = lock::mutex(&self.upstreams);
+        if self.id_in_use_locked(&upstreams, &spec.id) {
+            return Err(HubError::IdInUse(spec.id.clone()));
+        }
+        let id = spec.bound_upstream(upstreams.keys().map(String::as_str))?;
+        let own_chain = own_chain.map(|chain| chain.for_upstream(&id));
+        if let Some(chain) = &own_chain {
+            tracing::info!(
+                listener = %spec.id,
+                policy = %spec.policy,
+                chain = %chain.describe().join(" -> "),
+                "listener has its own policy"
+            );
+        }
+        upstreams[&id].add_listener(spec, listener, tls, own_chain);
+        Ok(())
+    }
+
+    /// Stops accepting on listener `id` (its clients stay connected); false if
+    /// there is no such listener.
+    pub fn remove_listener(&self, id: &str) -> bool {
+        self.upstreams().iter().any(|u| u.remove_listener(id))
+    }
+
+    /// The chain for `policy` (built once, then shared), loaded on a blocking
+    /// thread: compiling a plugin on a cache miss takes a quarter of a second.
+    async fn chain_off_workers(
+        self: &Arc<Self>,
+        policy: &Policy,
+        owner: String,
+    ) -> Result<PluginChain, HubError> {
+        let (hub, policy) = (self.clone(), policy.clone());
+        tokio::task::spawn_blocking(move || lock::mutex(&hub.chains).get(&policy))
+            .await
+            .expect("loading plugins does not panic")
+            .map_err(|source| HubError::Chain { owner, source })
+    }
+
+    /// Replaces every upstream's chain with one built from `chains` (a reloaded
+    /// configuration); if any upstream's policy fails to load, nothing changes.
+    /// Blocks while plugins load.
+    pub fn replace_chains(&self, mut chains: Chains) -> Result<(), HubError> {
+        let upstreams = self.upstreams();
+        let mut next = Vec::new();
+        let mut next_listeners = Vec::new();
+        for shared in &upstreams {
+            let id = &shared.upstream_spec.id;
+            let chain =
+                chains
+                    .get(&shared.upstream_spec.policy)
+                    .map_err(|source| HubError::Chain {
+                        owner: format!("upstream '{id}'"),
+                        source,
+                    })?;
+            next.push(chain);
+            for (listener, policy, slot) in shared.own_listener_chains() {
+                let chain = chains.get(&policy).map_err(|source| HubError::Chain {
+                    owner: format!("listener '{listener}'"),
+                    source,
+                })?;
+                next_listeners.push((slot, chain.for_upstream(id)));
+            }
+        }
+        let mut current = lock::mutex(&self.chains);
+        for (shared, chain) in upstreams.iter().zip(next) {
+            shared.replace_chain(chain.for_upstream(&shared.upstream_spec.id));
+        }
+        for (slot, chain) in next_listeners {
+            *lock::write(&slot) = chain;
+        }
+        *current = chains;
+        Ok(())
+    }
+
+    /// The distinct chains in use, each with the policy that selected it and the
+    /// upstreams that use it.
+    /// Listeners with a policy of their own count as users of their chain by
+    /// their own id.
+    pub fn chains_in_use(&self) -> Vec<(PluginChain, Policy, Vec<String>)> {
+        let mut out: Vec<(PluginChain, Policy, Vec<String>)> = Vec::new();
+        let mut add = |chain: PluginChain, policy: &Policy, id: String| match out
+            .iter_mut()
+            .find(|(c, _, _)| c.same_as(&chain))
+        {
+            Some((_, _, ids)) => ids.push(id),
+            None => out.push((chain, policy.clone(), vec![id])),
+        };
+        for shared in self.upstreams() {
+            add(
+                shared.chain(),
+                &shared.upstream_spec.policy,
+                shared.upstream_spec.id.clone(),
+            );
+            for (listener, policy, slot) in shared.own_listener_chains() {
+                let chain = lock::read(&slot).clone();
+                add(chain, &policy, listener);
+            }
+        }
+        out
+    }
+
+    /// When the gateway started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Records a service chardev (`status`, `control`) for status.
+    pub fn register_service(&self, id: &str, role: &'static str, address: String) {
+        lock::mutex(&self.services).push((id.to_string(), role, address));
+    }
+
+    /// The service chardevs: (id, role, address).
+    pub fn services(&self) -> Vec<(String, &'static str, String)> {
+        lock::mutex(&self.services).clone()
+    }
+
+    /// Routes reload requests to `handler` (set once at start-up by `main`).
+    pub fn set_reload_handler(&self, handler: tokio::sync::mpsc::Sender<ReloadRequest>) {
+        *lock::mutex(&self.reload) = Some(handler);
+    }
+
+    /// Asks for configuration and plugins to be reloaded; returns what happened.
+    pub async fn reload(&self) -> Result<String, String> {
+        let handler = lock::mutex(&self.reload).clone();
+        let Some(handler) = handler else {
+            return Err("reloading is not available".into());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        handler
+            .send(tx)
+            .await
+            .map_err(|_| "the reloader has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the reloader has stopped".to_string())?
+    }
+
+    /// The limits every session and connection works under.
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
+    /// Runs `task` under the gateway's shutdown tracking.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task);
+    }
+
+    /// Waits for every task the hub tracks (sessions, accept loops, upstream
+    /// watchers) to end; no new task is tracked after this is called.
+    pub(super) async fn drain(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// A token cancelled when the gateway shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
