@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use qmpgate::control::config::{self, FileConfig, Overrides};
 use qmpgate::gateway::{Chains, Gateway, SHUTDOWN_GRACE, Settings};
 use qmpgate::io::FdTable;
-use qmpgate::plugin::{PluginChain, Runtime};
+use qmpgate::plugin::Runtime;
 use qmpgate::session::{Admission, SessionLimits};
 use qmpgate::upstream::Outcome;
 
@@ -70,7 +70,7 @@ enum Command {
     },
     /// The built-in policy's rules: what each profile allows, and whether a QEMU's
     /// schema is covered.
-    Policy {
+    ChainSelector {
         #[command(subcommand)]
         action: PolicyAction,
     },
@@ -362,8 +362,16 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
                     listener,
                     uid,
                 },
-        }) => return plugin_test(plugin, config.as_deref(), listener, *uid).await,
-        Some(Command::Policy { action }) => return policy(action),
+        }) => {
+            return Ok(qmpgate::control::authoring::plugin_test(
+                plugin,
+                config.as_deref(),
+                listener,
+                *uid,
+            )
+            .await?);
+        }
+        Some(Command::ChainSelector { action }) => return policy(action),
         None => (&cli.gateway, None, None, false),
     };
     let file = match &args.config {
@@ -403,7 +411,7 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
     let mut chains = Chains::new(wasm.clone(), resolved.plugins.clone());
     // Load the default chain now, so that a plugin error is a start-up error even for
     // a gateway that gets its upstreams at run time.
-    chains.get(&qmpgate::protocol::chardev::Policy::Default)?;
+    chains.get(&qmpgate::protocol::chardev::ChainSelector::Default)?;
     // And every policy an upstream or listener selects.
     for spec in resolved.upstreams.iter().chain(&resolved.listeners) {
         chains
@@ -465,6 +473,12 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
     };
 
     let hub = gateway.hub().clone();
+    let reloader = qmpgate::control::reload::Reloader::spawn(
+        hub.clone(),
+        wasm,
+        args.config.clone(),
+        overrides,
+    );
     for (spec, role) in [(&resolved.status, "status"), (&resolved.control, "control")] {
         if let Some(spec) = spec {
             hub.register_service(&spec.id, role, spec.address.to_string());
@@ -485,10 +499,11 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
             listener,
             access,
             hub.clone(),
+            reloader.clone(),
         ));
     }
-    spawn_reloader(hub.clone(), wasm, args.config.clone(), overrides);
-    notify_systemd("READY=1");
+    reloader.on_sighup();
+    qmpgate::control::systemd::notify("READY=1");
 
     let Some(mut launched) = launched else {
         return Ok(match gateway.run(signalled).await {
@@ -545,181 +560,6 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
     Ok(code.clamp(0, 255) as u8)
 }
 
-/// `qmpgate plugin test`: a plugin's verdicts over a transcript, one JSON line each.
-async fn plugin_test(
-    path: &std::path::Path,
-    config: Option<&std::path::Path>,
-    listener: &str,
-    uid: u32,
-) -> anyhow::Result<u8> {
-    use qmpgate::plugin::{Client, Decision, EventDecision, Peer, Protocol, UnixPeer};
-    use serde_json::{Value, json};
-    use tokio::io::AsyncBufReadExt;
-
-    let config: Value = match config {
-        None => json!({}),
-        Some(file) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            if file.extension().is_some_and(|e| e == "toml") {
-                serde_json::to_value(
-                    toml::from_str::<toml::Table>(&text)
-                        .with_context(|| format!("{}", file.display()))?,
-                )?
-            } else {
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not JSON", file.display()))?
-            }
-        }
-    };
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("plugin")
-        .to_string();
-    let wasm = Runtime::new(None, None)?;
-    let loaded = wasm.load(&name, path, &config, qmpgate::plugin::Limits::default())?;
-    let chain = PluginChain::start(vec![loaded])?;
-    let client = |protocol| Client {
-        id: 1,
-        listener: listener.to_string(),
-        protocol,
-        peer: Peer::Unix(UnixPeer {
-            pid: 0,
-            uid,
-            gid: uid,
-        }),
-        capabilities: vec![],
-        tls_identity: None,
-    };
-    let verdict = |decision: Decision| match decision {
-        Decision::Forward(c) => {
-            json!({"verdict": "forward", "command": {"execute": c.name, "arguments": c.arguments}})
-        }
-        Decision::Deny(e) => {
-            json!({"verdict": "deny", "error": {"class": e.class, "desc": e.desc}})
-        }
-        Decision::Reply(v) => json!({"verdict": "reply", "return": v}),
-    };
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut number = 0;
-    let mut bad = 0;
-    while let Some(line) = lines.next_line().await? {
-        number += 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let input: Value = match serde_json::from_str(&line) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                bad += 1;
-                println!("{}", json!({"line": number, "error": "not a JSON object"}));
-                continue;
-            }
-        };
-        let mut out = if let Some(Value::String(hmp)) = input.get("hmp") {
-            verdict(chain.on_hmp(&client(Protocol::Hmp), hmp, None).await)
-        } else if let Some(Value::String(event)) = input.get("event") {
-            let body = input.as_object().cloned().unwrap_or_default();
-            match chain
-                .on_event(&client(Protocol::Qmp), event, &body, false)
-                .await
-            {
-                EventDecision::Deliver => json!({"verdict": "deliver"}),
-                EventDecision::Drop => json!({"verdict": "drop"}),
-                EventDecision::Rewrite(data) => json!({"verdict": "rewrite", "data": data}),
-            }
-        } else {
-            match qmpgate::protocol::qmp::parse_request(input.clone(), true) {
-                Ok(request) => {
-                    let command = qmpgate::protocol::qmp::Command {
-                        name: request.name,
-                        arguments: request.arguments,
-                        oob: request.oob,
-                    };
-                    verdict(
-                        chain
-                            .on_command(&client(Protocol::Qmp), command, None)
-                            .await,
-                    )
-                }
-                Err(e) => {
-                    bad += 1;
-                    json!({"error": e.error.desc})
-                }
-            }
-        };
-        out["line"] = Value::from(number);
-        out["input"] = input;
-        println!("{out}");
-    }
-    Ok(if bad > 0 { 2 } else { 0 })
-}
-
-/// Reloads the configuration file and the plugins on SIGHUP and on the control
-/// monitor's `x-qmpgate-reload`. New chains replace the old ones only once every
-/// upstream's policy loaded; otherwise the old chains stay and the reason is
-/// reported. Upstreams and listeners are not reloaded.
-fn spawn_reloader(
-    hub: Arc<qmpgate::gateway::Hub>,
-    wasm: Arc<Runtime>,
-    config_path: Option<PathBuf>,
-    overrides: Overrides,
-) {
-    let (requests, mut queue) = tokio::sync::mpsc::channel::<qmpgate::gateway::ReloadRequest>(4);
-    hub.set_reload_handler(requests.clone());
-    tokio::spawn(async move {
-        while let Some(reply) = queue.recv().await {
-            let (hub, wasm, path, overrides) = (
-                hub.clone(),
-                wasm.clone(),
-                config_path.clone(),
-                overrides.clone(),
-            );
-            let reloaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-                let file = match &path {
-                    Some(path) => FileConfig::load(path)?,
-                    None => FileConfig::default(),
-                };
-                let resolved = config::resolve(file, overrides)?;
-                // Otherwise every changed plugin file would stay compiled in memory
-                // for the life of the process.
-                wasm.forget_compiled();
-                let names = resolved.plugins.iter().map(|p| p.name.clone()).collect();
-                hub.replace_chains(Chains::new(wasm, resolved.plugins))?;
-                Ok(names)
-            })
-            .await;
-            let result = match reloaded {
-                Ok(Ok(names)) => {
-                    tracing::info!(plugins = ?names, "reloaded");
-                    Ok(format!("reloaded plugins: {}", names.join(", ")))
-                }
-                Ok(Err(e)) => Err(format!("{e:#}")),
-                Err(e) => Err(format!("reload task failed: {e}")),
-            };
-            if let Err(reason) = &result {
-                tracing::error!(%reason, "reload failed; keeping the running plugins");
-            }
-            let _ = reply.send(result);
-        }
-    });
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading");
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if requests.send(tx).await.is_err() {
-                return;
-            }
-            let _ = rx.await;
-        }
-    });
-}
-
 /// A host gateway holds three fds or more per VM (its monitor link, a listener, each
 /// client); the usual soft limit of 1024 would cap it near 300 VMs. Raise the soft
 /// limit to the hard one, as the limit's design intends for programs that need it.
@@ -730,29 +570,6 @@ fn raise_fd_limit() {
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
     {
         tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
-    }
-}
-
-/// Tells systemd (Type=notify) about our state, if it is listening.
-fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let socket = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(socket) => socket,
-        Err(e) => return tracing::warn!(error = %e, "sd_notify: cannot create a socket"),
-    };
-    let bytes = path.as_encoded_bytes();
-    // A leading '@' names a socket in the abstract namespace.
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        socket.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use thiserror::Error;
 
-use qmpgate_protocol::chardev::Policy;
+use qmpgate_protocol::chardev::ChainSelector;
 
 use crate::{Limits, builtin};
 
@@ -38,12 +38,15 @@ pub struct PluginSpec {
 }
 
 /// The plugins `policy` selects from the configured ones, in chain order.
-pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>, ChainError> {
+pub fn select(
+    plugins: &[PluginSpec],
+    policy: &ChainSelector,
+) -> Result<Vec<PluginSpec>, ChainError> {
     match policy {
-        Policy::Default => Ok(plugins.to_vec()),
+        ChainSelector::Default => Ok(plugins.to_vec()),
         // The profile replaces the built-in policy's; the operator's other plugins
         // (audit, say) stay in the chain.
-        Policy::Profile(profile) => {
+        ChainSelector::Profile(profile) => {
             let mut chain = plugins.to_vec();
             let mut found = false;
             for p in chain.iter_mut().filter(|p| is_builtin(p, builtin::POLICY)) {
@@ -64,7 +67,7 @@ pub fn select(plugins: &[PluginSpec], policy: &Policy) -> Result<Vec<PluginSpec>
                 compose(without_builtins, Some(profile), false)
             }
         }
-        Policy::Plugins(names) => names
+        ChainSelector::Plugins(names) => names
             .iter()
             .map(|name| {
                 plugins

@@ -19,6 +19,7 @@ use std::fmt;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use serde_json::{Map, Value};
 use thiserror::Error;
 
 /// A spec that does not parse, or whose keys break a rule.
@@ -79,7 +80,7 @@ pub enum MonitorMode {
 /// management socket). Chardevs that select the same policy share one chain (one
 /// set of plugin instances).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub enum Policy {
+pub enum ChainSelector {
     /// The configured plugins (or, with none configured, the built-in policy).
     #[default]
     Default,
@@ -89,12 +90,12 @@ pub enum Policy {
     Plugins(Vec<String>),
 }
 
-impl fmt::Display for Policy {
+impl fmt::Display for ChainSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Policy::Default => write!(f, "default"),
-            Policy::Profile(profile) => write!(f, "profile={profile}"),
-            Policy::Plugins(names) => write!(f, "plugins={}", names.join(":")),
+            ChainSelector::Default => write!(f, "default"),
+            ChainSelector::Profile(profile) => write!(f, "profile={profile}"),
+            ChainSelector::Plugins(names) => write!(f, "plugins={}", names.join(":")),
         }
     }
 }
@@ -201,7 +202,7 @@ pub struct ChardevSpec {
     pub upstream: Option<String>,
     /// `profile=`/`plugins=` (qmpgate's own keys): the upstream's policy, or on a
     /// listener the policy of its clients (`Default`: its upstream's).
-    pub policy: Policy,
+    pub policy: ChainSelector,
     /// `perm=`, `owner=`, `group=`, `uids=`, `gids=` (qmpgate's own keys, unix
     /// listeners only): who may reach it.
     pub access: Access,
@@ -241,22 +242,35 @@ impl ChardevSpec {
             }
         }
 
+        let mut pairs = Vec::new();
+        for part in parts {
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(fail(format!("'{part}' is not of the form key=value")));
+            };
+            pairs.push((key.to_string(), value.to_string()));
+        }
+        ChardevSpec::from_keys(pairs, runtime, "on").map_err(fail)
+    }
+
+    /// The spec that `key=value` pairs describe: the one reader of a spec's keys,
+    /// whichever form they came in (QemuOpts text or QAPI's `chardev-add`).
+    /// `on` is how the caller's syntax spells server=on in messages (`on` in
+    /// specs, `true` in QAPI).
+    fn from_keys(pairs: Vec<(String, String)>, runtime: bool, on: &str) -> Result<Self, String> {
+        let fail = |reason: String| reason;
         // `named` is a socket found by name: systemd's, or (at run time) a getfd name.
         let (mut id, mut path, mut host, mut port, mut fd, mut named) =
             (None, None, None, None, None, None);
         let (mut server, mut reconnect_ms, mut mode) = (None, None, MonitorMode::Control);
         let mut tls_creds = None;
-        let (mut upstream, mut policy) = (None, Policy::Default);
+        let (mut upstream, mut policy) = (None, ChainSelector::Default);
         let mut access = Access::default();
         let mut seen = HashSet::new();
-        for part in parts {
-            let Some((key, value)) = part.split_once('=') else {
-                return Err(fail(format!("'{part}' is not of the form key=value")));
-            };
+        for (key, value) in pairs {
+            let key = key.as_str();
             if !seen.insert(key.to_string()) {
                 return Err(fail(format!("parameter '{key}' given twice")));
             }
-            let value = value.to_string();
             match key {
                 "id" => id = Some(value),
                 "path" => path = Some(PathBuf::from(value)),
@@ -289,10 +303,10 @@ impl ChardevSpec {
                 }
                 "tls-creds" => tls_creds = Some(PathBuf::from(value)),
                 "upstream" => upstream = Some(value),
-                "profile" | "plugins" if policy != Policy::Default => {
+                "profile" | "plugins" if policy != ChainSelector::Default => {
                     return Err(fail("give one of 'profile' or 'plugins', not both".into()));
                 }
-                "profile" => policy = Policy::Profile(value),
+                "profile" => policy = ChainSelector::Profile(value),
                 "plugins" => {
                     let names: Vec<String> = value.split(':').map(str::to_string).collect();
                     if names.iter().any(String::is_empty) {
@@ -300,7 +314,7 @@ impl ChardevSpec {
                             "Parameter 'plugins' expects names separated by ':', got '{value}'"
                         )));
                     }
-                    policy = Policy::Plugins(names)
+                    policy = ChainSelector::Plugins(names)
                 }
                 "perm" => access.perm = Some(
                     u32::from_str_radix(&value, 8)
@@ -398,8 +412,113 @@ impl ChardevSpec {
             policy,
             access,
         };
-        spec.check_own_keys("on").map_err(fail)?;
+        spec.check_own_keys(on).map_err(fail)?;
         Ok(spec)
+    }
+
+    /// Reads QAPI's `chardev-add` (`{"id": ..., "backend": {"type": "socket",
+    /// "data": {...}}}`, as on the control monitor): the members' JSON types are
+    /// checked here, then the spec means what the same keys mean in a QemuOpts
+    /// spec given at run time ([`ChardevSpec::parse_runtime`]): one reader of
+    /// the keys for both forms. qmpgate's own members (`upstream`, `profile`,
+    /// `plugins`, `perm`, `owner`, `group`, `uids`, `gids`) sit beside QEMU's in
+    /// `data`; members qmpgate has no use for (`nodelay`, `logfile`, ...) are
+    /// ignored.
+    pub fn from_qapi(id: &str, backend: &Value) -> Result<Self, String> {
+        let kind = backend.get("type").and_then(Value::as_str).unwrap_or("");
+        if kind != "socket" {
+            return Err(format!(
+                "chardev backend '{kind}' is not supported by qmpgate (only 'socket')"
+            ));
+        }
+        let empty = Map::new();
+        let data = backend
+            .get("data")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let mut pairs = vec![("id".to_string(), id.to_string())];
+        let mut pair = |key: &str, value: String| pairs.push((key.to_string(), value));
+        let wrong = |key: &str, expected: &str| {
+            format!("Invalid parameter type for '{key}', expected: {expected}")
+        };
+
+        let addr = data
+            .get("addr")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let addr_data = addr
+            .get("data")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let field = |k: &str| match addr_data.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.to_string()),
+            _ => Err(format!("Parameter 'addr.data.{k}' is missing")),
+        };
+        match addr.get("type").and_then(Value::as_str).unwrap_or("") {
+            "unix" => pair("path", field("path")?),
+            "inet" => {
+                pair("host", field("host")?);
+                pair("port", field("port")?);
+            }
+            "fd" => pair("fd", field("str")?),
+            other => return Err(format!("socket address type '{other}' is not supported")),
+        }
+        for key in ["server", "wait"] {
+            match data.get(key) {
+                None => {}
+                Some(Value::Bool(b)) => pair(key, if *b { "on" } else { "off" }.into()),
+                Some(_) => return Err(wrong(key, "boolean")),
+            }
+        }
+        for key in ["reconnect-ms", "reconnect"] {
+            match data.get(key) {
+                None => {}
+                Some(Value::Number(n)) if n.is_u64() => pair(key, n.to_string()),
+                Some(_) => return Err(wrong(key, "integer")),
+            }
+        }
+        // QEMU's `tls-creds` names a credentials object; qmpgate's is the directory
+        // such an object would load (server-cert.pem, server-key.pem, ca-cert.pem).
+        for key in ["tls-creds", "upstream", "profile", "owner", "group", "perm"] {
+            match data.get(key) {
+                None => {}
+                Some(Value::String(text)) if !text.is_empty() => pair(key, text.clone()),
+                // A uid, gid or mode may be given as a number (a mode in octal digits).
+                Some(Value::Number(n))
+                    if n.is_u64() && matches!(key, "owner" | "group" | "perm") =>
+                {
+                    pair(key, n.to_string())
+                }
+                Some(_) => return Err(wrong(key, "string")),
+            }
+        }
+        for (key, what) in [
+            ("plugins", "array of names"),
+            ("uids", "array of users"),
+            ("gids", "array of groups"),
+        ] {
+            let Some(items) = data.get(key) else { continue };
+            let names: Option<Vec<String>> =
+                items.as_array().filter(|a| !a.is_empty()).and_then(|a| {
+                    a.iter()
+                        .map(|item| match item {
+                            Value::String(s) if !s.is_empty() && !s.contains(':') => {
+                                Some(s.clone())
+                            }
+                            Value::Number(n) if n.is_u64() && key != "plugins" => {
+                                Some(n.to_string())
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                });
+            match names {
+                Some(names) => pair(key, names.join(":")),
+                None => return Err(wrong(key, what)),
+            }
+        }
+        ChardevSpec::from_keys(pairs, true, "true")
     }
 
     /// qmpgate's own keys each belong to a role: `upstream=` to listeners,
@@ -583,11 +702,11 @@ mod tests {
     #[test]
     fn upstreams_select_policies_and_listeners_select_upstreams() {
         let s = ChardevSpec::parse("socket,id=vm1,path=/q,profile=readonly").unwrap();
-        assert_eq!(s.policy, Policy::Profile("readonly".into()));
+        assert_eq!(s.policy, ChainSelector::Profile("readonly".into()));
         let s = ChardevSpec::parse("socket,id=vm1,path=/q,plugins=hmp:strict").unwrap();
         assert_eq!(
             s.policy,
-            Policy::Plugins(vec!["hmp".into(), "strict".into()])
+            ChainSelector::Plugins(vec!["hmp".into(), "strict".into()])
         );
         let s = ChardevSpec::parse("socket,id=g,path=/g,server=on,upstream=vm1").unwrap();
         assert_eq!(s.upstream.as_deref(), Some("vm1"));
@@ -595,10 +714,53 @@ mod tests {
             ChardevSpec::parse("socket,id=g,path=/g,server=on,profile=readonly")
                 .unwrap()
                 .policy,
-            Policy::Profile("readonly".into())
+            ChainSelector::Profile("readonly".into())
         );
         assert!(err("socket,id=q,path=/q,upstream=vm1").contains("this chardev is a client"));
         assert!(err("socket,id=q,path=/q,profile=safe,plugins=a").contains("not both"));
         assert!(err("socket,id=q,path=/q,plugins=a::b").contains("separated by ':'"));
+    }
+
+    #[test]
+    fn the_qapi_form_means_what_the_same_keys_mean_in_a_spec() {
+        let qapi = |data: Value| {
+            ChardevSpec::from_qapi("g", &serde_json::json!({"type": "socket", "data": data}))
+        };
+        let spec = qapi(serde_json::json!({
+            "addr": {"type": "unix", "data": {"path": "/run/a,b.sock"}},
+            "server": true, "wait": false, "upstream": "vm1", "plugins": ["hmp", "strict"],
+            "perm": "0660", "uids": [0, "root"],
+        }))
+        .unwrap();
+        assert_eq!(
+            spec,
+            ChardevSpec::parse_runtime(
+                "socket,id=g,path=/run/a,,b.sock,server=on,wait=off,upstream=vm1,plugins=hmp:strict,perm=0660,uids=0:root"
+            )
+            .unwrap()
+        );
+        // The same rules, in QAPI's words where the syntax differs.
+        let e = qapi(
+            serde_json::json!({"addr": {"type": "unix", "data": {"path": "/q"}}, "upstream": "vm1"}),
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            "'upstream' binds a listener (server=true) to an upstream; this chardev is a client"
+        );
+        let e =
+            qapi(serde_json::json!({"addr": {"type": "fd", "data": {"str": "x"}}, "perm": "0600"}));
+        assert_eq!(
+            e.unwrap_err(),
+            "'perm', 'owner' and 'group' set a socket file's mode: give 'path'"
+        );
+        let e = qapi(
+            serde_json::json!({"addr": {"type": "unix", "data": {"path": "/q"}}, "plugins": ["a:b"]}),
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            "Invalid parameter type for 'plugins', expected: array of names"
+        );
+        let e = qapi(serde_json::json!({"addr": {"type": "unix", "data": {}}}));
+        assert_eq!(e.unwrap_err(), "Parameter 'addr.data.path' is missing");
     }
 }

@@ -7,8 +7,8 @@
 //! the plugins.
 //!
 //! Layout: [`Request`] / [`parse_request`] for client input, [`Command`] for what
-//! goes to QEMU, [`Upstream`] /
-//! [`parse_upstream`] for QEMU's output, [`QmpError`] and the `*_response` helpers
+//! goes to QEMU, [`QemuMessage`] /
+//! [`parse_qemu_message`] for QEMU's output, [`QmpError`] and the `*_response` helpers
 //! for what goes back to clients.
 
 use serde_json::{Map, Value, json};
@@ -160,7 +160,7 @@ pub fn parse_request(value: Value, allow_oob: bool) -> Result<Request, RequestEr
 
 /// What QEMU sends.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Upstream {
+pub enum QemuMessage {
     /// `{"QMP": {"version": ..., "capabilities": [...]}}`
     Greeting {
         /// The `version` object, passed to clients in their own greetings.
@@ -268,7 +268,7 @@ struct RawReply<'a> {
 }
 
 /// Classifies one framed message from QEMU.
-pub fn parse_upstream(bytes: &[u8]) -> Result<Upstream, serde_json::Error> {
+pub fn parse_qemu_message(bytes: &[u8]) -> Result<QemuMessage, serde_json::Error> {
     // The common case, a `return`, keeps its value as text. (Any other member, or
     // anything unusual, goes the long way below.)
     if let Ok(raw) = serde_json::from_slice::<RawReply<'_>>(bytes) {
@@ -276,14 +276,14 @@ pub fn parse_upstream(bytes: &[u8]) -> Result<Upstream, serde_json::Error> {
             .id
             .map(|id| serde_json::from_str(id.get()))
             .transpose()?;
-        return Ok(Upstream::Reply {
+        return Ok(QemuMessage::Reply {
             id,
             body: Answer::Return(raw.returned.get().into()),
         });
     }
     let value: Value = serde_json::from_slice(bytes)?;
     let Value::Object(mut object) = value else {
-        return Ok(Upstream::Unknown(value));
+        return Ok(QemuMessage::Unknown(value));
     };
     if let Some(Value::Object(qmp)) = object.get("QMP") {
         let version = qmp.get("version").cloned().unwrap_or(Value::Null);
@@ -294,23 +294,23 @@ pub fn parse_upstream(bytes: &[u8]) -> Result<Upstream, serde_json::Error> {
                 .collect(),
             _ => Vec::new(),
         };
-        return Ok(Upstream::Greeting {
+        return Ok(QemuMessage::Greeting {
             version,
             capabilities,
         });
     }
     if object.contains_key("return") || object.contains_key("error") {
         let id = object.remove("id");
-        return Ok(Upstream::Reply {
+        return Ok(QemuMessage::Reply {
             id,
             body: Answer::Object(object),
         });
     }
     if let Some(Value::String(name)) = object.get("event") {
         let name = name.clone();
-        return Ok(Upstream::Event { name, body: object });
+        return Ok(QemuMessage::Event { name, body: object });
     }
-    Ok(Upstream::Unknown(Value::Object(object)))
+    Ok(QemuMessage::Unknown(Value::Object(object)))
 }
 
 /// Serializes a message for the wire as QEMU writes it (see [`crate::qjson`]),
@@ -446,27 +446,27 @@ mod tests {
 
     #[test]
     fn classifies_upstream_messages() {
-        let g = parse_upstream(
+        let g = parse_qemu_message(
             br#"{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": ["oob"]}}"#,
         )
         .unwrap();
         assert_eq!(
             g,
-            Upstream::Greeting {
+            QemuMessage::Greeting {
                 version: json!({"qemu": {"major": 7}}),
                 capabilities: vec!["oob".into()]
             }
         );
-        match parse_upstream(br#"{"return": {}, "id": 7}"#).unwrap() {
-            Upstream::Reply { id, body } => {
+        match parse_qemu_message(br#"{"return": {}, "id": 7}"#).unwrap() {
+            QemuMessage::Reply { id, body } => {
                 assert_eq!(id, Some(json!(7)));
                 assert_eq!(body, Answer::Return("{}".into()));
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            parse_upstream(br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap(),
-            Upstream::Event { name, .. } if name == "STOP"
+            parse_qemu_message(br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap(),
+            QemuMessage::Event { name, .. } if name == "STOP"
         ));
     }
 
@@ -480,7 +480,8 @@ mod tests {
             r#"{"return": [1, 2.5, "\u00e9", null, {"a": [true]}], "id": {"k": [1]}}"#,
             r#"{"return": {}}"#,
         ] {
-            let Upstream::Reply { id, body } = parse_upstream(text.as_bytes()).unwrap() else {
+            let QemuMessage::Reply { id, body } = parse_qemu_message(text.as_bytes()).unwrap()
+            else {
                 panic!("{text}")
             };
             assert!(matches!(body, Answer::Return(_)), "{text}");
@@ -494,8 +495,8 @@ mod tests {
             r#"{"return": {}, "return": {}}"#,
             r#"{"id": 1, "error": {"class": "GenericError", "desc": "no"}}"#,
         ] {
-            match parse_upstream(text.as_bytes()) {
-                Ok(Upstream::Reply { body, .. }) => {
+            match parse_qemu_message(text.as_bytes()) {
+                Ok(QemuMessage::Reply { body, .. }) => {
                     assert!(matches!(body, Answer::Object(_)), "{text}")
                 }
                 other => assert!(other.is_err(), "{text}: {other:?}"),

@@ -229,29 +229,10 @@ pub struct Overrides {
 
 /// Merges the file (if any) and the command line.
 pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError> {
-    let mut chardevs: HashMap<String, ChardevSpec> = HashMap::new();
-    for text in file.chardev.iter().chain(&cli.chardevs) {
-        let spec = ChardevSpec::parse(text)?;
-        if chardevs.insert(spec.id.clone(), spec.clone()).is_some() {
-            return Err(ConfigError::Invalid(format!(
-                "chardev id '{}' is defined twice",
-                spec.id
-            )));
-        }
-    }
-    let lookup = |text: &str| -> Result<ChardevSpec, ConfigError> {
-        if text.contains(',') || text.starts_with("socket") {
-            Ok(ChardevSpec::parse(text)?)
-        } else {
-            chardevs.get(text).cloned().ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "no chardev with id '{text}' (define it with --chardev)"
-                ))
-            })
-        }
-    };
-
+    let chardevs = Chardevs::new(&file.chardev, &cli.chardevs)?;
+    let mut ids = Ids::default();
     let control_given = cli.control.is_some() || file.control.is_some();
+
     let upstream_texts = if cli.upstreams.is_empty() {
         file.upstream.into_vec()
     } else {
@@ -264,27 +245,15 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
     }
     let mut upstreams: Vec<ChardevSpec> = Vec::new();
     for text in &upstream_texts {
-        let spec = lookup(text)?;
-        if upstreams.iter().any(|u| u.id == spec.id) {
-            return Err(ConfigError::Invalid(format!(
-                "chardev id '{}' is used twice",
-                spec.id
-            )));
-        }
+        let spec = chardevs.lookup(text)?;
+        ids.claim(&spec.id)?;
         spec.check_upstream()?;
         upstreams.push(spec);
     }
     let mut listeners = Vec::new();
     for text in file.listen.iter().chain(&cli.listen) {
-        let mut spec = lookup(text)?;
-        if listeners.iter().any(|l: &ChardevSpec| l.id == spec.id)
-            || upstreams.iter().any(|u| u.id == spec.id)
-        {
-            return Err(ConfigError::Invalid(format!(
-                "chardev id '{}' is used twice",
-                spec.id
-            )));
-        }
+        let mut spec = chardevs.lookup(text)?;
+        ids.claim(&spec.id)?;
         spec.upstream = Some(spec.bound_upstream(upstreams.iter().map(|u| u.id.as_str()))?);
         listeners.push(spec);
     }
@@ -294,90 +263,29 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         ));
     }
 
-    let mut plugins = Vec::new();
-    for p in file.plugins {
-        let source = match (&p.path, &p.builtin) {
-            (Some(path), None) => PluginSource::File(path.clone()),
-            (None, Some(name)) => PluginSource::Builtin(builtin::by_name(name).ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy, hmp, audit)",
-                    p.name
-                ))
-            })?),
-            _ => {
-                return Err(ConfigError::Invalid(format!(
-                    "plugin '{}': give exactly one of 'path' or 'builtin'",
-                    p.name
-                )));
-            }
-        };
-        let defaults = Limits::default();
-        plugins.push(PluginSpec {
-            name: p.name,
-            source,
-            config: serde_json::to_value(&p.config)
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
-            limits: Limits {
-                memory_bytes: p
-                    .memory_mib
-                    .map(|m| m << 20)
-                    .unwrap_or(defaults.memory_bytes),
-                cpu: p.cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu),
-            },
-        });
-    }
-    for text in &cli.plugins {
-        let (name, path) = text.split_once('=').ok_or_else(|| {
-            ConfigError::Invalid(format!("--plugin expects NAME=PATH, got '{text}'"))
-        })?;
-        plugins.push(PluginSpec {
-            name: name.into(),
-            source: PluginSource::File(path.into()),
-            config: Value::Object(Default::default()),
-            limits: Limits::default(),
-        });
-    }
-    if plugins
-        .iter()
-        .enumerate()
-        .any(|(i, p)| plugins[..i].iter().any(|q| q.name == p.name))
-    {
-        return Err(ConfigError::Invalid(
-            "two plugins have the same name".into(),
-        ));
-    }
-    plugins = compose(plugins, cli.profile.as_deref(), cli.no_default_policy)?;
+    let plugins = compose(
+        configured_plugins(file.plugins, &cli.plugins)?,
+        cli.profile.as_deref(),
+        cli.no_default_policy,
+    )?;
 
     for upstream in &upstreams {
         select(&plugins, &upstream.policy)
             .map_err(|e| ConfigError::Invalid(format!("upstream '{}': {e}", upstream.id)))?;
     }
 
-    let server_chardev = |text: Option<String>,
-                          what: &str|
-     -> Result<Option<ChardevSpec>, ConfigError> {
-        let Some(text) = text else { return Ok(None) };
-        let mut spec = lookup(&text)?;
-        if !text.contains("server=") {
-            // The status endpoint and the control monitor always listen.
-            spec.server = true;
-        }
-        if !spec.server {
-            return Err(ConfigError::Invalid(format!(
-                "{what} '{}' must listen (server=on)",
-                spec.id
-            )));
-        }
-        if listeners.iter().any(|l| l.id == spec.id) || upstreams.iter().any(|u| u.id == spec.id) {
-            return Err(ConfigError::Invalid(format!(
-                "chardev id '{}' is used twice",
-                spec.id
-            )));
-        }
-        Ok(Some(spec))
-    };
-    let status = server_chardev(cli.status.or(file.status), "status endpoint")?;
-    let mut control = server_chardev(cli.control.or(file.control), "control monitor")?;
+    let status = service(
+        &chardevs,
+        &mut ids,
+        cli.status.or(file.status),
+        "status endpoint",
+    )?;
+    let mut control = service(
+        &chardevs,
+        &mut ids,
+        cli.control.or(file.control),
+        "control monitor",
+    )?;
     // The control monitor is root-equivalent: its socket is the owner's alone unless
     // the operator says otherwise (perm=, with uids=/gids= for the peers it serves).
     if let Some(spec) = &mut control
@@ -385,14 +293,6 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         && spec.access.perm.is_none()
     {
         spec.access.perm = Some(0o600);
-    }
-    if let (Some(s), Some(c)) = (&status, &control)
-        && s.id == c.id
-    {
-        return Err(ConfigError::Invalid(format!(
-            "chardev id '{}' is used twice",
-            s.id
-        )));
     }
 
     let cache_dir = if cli.no_cache {
@@ -425,6 +325,137 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
             .or(file.event_history)
             .unwrap_or(DEFAULT_EVENT_HISTORY),
     })
+}
+
+/// The `chardev` entries, by id: upstreams, listeners and services may name one
+/// instead of giving a spec.
+struct Chardevs(HashMap<String, ChardevSpec>);
+
+impl Chardevs {
+    fn new(file: &[String], cli: &[String]) -> Result<Self, ConfigError> {
+        let mut chardevs = HashMap::new();
+        for text in file.iter().chain(cli) {
+            let spec = ChardevSpec::parse(text)?;
+            if chardevs.insert(spec.id.clone(), spec.clone()).is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "chardev id '{}' is defined twice",
+                    spec.id
+                )));
+            }
+        }
+        Ok(Chardevs(chardevs))
+    }
+
+    /// A spec as given, or the `chardev` entry it names.
+    fn lookup(&self, text: &str) -> Result<ChardevSpec, ConfigError> {
+        if text.contains(',') || text.starts_with("socket") {
+            Ok(ChardevSpec::parse(text)?)
+        } else {
+            self.0.get(text).cloned().ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "no chardev with id '{text}' (define it with --chardev)"
+                ))
+            })
+        }
+    }
+}
+
+/// The chardev ids in use: each names one upstream, listener or service.
+#[derive(Default)]
+struct Ids(std::collections::HashSet<String>);
+
+impl Ids {
+    fn claim(&mut self, id: &str) -> Result<(), ConfigError> {
+        if self.0.insert(id.to_string()) {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(format!(
+                "chardev id '{id}' is used twice"
+            )))
+        }
+    }
+}
+
+/// The status endpoint's or the control monitor's chardev, which always listens.
+fn service(
+    chardevs: &Chardevs,
+    ids: &mut Ids,
+    text: Option<String>,
+    what: &str,
+) -> Result<Option<ChardevSpec>, ConfigError> {
+    let Some(text) = text else { return Ok(None) };
+    let mut spec = chardevs.lookup(&text)?;
+    if !text.contains("server=") {
+        spec.server = true;
+    }
+    if !spec.server {
+        return Err(ConfigError::Invalid(format!(
+            "{what} '{}' must listen (server=on)",
+            spec.id
+        )));
+    }
+    ids.claim(&spec.id)?;
+    Ok(Some(spec))
+}
+
+/// The file's `[[plugin]]` tables, then `--plugin NAME=PATH`s, in order.
+fn configured_plugins(
+    file: Vec<PluginConfig>,
+    cli: &[String],
+) -> Result<Vec<PluginSpec>, ConfigError> {
+    let mut plugins = Vec::new();
+    for p in file {
+        let source = match (&p.path, &p.builtin) {
+            (Some(path), None) => PluginSource::File(path.clone()),
+            (None, Some(name)) => PluginSource::Builtin(builtin::by_name(name).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "plugin '{}': no built-in plugin '{name}' (built in: qmp-policy, hmp, audit)",
+                    p.name
+                ))
+            })?),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "plugin '{}': give exactly one of 'path' or 'builtin'",
+                    p.name
+                )));
+            }
+        };
+        let defaults = Limits::default();
+        plugins.push(PluginSpec {
+            name: p.name,
+            source,
+            config: serde_json::to_value(&p.config)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            limits: Limits {
+                memory_bytes: p
+                    .memory_mib
+                    .map(|m| m << 20)
+                    .unwrap_or(defaults.memory_bytes),
+                cpu: p.cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu),
+            },
+        });
+    }
+    for text in cli {
+        let (name, path) = text.split_once('=').ok_or_else(|| {
+            ConfigError::Invalid(format!("--plugin expects NAME=PATH, got '{text}'"))
+        })?;
+        plugins.push(PluginSpec {
+            name: name.into(),
+            source: PluginSource::File(path.into()),
+            config: Value::Object(Default::default()),
+            limits: Limits::default(),
+        });
+    }
+    if plugins
+        .iter()
+        .enumerate()
+        .any(|(i, p)| plugins[..i].iter().any(|q| q.name == p.name))
+    {
+        return Err(ConfigError::Invalid(
+            "two plugins have the same name".into(),
+        ));
+    }
+    Ok(plugins)
 }
 
 /// Default: 5 s, and 5 min for the commands in `Timeouts::SLOW_COMMANDS`; 0 means
@@ -461,7 +492,7 @@ fn default_cache_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qmpgate_protocol::chardev::Policy;
+    use qmpgate_protocol::chardev::ChainSelector;
 
     fn cli(upstream: &str, listen: &[&str]) -> Overrides {
         Overrides {
@@ -578,7 +609,7 @@ mod tests {
             .map(|l| (l.id.as_str(), l.upstream.as_deref()))
             .collect();
         assert_eq!(ids, [("g1", Some("vm1")), ("g2", Some("vm2"))]);
-        let names = |policy: &Policy| -> Vec<String> {
+        let names = |policy: &ChainSelector| -> Vec<String> {
             select(&r.plugins, policy)
                 .unwrap()
                 .into_iter()
@@ -588,7 +619,7 @@ mod tests {
         assert_eq!(names(&r.upstreams[0].policy), ["hmp", "strict", "audit"]);
         assert_eq!(names(&r.upstreams[1].policy), ["strict"]);
         // A profile keeps the chain and sets the built-in policy's profile.
-        let readonly = select(&r.plugins, &Policy::Profile("safe".into())).unwrap();
+        let readonly = select(&r.plugins, &ChainSelector::Profile("safe".into())).unwrap();
         let names_of: Vec<&str> = readonly.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names_of, ["hmp", "strict", "audit"]);
         assert_eq!(readonly[1].config, serde_json::json!({"profile": "safe"}));

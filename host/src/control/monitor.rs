@@ -30,10 +30,11 @@ use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-use qmpgate_protocol::chardev::{Access, Address, ChardevSpec, MonitorMode, Peer, Policy};
+use qmpgate_protocol::chardev::{Access, ChardevSpec, Peer};
 use qmpgate_protocol::qjson::{Input, Reader};
 use qmpgate_protocol::qmp::{self, ErrorClass, QmpError};
 
+use super::reload::Reloader;
 use crate::gateway::Hub;
 use crate::io::{self, FdTable, Listener, Stream, recv_with_fds};
 use crate::session::write_within;
@@ -57,7 +58,7 @@ static NAMED_FDS_HELD: AtomicUsize = AtomicUsize::new(0);
 /// Only qmpgate's own uid and the uids/gids `access` lists get the control monitor
 /// (it is root-equivalent: it connects to any monitor socket qmpgate can reach and
 /// picks its policy). Others get one QMP error and are disconnected.
-pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
+pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>, reloader: Reloader) {
     let shutdown = hub.shutdown_token();
     let own_uid = nix::unistd::geteuid().as_raw();
     let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CLIENTS));
@@ -100,6 +101,7 @@ pub async fn serve(listener: Listener, access: Access, hub: Arc<Hub>) {
                 tracing::info!(?peer, "control client connected");
                 let session = ControlSession {
                     hub: hub.clone(),
+                    reloader: reloader.clone(),
                     named: FdTable::default(),
                     held: 0,
                     received: Vec::new(),
@@ -134,6 +136,7 @@ async fn refuse(stream: &mut UnixStream, desc: &str) {
 
 struct ControlSession {
     hub: Arc<Hub>,
+    reloader: Reloader,
     /// Fds named with `getfd` on this connection.
     named: FdTable,
     /// How many of them count in [`NAMED_FDS_HELD`].
@@ -238,7 +241,7 @@ impl ControlSession {
                 "Capabilities negotiation is already complete, command ignored",
             )),
             (true, "x-qmpgate-reload") => self
-                .hub
+                .reloader
                 .reload()
                 .await
                 .map(Value::from)
@@ -260,7 +263,7 @@ impl ControlSession {
                 let backend = args
                     .get("backend")
                     .ok_or_else(|| QmpError::generic("Parameter 'backend' is missing"))?;
-                let spec = chardev_add_spec(id, backend)?;
+                let spec = ChardevSpec::from_qapi(id, backend).map_err(QmpError::generic)?;
                 self.chardev_add(spec).await
             }
             "chardev-remove" => self.chardev_remove(string_arg(args, "id")?),
@@ -343,13 +346,13 @@ impl ControlSession {
             self.hub
                 .add_upstream(spec, &mut self.named)
                 .await
-                .map_err(|e| QmpError::generic(error_chain(&e)))?;
+                .map_err(|e| QmpError::generic(super::one_line(&e)))?;
             return Ok(json!({}));
         }
         // Everything that can refuse the add is checked before the socket is bound.
         self.hub
             .check_new_listener(&spec)
-            .map_err(|e| QmpError::generic(error_chain(&e)))?;
+            .map_err(|e| QmpError::generic(super::one_line(&e)))?;
         // Binding may resolve a host name: on a blocking thread, with the
         // connection's named fds (one of them may be the socket).
         let mut named = std::mem::take(&mut self.named);
@@ -360,11 +363,11 @@ impl ControlSession {
         .await
         .expect("binding a socket does not panic");
         self.named = named;
-        let listener = listened.map_err(|e| QmpError::generic(error_chain(&e)))?;
+        let listener = listened.map_err(|e| QmpError::generic(super::one_line(&e)))?;
         self.hub
             .add_listener(&spec, listener)
             .await
-            .map_err(|e| QmpError::generic(error_chain(&e)))?;
+            .map_err(|e| QmpError::generic(super::one_line(&e)))?;
         Ok(json!({}))
     }
 
@@ -453,144 +456,4 @@ fn string_arg<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, Qm
         ))),
         None => Err(QmpError::generic(format!("Parameter '{key}' is missing"))),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Turns QAPI's `ChardevBackend` (socket only) into a spec.
-fn chardev_add_spec(id: &str, backend: &Value) -> Result<ChardevSpec, QmpError> {
-    let kind = backend.get("type").and_then(Value::as_str).unwrap_or("");
-    if kind != "socket" {
-        return Err(QmpError::generic(format!(
-            "chardev backend '{kind}' is not supported by qmpgate (only 'socket')"
-        )));
-    }
-    let data = backend.get("data").cloned().unwrap_or(Value::Null);
-    let server = data.get("server").and_then(Value::as_bool).unwrap_or(false);
-    let addr = data.get("addr").cloned().unwrap_or(Value::Null);
-    let addr_type = addr.get("type").and_then(Value::as_str).unwrap_or("");
-    let addr_data = addr.get("data").cloned().unwrap_or(Value::Null);
-    let field = |k: &str| {
-        addr_data
-            .get(k)
-            .and_then(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .or_else(|| v.as_u64().map(|n| n.to_string()))
-            })
-            .ok_or_else(|| QmpError::generic(format!("Parameter 'addr.data.{k}' is missing")))
-    };
-    let address = match addr_type {
-        "unix" => Address::Path(field("path")?.into()),
-        "inet" => Address::Tcp {
-            host: field("host")?,
-            port: field("port")?.parse().map_err(|_| {
-                QmpError::generic("Parameter 'addr.data.port' expects a port number")
-            })?,
-        },
-        "fd" => Address::Named(field("str")?),
-        other => {
-            return Err(QmpError::generic(format!(
-                "socket address type '{other}' is not supported"
-            )));
-        }
-    };
-    // QEMU's `tls-creds` names a credentials object; qmpgate's is the directory such
-    // an object would load (server-cert.pem, server-key.pem, ca-cert.pem).
-    let tls_creds = match data.get("tls-creds") {
-        None => None,
-        // QEMU allows TLS on a server socket given as an fd but not on a client one
-        // (there is no host name to check a certificate against).
-        Some(_) if matches!(address, Address::Named(_)) && !server => {
-            return Err(QmpError::generic(
-                "TLS is not allowed on a client socket given as an fd: there is no host name to verify",
-            ));
-        }
-        Some(Value::String(dir)) => Some(std::path::PathBuf::from(dir)),
-        Some(_) => {
-            return Err(QmpError::generic(
-                "Invalid parameter type for 'tls-creds', expected: string",
-            ));
-        }
-    };
-    // qmpgate's own members: `upstream` binds a listener; `profile`/`plugins` select
-    // an upstream's policy (as the `upstream=`, `profile=`, `plugins=` spec keys).
-    let text = |key: &str| match data.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-        Some(_) => Err(QmpError::generic(format!(
-            "Invalid parameter type for '{key}', expected: string"
-        ))),
-    };
-    let upstream = text("upstream")?;
-    let policy = match (text("profile")?, data.get("plugins")) {
-        (None, None) => Policy::Default,
-        (Some(profile), None) => Policy::Profile(profile),
-        (None, Some(Value::Array(names))) if !names.is_empty() => Policy::Plugins(
-            names
-                .iter()
-                .map(|n| n.as_str().filter(|n| !n.is_empty()).map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    QmpError::generic(
-                        "Invalid parameter type for 'plugins', expected: array of names",
-                    )
-                })?,
-        ),
-        (None, Some(_)) => {
-            return Err(QmpError::generic(
-                "Invalid parameter type for 'plugins', expected: array of names",
-            ));
-        }
-        (Some(_), Some(_)) => {
-            return Err(QmpError::generic(
-                "give one of 'profile' or 'plugins', not both",
-            ));
-        }
-    };
-    let reconnect_ms = match (data.get("reconnect-ms"), data.get("reconnect")) {
-        (Some(ms), _) => Some(ms.as_u64().ok_or_else(|| {
-            QmpError::generic("Invalid parameter type for 'reconnect-ms', expected: integer")
-        })?),
-        (None, Some(s)) => Some(
-            s.as_u64()
-                .ok_or_else(|| {
-                    QmpError::generic("Invalid parameter type for 'reconnect', expected: integer")
-                })?
-                .saturating_mul(1000),
-        ),
-        (None, None) => None,
-    }
-    .filter(|ms| *ms > 0);
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        || id.is_empty()
-    {
-        return Err(QmpError::generic(format!(
-            "Parameter 'id' expects an identifier, got '{id}'"
-        )));
-    }
-    let spec = ChardevSpec {
-        id: id.to_string(),
-        address,
-        server,
-        reconnect_ms,
-        mode: MonitorMode::Control,
-        tls_creds,
-        upstream,
-        policy,
-        access: Default::default(),
-    };
-    spec.check_own_keys("true").map_err(QmpError::generic)?;
-    Ok(spec)
 }

@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use qmpgate_plugin_host::spec::{ChainError, PluginSource, PluginSpec, select};
 use qmpgate_plugin_host::{PluginChain, PluginError, Runtime};
-use qmpgate_protocol::chardev::Policy;
+use qmpgate_protocol::chardev::ChainSelector;
 
 /// Why a policy's chain could not be built.
 #[derive(Debug, Error)]
@@ -27,7 +27,7 @@ pub enum BuildError {
 pub struct Chains {
     wasm: Arc<Runtime>,
     plugins: Vec<PluginSpec>,
-    built: HashMap<Policy, PluginChain>,
+    built: HashMap<ChainSelector, PluginChain>,
 }
 
 impl Chains {
@@ -41,7 +41,7 @@ impl Chains {
     }
 
     /// The chain for `policy`, started on first use. Blocks while plugins load.
-    pub fn get(&mut self, policy: &Policy) -> Result<PluginChain, BuildError> {
+    pub fn get(&mut self, policy: &ChainSelector) -> Result<PluginChain, BuildError> {
         if let Some(chain) = self.built.get(policy) {
             return Ok(chain.clone());
         }

@@ -10,12 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use qmpgate_plugin_host::PluginChain;
-use qmpgate_protocol::chardev::{ChardevSpec, Policy};
+use qmpgate_protocol::chardev::{ChainSelector, ChardevSpec};
 use qmpgate_protocol::lock;
 
+use super::HubError;
 use super::chains::Chains;
 use super::vm::Vm;
-use super::{HubError, ReloadRequest};
 use crate::io::{FdTable, Listener, tls};
 use crate::session::{ClientRegistry, Metrics, SessionLimits};
 use crate::upstream::{self, Outcome};
@@ -27,8 +27,6 @@ pub struct Hub {
     limits: Arc<SessionLimits>,
     /// The status endpoint's and control monitor's chardevs: (id, role, address).
     services: Mutex<Vec<(String, &'static str, String)>>,
-    /// Where reload requests go (SIGHUP and the control monitor's `x-qmpgate-reload`).
-    reload: Mutex<Option<tokio::sync::mpsc::Sender<ReloadRequest>>>,
     /// Upstreams whose QEMU went away stay listed (`qmpgate run`, which reports the
     /// exit to their clients before it stops).
     keep_ended: bool,
@@ -54,7 +52,6 @@ impl Hub {
             chains: Mutex::new(chains),
             limits: Arc::new(limits),
             services: Mutex::new(Vec::new()),
-            reload: Mutex::new(None),
             keep_ended,
             ended,
             tracker: TaskTracker::new(),
@@ -239,7 +236,7 @@ impl Hub {
     ) -> Result<(), HubError> {
         spec.check_listener()?;
         let own_chain = match &spec.policy {
-            Policy::Default => None,
+            ChainSelector::Default => None,
             policy => Some(
                 self.chain_off_workers(policy, format!("listener '{}'", spec.id))
                     .await?,
@@ -281,7 +278,7 @@ impl Hub {
     /// thread: compiling a plugin on a cache miss takes a quarter of a second.
     async fn chain_off_workers(
         self: &Arc<Self>,
-        policy: &Policy,
+        policy: &ChainSelector,
         owner: String,
     ) -> Result<PluginChain, HubError> {
         let (hub, policy) = (self.clone(), policy.clone());
@@ -331,9 +328,9 @@ impl Hub {
     /// upstreams that use it.
     /// Listeners with a policy of their own count as users of their chain by
     /// their own id.
-    pub fn chains_in_use(&self) -> Vec<(PluginChain, Policy, Vec<String>)> {
-        let mut out: Vec<(PluginChain, Policy, Vec<String>)> = Vec::new();
-        let mut add = |chain: PluginChain, policy: &Policy, id: String| match out
+    pub fn chains_in_use(&self) -> Vec<(PluginChain, ChainSelector, Vec<String>)> {
+        let mut out: Vec<(PluginChain, ChainSelector, Vec<String>)> = Vec::new();
+        let mut add = |chain: PluginChain, policy: &ChainSelector, id: String| match out
             .iter_mut()
             .find(|(c, _, _)| c.same_as(&chain))
         {
@@ -367,26 +364,6 @@ impl Hub {
     /// The service chardevs: (id, role, address).
     pub fn services(&self) -> Vec<(String, &'static str, String)> {
         lock::mutex(&self.services).clone()
-    }
-
-    /// Routes reload requests to `handler` (set once at start-up by `main`).
-    pub fn set_reload_handler(&self, handler: tokio::sync::mpsc::Sender<ReloadRequest>) {
-        *lock::mutex(&self.reload) = Some(handler);
-    }
-
-    /// Asks for configuration and plugins to be reloaded; returns what happened.
-    pub async fn reload(&self) -> Result<String, String> {
-        let handler = lock::mutex(&self.reload).clone();
-        let Some(handler) = handler else {
-            return Err("reloading is not available".into());
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        handler
-            .send(tx)
-            .await
-            .map_err(|_| "the reloader has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the reloader has stopped".to_string())?
     }
 
     /// The limits every session and connection works under.

@@ -42,9 +42,6 @@ pub use vm::{ListenerInfo, Vm};
 /// How long sessions get to finish at shutdown before they are dropped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// A reload request: the answer says what was loaded, or why nothing changed.
-pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
-
 /// Settings for [`Gateway::start`].
 pub struct Settings {
     /// QEMU monitors.

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use qmpgate_plugin_host::PluginChain;
-use qmpgate_protocol::chardev::{ChardevSpec, Policy};
+use qmpgate_protocol::chardev::{ChainSelector, ChardevSpec};
 use qmpgate_protocol::lock;
 
 use super::accept::{Listening, accept_loop};
@@ -27,7 +27,7 @@ pub(super) struct ListenerEntry {
     bound: String,
     /// The listener's own policy (`profile=`/`plugins=` on it), with the chain it
     /// selects; `None`: its clients pass the upstream's chain.
-    own: Option<(Policy, Arc<RwLock<PluginChain>>)>,
+    own: Option<(ChainSelector, Arc<RwLock<PluginChain>>)>,
 }
 
 /// One upstream and what its listeners and sessions share.
@@ -63,7 +63,7 @@ pub struct ListenerInfo {
     /// What it is bound to.
     pub bound: String,
     /// Its own policy, when it has one (else its upstream's applies).
-    pub policy: Option<Policy>,
+    pub policy: Option<ChainSelector>,
 }
 
 impl Vm {
@@ -156,7 +156,9 @@ impl Vm {
     }
 
     /// The policies of the listeners that have their own, with their chain slots.
-    pub(super) fn own_listener_chains(&self) -> Vec<(String, Policy, Arc<RwLock<PluginChain>>)> {
+    pub(super) fn own_listener_chains(
+        &self,
+    ) -> Vec<(String, ChainSelector, Arc<RwLock<PluginChain>>)> {
         lock::mutex(&self.listeners)
             .iter()
             .filter_map(|(id, entry)| {

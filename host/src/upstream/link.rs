@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use qmpgate_protocol::chardev::ChardevSpec;
 use qmpgate_protocol::framing::Frame;
-use qmpgate_protocol::qmp::{self, Upstream as Message};
+use qmpgate_protocol::qmp::{self, QemuMessage as Message};
 
 use super::negotiation::{Link, open};
 use super::*;
@@ -257,7 +257,7 @@ impl LinkTask {
             }
         };
         let seq = self.log.next_seq();
-        match qmp::parse_upstream(&bytes) {
+        match qmp::parse_qemu_message(&bytes) {
             Ok(Message::Reply { id: Some(id), body }) => {
                 let Some(id) = id.as_u64() else {
                     tracing::warn!(%id, "reply with an id qmpgate never sent");

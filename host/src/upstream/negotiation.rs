@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use qmpgate_protocol::chardev::ChardevSpec;
 use qmpgate_protocol::framing::{Frame, Framer};
-use qmpgate_protocol::qmp::{self, Upstream as Message};
+use qmpgate_protocol::qmp::{self, QemuMessage as Message};
 
 use super::*;
 use crate::io::{self, FdTable};
@@ -40,7 +40,7 @@ impl Negotiation {
         loop {
             if let Some(frame) = self.frames.pop_front() {
                 return match frame {
-                    Frame::Message(bytes) => qmp::parse_upstream(&bytes)
+                    Frame::Message(bytes) => qmp::parse_qemu_message(&bytes)
                         .map_err(|e| UpstreamError::Protocol(e.to_string())),
                     _ => Err(UpstreamError::Protocol("oversized message".into())),
                 };

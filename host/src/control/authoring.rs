@@ -1,0 +1,154 @@
+//! `qmpgate plugin test`: a plugin's verdicts over a transcript of commands, HMP
+//! lines and events read from stdin, one JSON line each, for plugin authors.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use thiserror::Error;
+use tokio::io::AsyncBufReadExt;
+
+use qmpgate_plugin_host::{
+    Client, Decision, EventDecision, Limits, Peer, PluginChain, PluginError, Protocol, Runtime,
+    UnixPeer,
+};
+use qmpgate_protocol::qmp;
+
+/// Why a transcript could not be run.
+#[derive(Debug, Error)]
+pub enum TranscriptError {
+    /// The plugin's configuration file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML or JSON.
+    #[error("{path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The plugin does not load or start.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// Reading the transcript failed.
+    #[error("cannot read the transcript from stdin")]
+    Stdin(#[source] std::io::Error),
+}
+
+/// Runs the plugin at `path` (with `config`) over stdin's transcript, as a client
+/// of `listener` with `uid`; exit status 2 if a line was not understood.
+pub async fn plugin_test(
+    path: &std::path::Path,
+    config: Option<&std::path::Path>,
+    listener: &str,
+    uid: u32,
+) -> Result<u8, TranscriptError> {
+    let config: Value = match config {
+        None => json!({}),
+        Some(file) => {
+            let text = std::fs::read_to_string(file).map_err(|source| TranscriptError::Read {
+                path: file.to_path_buf(),
+                source,
+            })?;
+            let invalid = |reason: String| TranscriptError::Config {
+                path: file.to_path_buf(),
+                reason,
+            };
+            if file.extension().is_some_and(|e| e == "toml") {
+                let table =
+                    toml::from_str::<toml::Table>(&text).map_err(|e| invalid(e.to_string()))?;
+                serde_json::to_value(table).map_err(|e| invalid(e.to_string()))?
+            } else {
+                serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?
+            }
+        }
+    };
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .to_string();
+    let wasm = Runtime::new(None, None)?;
+    let loaded = wasm.load(&name, path, &config, Limits::default())?;
+    let chain = PluginChain::start(vec![loaded])?;
+    let client = |protocol| Client {
+        id: 1,
+        listener: listener.to_string(),
+        protocol,
+        peer: Peer::Unix(UnixPeer {
+            pid: 0,
+            uid,
+            gid: uid,
+        }),
+        capabilities: vec![],
+        tls_identity: None,
+    };
+    let verdict = |decision: Decision| match decision {
+        Decision::Forward(c) => {
+            json!({"verdict": "forward", "command": {"execute": c.name, "arguments": c.arguments}})
+        }
+        Decision::Deny(e) => {
+            json!({"verdict": "deny", "error": {"class": e.class, "desc": e.desc}})
+        }
+        Decision::Reply(v) => json!({"verdict": "reply", "return": v}),
+    };
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut number = 0;
+    let mut bad = 0;
+    while let Some(line) = lines.next_line().await.map_err(TranscriptError::Stdin)? {
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input: Value = match serde_json::from_str(&line) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                bad += 1;
+                println!("{}", json!({"line": number, "error": "not a JSON object"}));
+                continue;
+            }
+        };
+        let mut out = if let Some(Value::String(hmp)) = input.get("hmp") {
+            verdict(chain.on_hmp(&client(Protocol::Hmp), hmp, None).await)
+        } else if let Some(Value::String(event)) = input.get("event") {
+            let body = input.as_object().cloned().unwrap_or_default();
+            match chain
+                .on_event(&client(Protocol::Qmp), event, &body, false)
+                .await
+            {
+                EventDecision::Deliver => json!({"verdict": "deliver"}),
+                EventDecision::Drop => json!({"verdict": "drop"}),
+                EventDecision::Rewrite(data) => json!({"verdict": "rewrite", "data": data}),
+            }
+        } else {
+            match qmp::parse_request(input.clone(), true) {
+                Ok(request) => {
+                    let command = qmp::Command {
+                        name: request.name,
+                        arguments: request.arguments,
+                        oob: request.oob,
+                    };
+                    verdict(
+                        chain
+                            .on_command(&client(Protocol::Qmp), command, None)
+                            .await,
+                    )
+                }
+                Err(e) => {
+                    bad += 1;
+                    json!({"error": e.error.desc})
+                }
+            }
+        };
+        out["line"] = Value::from(number);
+        out["input"] = input;
+        println!("{out}");
+    }
+    Ok(if bad > 0 { 2 } else { 0 })
+}
