@@ -245,7 +245,7 @@ impl ControlSession {
                 .reload()
                 .await
                 .map(Value::from)
-                .map_err(QmpError::generic),
+                .map_err(|e| QmpError::generic(e.to_string())),
             (true, name) => self.execute(name, &request.arguments).await,
         };
         match result {

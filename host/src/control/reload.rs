@@ -26,6 +26,9 @@ pub enum ReloadError {
     /// The reloader is gone (the gateway is stopping).
     #[error("the reloader has stopped")]
     Stopped,
+    /// What the reloader task reported: the error and its causes, as one line.
+    #[error("{0}")]
+    Failed(String),
 }
 
 type Request = oneshot::Sender<Result<String, String>>;
@@ -74,13 +77,13 @@ impl Reloader {
         Reloader(requests)
     }
 
-    /// Reloads now; says what was loaded, or why nothing changed (the error and
-    /// its causes, as one line).
-    pub async fn reload(&self) -> Result<String, String> {
+    /// Reloads now; says what was loaded, or why nothing changed.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
         let (tx, rx) = oneshot::channel();
-        let stopped = || ReloadError::Stopped.to_string();
-        self.0.send(tx).await.map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.0.send(tx).await.map_err(|_| ReloadError::Stopped)?;
+        rx.await
+            .map_err(|_| ReloadError::Stopped)?
+            .map_err(ReloadError::Failed)
     }
 
     /// Reloads on every SIGHUP, one after another, for the life of the process.
