@@ -70,7 +70,7 @@ enum Command {
     },
     /// The built-in policy's rules: what each profile allows, and whether a QEMU's
     /// schema is covered.
-    ChainSelector {
+    Policy {
         #[command(subcommand)]
         action: PolicyAction,
     },
@@ -371,7 +371,7 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
             )
             .await?);
         }
-        Some(Command::ChainSelector { action }) => return policy(action),
+        Some(Command::Policy { action }) => return policy(action),
         None => (&cli.gateway, None, None, false),
     };
     let file = match &args.config {
