@@ -5,7 +5,7 @@
 //!   either version the tests run against ([`QemuVersion`]: Debian's 7.2 and 10.0;
 //!   `QMPGATE_TEST_QEMU` picks the one the whole run uses, [`QemuVersion::under_test`]);
 //! - [`GatewayBuilder`]: spawns the `qmpgate` binary with inherited fds, the way a
-//!   parent process would;
+//!   parent process would, with plugins configured as [`Plugin`] entries;
 //! - [`QmpClient`]: a small blocking QMP client that shows the bytes a user sees;
 //! - [`FakeQemu`]: a scripted QMP server for faults real QEMU will not produce;
 //! - [`guest`]: paths of the plugin components built from source by `build.rs`;
@@ -346,6 +346,8 @@ pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     /// The umask qmpgate starts with (`None`: the test's).
     umask: Option<u32>,
+    /// The configuration file [`GatewayBuilder::plugin`] writes, once it has.
+    config: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -378,6 +380,7 @@ impl GatewayBuilder {
             fds: Vec::new(),
             env: Vec::new(),
             umask: None,
+            config: None,
             dir: tempdir(),
         }
     }
@@ -390,6 +393,29 @@ impl GatewayBuilder {
             .position(|a| a == "--cache-dir")
             .expect("base() passes --cache-dir");
         self.args[at + 1] = dir.display().to_string();
+        self
+    }
+
+    /// Configures `plugin`, after any configured before it: its `[[plugin]]` table
+    /// goes into a configuration file in the gateway's folder, which the first call
+    /// passes as `--config`. (A configuration file of the plugins alone; a test of
+    /// other settings, or of a file that does not load, writes its own.)
+    pub fn plugin(mut self, plugin: Plugin) -> Self {
+        let path = match &self.config {
+            Some(path) => path.clone(),
+            None => {
+                let path = self.dir.path().join("plugins.toml");
+                self = self.args(["--config".to_string(), path.display().to_string()]);
+                self.config = Some(path.clone());
+                path
+            }
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        file.write_all(plugin.to_string().as_bytes()).unwrap();
         self
     }
 
@@ -509,6 +535,112 @@ impl GatewayBuilder {
             path,
             stderr_path,
             _dir: self.dir,
+        }
+    }
+}
+
+/// One `[[plugin]]` entry of qmpgate's configuration file, for
+/// [`GatewayBuilder::plugin`]: a built-in plugin or a component file, with its
+/// limits and its configuration. `to_string()` gives the table in TOML, for a test
+/// that rewrites a configuration file while the gateway runs.
+///
+/// ```no_run
+/// # use qmpgate_tests::{GatewayBuilder, Plugin, guest};
+/// # use serde_json::json;
+/// GatewayBuilder::new("socket,id=qemu,path=/run/vm/qmp.sock")
+///     .plugin(Plugin::builtin("policy", "qmp-policy").config(json!({"profile": "readonly"})))
+///     .plugin(Plugin::wasm("spin", &guest("fixture_spin")).cpu_ms(100))
+///     .spawn();
+/// ```
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    name: String,
+    /// `builtin = "..."` or `path = "..."`.
+    source: (&'static str, String),
+    memory_mib: Option<u64>,
+    cpu_ms: Option<u64>,
+    config: Option<Value>,
+}
+
+impl Plugin {
+    /// The plugin embedded in qmpgate as `builtin` (`hmp`, `qmp-policy`, `audit`),
+    /// named `name`.
+    pub fn builtin(name: &str, builtin: &str) -> Plugin {
+        Plugin::new(name, ("builtin", builtin.to_string()))
+    }
+
+    /// The component at `path` (e.g. [`guest`]`("fixture_spin")`), named `name`.
+    pub fn wasm(name: &str, path: &Path) -> Plugin {
+        Plugin::new(name, ("path", path.display().to_string()))
+    }
+
+    fn new(name: &str, source: (&'static str, String)) -> Plugin {
+        Plugin {
+            name: name.to_string(),
+            source,
+            memory_mib: None,
+            cpu_ms: None,
+            config: None,
+        }
+    }
+
+    /// Its `config` table, given as the JSON its `init` receives (an object).
+    pub fn config(mut self, config: Value) -> Plugin {
+        assert!(config.is_object(), "a plugin's config is a table: {config}");
+        self.config = Some(config);
+        self
+    }
+
+    /// Its CPU time per hook call (`cpu-ms`).
+    pub fn cpu_ms(mut self, ms: u64) -> Plugin {
+        self.cpu_ms = Some(ms);
+        self
+    }
+
+    /// Its memory cap per instance (`memory-mib`).
+    pub fn memory_mib(mut self, mib: u64) -> Plugin {
+        self.memory_mib = Some(mib);
+        self
+    }
+}
+
+/// The entry as a `[[plugin]]` table.
+impl std::fmt::Display for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (key, source) = &self.source;
+        writeln!(f, "[[plugin]]")?;
+        writeln!(f, "name = {}", toml_value(&json!(self.name)))?;
+        writeln!(f, "{key} = {}", toml_value(&json!(source)))?;
+        if let Some(mib) = self.memory_mib {
+            writeln!(f, "memory-mib = {mib}")?;
+        }
+        if let Some(ms) = self.cpu_ms {
+            writeln!(f, "cpu-ms = {ms}")?;
+        }
+        if let Some(config) = &self.config {
+            writeln!(f, "config = {}", toml_value(config))?;
+        }
+        Ok(())
+    }
+}
+
+/// `value` as a TOML value on one line: JSON's strings, numbers and booleans are
+/// TOML's; objects become inline tables (keys quoted), arrays arrays.
+fn toml_value(value: &Value) -> String {
+    match value {
+        Value::Null => panic!("TOML has no null"),
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => value.to_string(),
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(toml_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Object(map) if map.is_empty() => "{}".to_string(),
+        Value::Object(map) => {
+            let members: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{} = {}", Value::from(k.as_str()), toml_value(v)))
+                .collect();
+            format!("{{ {} }}", members.join(", "))
         }
     }
 }

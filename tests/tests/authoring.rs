@@ -6,9 +6,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use qmpgate_tests::{GatewayBuilder, Qemu, guest, qmpgate_bin, tempdir};
+use qmpgate_tests::{GatewayBuilder, Plugin, Qemu, eventually, guest, qmpgate_bin, tempdir};
 use serde_json::{Value, json};
 
 /// Runs `qmpgate plugin test` with a transcript on stdin; returns the output lines.
@@ -137,33 +136,12 @@ fn the_template_builds_on_its_own_and_works() {
 #[test]
 fn the_audit_plugin_writes_one_record_per_decision() {
     let qemu = Qemu::start();
-    let builder = GatewayBuilder::new(&qemu.upstream_spec());
-    let config = builder.dir().join("audit.toml");
+    let builder = GatewayBuilder::new(&qemu.upstream_spec())
+        .plugin(Plugin::builtin("hmp", "hmp"))
+        .plugin(Plugin::builtin("policy", "qmp-policy"))
+        .plugin(Plugin::builtin("audit", "audit").config(json!({"arguments": true})));
     let log = builder.dir().join("audit.jsonl");
-    std::fs::write(
-        &config,
-        r#"
-        [[plugin]]
-        name = "hmp"
-        builtin = "hmp"
-        [[plugin]]
-        name = "policy"
-        builtin = "qmp-policy"
-        [[plugin]]
-        name = "audit"
-        builtin = "audit"
-        config = { arguments = true }
-        "#,
-    )
-    .unwrap();
-    let gateway = builder
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--audit-log",
-            log.to_str().unwrap(),
-        ])
-        .spawn();
+    let gateway = builder.args(["--audit-log", log.to_str().unwrap()]).spawn();
     let mut c = gateway.negotiated();
     c.execute("query-status", json!({}));
     c.execute("screendump", json!({"filename": "/tmp/qg-audit.ppm"}));
@@ -229,34 +207,21 @@ fn a_plugin_built_for_another_wit_version_is_refused_by_name() {
         .fails_with("plugin 'future' was built for qmpgate:plugin@0.2.0; this qmpgate supports qmpgate:plugin@0.1.0");
 }
 
-/// Waits until `check` holds, up to 10 s.
-fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 #[test]
 fn sighup_and_the_control_monitor_reload_plugins_without_dropping_clients() {
     let qemu = Qemu::start();
     let builder = GatewayBuilder::new(&qemu.upstream_spec());
     let config = builder.dir().join("reload.toml");
     let control = builder.dir().join("control.sock");
-    let write_rules = |commands: &str| {
-        std::fs::write(
-            &config,
-            format!(
-                "[[plugin]]\nname = \"policy\"\nbuiltin = \"qmp-policy\"\nconfig = {{ profile = \"permissive\", rules = [{{ action = \"deny\", commands = [{commands}] }}] }}\n"
-            ),
-        )
-        .unwrap()
+    // The file is rewritten while the gateway runs: this test keeps its own.
+    let write_rules = |commands: &[&str]| {
+        let policy = Plugin::builtin("policy", "qmp-policy").config(json!({
+            "profile": "permissive",
+            "rules": [{"action": "deny", "commands": commands}],
+        }));
+        std::fs::write(&config, policy.to_string()).unwrap()
     };
-    write_rules("\"quit\"");
+    write_rules(&["quit"]);
     let gateway = builder
         .args(["--config", config.to_str().unwrap()])
         .args([
@@ -267,12 +232,11 @@ fn sighup_and_the_control_monitor_reload_plugins_without_dropping_clients() {
     let mut c = gateway.negotiated();
     assert!(c.execute("query-name", json!({})).get("return").is_some());
 
-    write_rules("\"quit\", \"query-name\"");
+    write_rules(&["quit", "query-name"]);
     gateway.signal(nix::sys::signal::Signal::SIGHUP);
-    assert!(
-        eventually(|| c.execute("query-name", json!({})).get("error").is_some()),
-        "the new rules apply after SIGHUP"
-    );
+    eventually("the new rules to apply after SIGHUP", || {
+        c.execute("query-name", json!({})).get("error").is_some()
+    });
 
     // A configuration that does not load keeps the running plugins, and says why.
     std::fs::write(
@@ -296,7 +260,7 @@ fn sighup_and_the_control_monitor_reload_plugins_without_dropping_clients() {
         "the old rules still apply"
     );
 
-    write_rules("\"quit\"");
+    write_rules(&["quit"]);
     assert_eq!(
         ctl.execute("x-qmpgate-reload", json!({})),
         json!({"return": "reloaded plugins: hmp, policy"}),

@@ -6,8 +6,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use qmpgate_tests::{
-    Control, FakeAction, FakeQemu, GatewayBuilder, Qemu, QmpClient, eventually, http_get, python,
-    tempdir, with_status,
+    Control, FakeAction, FakeQemu, GatewayBuilder, Plugin, Qemu, QmpClient, eventually, http_get,
+    python, tempdir, with_status,
 };
 use serde_json::{Value, json};
 
@@ -459,24 +459,11 @@ fn a_wedged_qemu_delays_only_its_own_clients_and_a_reload_keeps_each_policy() {
 fn audit_records_name_the_vm_even_when_vms_share_a_chain() {
     let vm1 = Qemu::start();
     let vm2 = Qemu::start();
-    let builder = GatewayBuilder::base();
-    let config = builder.dir().join("audit.toml");
+    let builder = GatewayBuilder::base()
+        .plugin(Plugin::builtin("policy", "qmp-policy"))
+        .plugin(Plugin::builtin("audit", "audit"));
     let log = builder.dir().join("audit.jsonl");
-    std::fs::write(
-        &config,
-        r#"
-        [[plugin]]
-        name = "policy"
-        builtin = "qmp-policy"
-        [[plugin]]
-        name = "audit"
-        builtin = "audit"
-        "#,
-    )
-    .unwrap();
     let builder = builder.args([
-        "--config".to_string(),
-        config.display().to_string(),
         "--audit-log".to_string(),
         log.display().to_string(),
         "--upstream".to_string(),

@@ -1,7 +1,7 @@
 //! Bad input from clients: every case gets a clear QMP error, the connection stays
 //! usable, and other clients are unaffected.
 
-use qmpgate_tests::{GatewayBuilder, Qemu};
+use qmpgate_tests::{GatewayBuilder, Qemu, eventually};
 use serde_json::json;
 
 fn gateway(qemu: &Qemu, extra: &[&str]) -> qmpgate_tests::Gateway {
@@ -220,17 +220,9 @@ fn ten_thousand_connects_leave_no_fd_behind() {
             c.send(&json!({"execute": "query-status"}));
         }
     }
-    let mut after = fd_count(gateway.pid());
-    for _ in 0..50 {
-        if after == before {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        after = fd_count(gateway.pid());
-    }
-    assert_eq!(
-        after, before,
-        "open fds before and after 10,000 connections"
+    eventually(
+        &format!("the gateway's {before} open fds after 10,000 connections"),
+        || fd_count(gateway.pid()) == before,
     );
     assert_eq!(
         gateway.negotiated().execute("query-status", json!({}))["return"]["status"],

@@ -1,6 +1,6 @@
 //! End-to-end against real QEMU: the gateway in front of `qemu-system-x86_64 -M none`.
 
-use qmpgate_tests::{GatewayBuilder, QEMU_NONE, Qemu, QmpClient, python, qemu_argv};
+use qmpgate_tests::{GatewayBuilder, Plugin, QEMU_NONE, Qemu, QmpClient, python, qemu_argv};
 use serde_json::{Value, json};
 
 #[test]
@@ -140,19 +140,12 @@ fn operator_rules_deny_by_name_and_readonly_profile_allows_only_queries() {
     );
 
     let qemu = Qemu::start();
-    let builder = GatewayBuilder::new(&qemu.upstream_spec());
-    let config = builder.dir().join("qmpgate.toml");
-    std::fs::write(
-        &config,
-        r#"
-        [[plugin]]
-        name = "policy"
-        builtin = "qmp-policy"
-        config = { profile = "permissive", rules = [{ action = "deny", commands = ["quit", "system_*"], desc = "ask the operator" }] }
-        "#,
-    )
-    .unwrap();
-    let gateway = builder.args(["--config", config.to_str().unwrap()]).spawn();
+    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .plugin(Plugin::builtin("policy", "qmp-policy").config(json!({
+            "profile": "permissive",
+            "rules": [{"action": "deny", "commands": ["quit", "system_*"], "desc": "ask the operator"}],
+        })))
+        .spawn();
     let mut c = gateway.negotiated();
     assert_eq!(
         c.execute("quit", json!({})),

@@ -7,7 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{GatewayBuilder, QEMU_NONE, QmpClient, children, qemu_argv, tempdir};
+use qmpgate_tests::{
+    GatewayBuilder, QEMU_NONE, QemuVersion, QmpClient, children, eventually, qemu_argv, tempdir,
+};
 use serde_json::json;
 
 /// A gateway under `qmpgate run` with a QMP listener at `dir/gate.sock`.
@@ -21,14 +23,12 @@ fn run<S: AsRef<str>>(dir: &Path, builder: GatewayBuilder, qemu: &[S]) -> qmpgat
 
 /// QEMU's process under a `qmpgate run` gateway.
 fn qemu_pid(gateway: &qmpgate_tests::Gateway) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(pid) = children(gateway.pid()).first() {
-            return *pid;
-        }
-        assert!(Instant::now() < deadline, "qmpgate started no QEMU");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut qemu = None;
+    eventually("qmpgate to start QEMU", || {
+        qemu = children(gateway.pid()).first().copied();
+        qemu.is_some()
+    });
+    qemu.unwrap()
 }
 
 /// The monitor socket qmpgate connected to, from its log.
@@ -231,13 +231,34 @@ fn qemu_runs_in_its_seccomp_sandbox_unless_its_arguments_say_otherwise() {
     let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
     let qemu = qemu_pid(&gateway);
     assert_eq!(seccomp_mode(qemu), "2", "seccomp filter mode");
-    // With no policy in the way, QEMU itself refuses to start a program.
+    // With no policy in the way, QEMU itself refuses to start a program: its
+    // filter stops the fork itself, so no program runs, now or later. QEMU 7.2's
+    // filter kills QEMU for trying (SIGSYS); 10.0's fails the fork.
     let marker = dir.path().join("spawned");
     let reply = c.execute(
         "migrate",
         json!({"uri": format!("exec:touch {}", marker.display())}),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    match QemuVersion::under_test() {
+        QemuVersion::V7_2 => {
+            let mut exited = None;
+            while let Some(line) = c.read_line() {
+                let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if message["event"] == "QMPGATE_QEMU_EXITED" {
+                    exited = Some(message["data"].clone());
+                }
+            }
+            assert_eq!(
+                exited,
+                Some(json!({"status": "killed by signal 31", "exit-code": 159})),
+                "QEMU was killed by its seccomp filter: {reply}"
+            );
+        }
+        QemuVersion::V10_0 => assert_eq!(
+            reply["error"]["desc"], "Failed to fork (Operation not permitted)",
+            "{reply}"
+        ),
+    }
     assert!(
         !marker.exists(),
         "QEMU ran a program under spawn=deny: {reply}"

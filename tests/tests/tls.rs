@@ -8,7 +8,7 @@ use std::process::Command;
 
 use std::time::{Duration, Instant};
 
-use qmpgate_tests::{GatewayBuilder, Qemu, python, tempdir};
+use qmpgate_tests::{GatewayBuilder, Plugin, Qemu, python, tempdir};
 use serde_json::{Value, json};
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -133,24 +133,15 @@ fn tls_clients_are_verified_and_their_identity_reaches_the_policy() {
     credentials(creds.path());
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = tcp.local_addr().unwrap().port();
-    let builder = GatewayBuilder::new(&qemu.upstream_spec());
-    let config = builder.dir().join("tls.toml");
-    std::fs::write(
-        &config,
-        r#"
-        [[plugin]]
-        name = "policy"
-        builtin = "qmp-policy"
-        config = { profile = "permissive", rules = [
-            { action = "allow", commands = ["stop"], identities = ["admin"] },
-            { action = "deny", commands = ["stop"], desc = "only admin may stop the VM" },
-        ] }
-        "#,
-    )
-    .unwrap();
-    let _gateway = builder
+    let _gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        .plugin(Plugin::builtin("policy", "qmp-policy").config(json!({
+            "profile": "permissive",
+            "rules": [
+                {"action": "allow", "commands": ["stop"], "identities": ["admin"]},
+                {"action": "deny", "commands": ["stop"], "desc": "only admin may stop the VM"},
+            ],
+        })))
         .fd(tcp, 4)
-        .args(["--config", config.to_str().unwrap()])
         .args([
             "--listen",
             &format!(
