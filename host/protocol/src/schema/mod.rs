@@ -48,6 +48,9 @@
 //!   integer here.
 //! - Deprecated and unstable members and values are accepted, as QEMU does under
 //!   its default `-compat` policy.
+//!
+//! (This file is about 650 lines, most of it the type table's definitions and the
+//! long comment above; the checker and the loader are `check` and `load`.)
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 

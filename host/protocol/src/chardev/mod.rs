@@ -12,15 +12,19 @@
 //! This module gives a spec its meaning and checks the rules between its keys; it
 //! opens nothing (the host's `io` layer turns a spec into a socket). Both of the
 //! control monitor's forms (the QemuOpts string and QAPI's `chardev-add` object)
-//! end in [`ChardevSpec::parse_runtime`], so there is one validator.
+//! are read by one reader of the keys (`from_keys`; `qapi` turns QAPI's members
+//! into keys), so there is one validator.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use serde_json::{Map, Value};
 use thiserror::Error;
+
+mod qapi;
+#[cfg(test)]
+mod tests;
 
 /// A spec that does not parse, or whose keys break a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -416,111 +420,6 @@ impl ChardevSpec {
         Ok(spec)
     }
 
-    /// Reads QAPI's `chardev-add` (`{"id": ..., "backend": {"type": "socket",
-    /// "data": {...}}}`, as on the control monitor): the members' JSON types are
-    /// checked here, then the spec means what the same keys mean in a QemuOpts
-    /// spec given at run time ([`ChardevSpec::parse_runtime`]): one reader of
-    /// the keys for both forms. qmpgate's own members (`upstream`, `profile`,
-    /// `plugins`, `perm`, `owner`, `group`, `uids`, `gids`) sit beside QEMU's in
-    /// `data`; members qmpgate has no use for (`nodelay`, `logfile`, ...) are
-    /// ignored.
-    pub fn from_qapi(id: &str, backend: &Value) -> Result<Self, String> {
-        let kind = backend.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind != "socket" {
-            return Err(format!(
-                "chardev backend '{kind}' is not supported by qmpgate (only 'socket')"
-            ));
-        }
-        let empty = Map::new();
-        let data = backend
-            .get("data")
-            .and_then(Value::as_object)
-            .unwrap_or(&empty);
-        let mut pairs = vec![("id".to_string(), id.to_string())];
-        let mut pair = |key: &str, value: String| pairs.push((key.to_string(), value));
-        let wrong = |key: &str, expected: &str| {
-            format!("Invalid parameter type for '{key}', expected: {expected}")
-        };
-
-        let addr = data
-            .get("addr")
-            .and_then(Value::as_object)
-            .unwrap_or(&empty);
-        let addr_data = addr
-            .get("data")
-            .and_then(Value::as_object)
-            .unwrap_or(&empty);
-        let field = |k: &str| match addr_data.get(k) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Number(n)) if n.is_u64() => Ok(n.to_string()),
-            _ => Err(format!("Parameter 'addr.data.{k}' is missing")),
-        };
-        match addr.get("type").and_then(Value::as_str).unwrap_or("") {
-            "unix" => pair("path", field("path")?),
-            "inet" => {
-                pair("host", field("host")?);
-                pair("port", field("port")?);
-            }
-            "fd" => pair("fd", field("str")?),
-            other => return Err(format!("socket address type '{other}' is not supported")),
-        }
-        for key in ["server", "wait"] {
-            match data.get(key) {
-                None => {}
-                Some(Value::Bool(b)) => pair(key, if *b { "on" } else { "off" }.into()),
-                Some(_) => return Err(wrong(key, "boolean")),
-            }
-        }
-        for key in ["reconnect-ms", "reconnect"] {
-            match data.get(key) {
-                None => {}
-                Some(Value::Number(n)) if n.is_u64() => pair(key, n.to_string()),
-                Some(_) => return Err(wrong(key, "integer")),
-            }
-        }
-        // QEMU's `tls-creds` names a credentials object; qmpgate's is the directory
-        // such an object would load (server-cert.pem, server-key.pem, ca-cert.pem).
-        for key in ["tls-creds", "upstream", "profile", "owner", "group", "perm"] {
-            match data.get(key) {
-                None => {}
-                Some(Value::String(text)) if !text.is_empty() => pair(key, text.clone()),
-                // A uid, gid or mode may be given as a number (a mode in octal digits).
-                Some(Value::Number(n))
-                    if n.is_u64() && matches!(key, "owner" | "group" | "perm") =>
-                {
-                    pair(key, n.to_string())
-                }
-                Some(_) => return Err(wrong(key, "string")),
-            }
-        }
-        for (key, what) in [
-            ("plugins", "array of names"),
-            ("uids", "array of users"),
-            ("gids", "array of groups"),
-        ] {
-            let Some(items) = data.get(key) else { continue };
-            let names: Option<Vec<String>> =
-                items.as_array().filter(|a| !a.is_empty()).and_then(|a| {
-                    a.iter()
-                        .map(|item| match item {
-                            Value::String(s) if !s.is_empty() && !s.contains(':') => {
-                                Some(s.clone())
-                            }
-                            Value::Number(n) if n.is_u64() && key != "plugins" => {
-                                Some(n.to_string())
-                            }
-                            _ => None,
-                        })
-                        .collect()
-                });
-            match names {
-                Some(names) => pair(key, names.join(":")),
-                None => return Err(wrong(key, what)),
-            }
-        }
-        ChardevSpec::from_keys(pairs, true, "true")
-    }
-
     /// qmpgate's own keys each belong to a role: `upstream=` to listeners,
     /// `profile=`/`plugins=` to either. `on` is how the caller's syntax spells
     /// server=on (`on` in specs, `true` in QAPI).
@@ -652,115 +551,4 @@ pub enum Peer {
     Inet(String),
     /// Nothing known.
     Unknown,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn err(spec: &str) -> String {
-        ChardevSpec::parse(spec).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn parses_qemu_style_specs() {
-        let s = ChardevSpec::parse("socket,id=qmp,path=/run/a,,b.sock,server=on,wait=off").unwrap();
-        assert_eq!(s.id, "qmp");
-        assert_eq!(s.address, Address::Path("/run/a,b.sock".into()));
-        assert!(s.server);
-        let s = ChardevSpec::parse("socket,id=t,host=::1,port=4444,reconnect=2").unwrap();
-        assert_eq!(
-            s.address,
-            Address::Tcp {
-                host: "::1".into(),
-                port: 4444
-            }
-        );
-        assert!(!s.server);
-        assert_eq!(s.reconnect_ms, Some(2000));
-        let s = ChardevSpec::parse("socket,id=f,fd=3,server=on,mode=readline").unwrap();
-        assert_eq!(s.address, Address::Fd(3));
-        assert_eq!(s.mode, MonitorMode::Readline);
-        let s = ChardevSpec::parse("socket,id=sd,systemd=qmp").unwrap();
-        assert!(s.server, "systemd sockets listen");
-    }
-
-    #[test]
-    fn rejects_bad_specs_with_clear_reasons() {
-        assert!(err("socket,path=/x").contains("Parameter 'id' is missing"));
-        assert!(err("file,id=x,path=/x").contains("backend 'file' is not supported"));
-        assert!(err("socket,id=x,fd=3,path=/x").contains("'fd' cannot be combined"));
-        assert!(err("socket,id=x,fd=myfd").contains("Unable to parse FD number 'myfd'"));
-        assert!(err("socket,id=x,path=/x,server=maybe").contains("expects 'on' or 'off'"));
-        assert!(err("socket,id=x,path=/x,colour=red").contains("Invalid parameter 'colour'"));
-        assert!(err("socket,id=x").contains("one of 'path'"));
-        assert!(err("socket,id=x,path=/a,path=/b").contains("given twice"));
-        assert!(err("socket,id=x,host=h").contains("'host' needs 'port'"));
-        assert!(err("socket,id=a b,path=/x").contains("expects an identifier"));
-    }
-
-    #[test]
-    fn upstreams_select_policies_and_listeners_select_upstreams() {
-        let s = ChardevSpec::parse("socket,id=vm1,path=/q,profile=readonly").unwrap();
-        assert_eq!(s.policy, ChainSelector::Profile("readonly".into()));
-        let s = ChardevSpec::parse("socket,id=vm1,path=/q,plugins=hmp:strict").unwrap();
-        assert_eq!(
-            s.policy,
-            ChainSelector::Plugins(vec!["hmp".into(), "strict".into()])
-        );
-        let s = ChardevSpec::parse("socket,id=g,path=/g,server=on,upstream=vm1").unwrap();
-        assert_eq!(s.upstream.as_deref(), Some("vm1"));
-        assert_eq!(
-            ChardevSpec::parse("socket,id=g,path=/g,server=on,profile=readonly")
-                .unwrap()
-                .policy,
-            ChainSelector::Profile("readonly".into())
-        );
-        assert!(err("socket,id=q,path=/q,upstream=vm1").contains("this chardev is a client"));
-        assert!(err("socket,id=q,path=/q,profile=safe,plugins=a").contains("not both"));
-        assert!(err("socket,id=q,path=/q,plugins=a::b").contains("separated by ':'"));
-    }
-
-    #[test]
-    fn the_qapi_form_means_what_the_same_keys_mean_in_a_spec() {
-        let qapi = |data: Value| {
-            ChardevSpec::from_qapi("g", &serde_json::json!({"type": "socket", "data": data}))
-        };
-        let spec = qapi(serde_json::json!({
-            "addr": {"type": "unix", "data": {"path": "/run/a,b.sock"}},
-            "server": true, "wait": false, "upstream": "vm1", "plugins": ["hmp", "strict"],
-            "perm": "0660", "uids": [0, "root"],
-        }))
-        .unwrap();
-        assert_eq!(
-            spec,
-            ChardevSpec::parse_runtime(
-                "socket,id=g,path=/run/a,,b.sock,server=on,wait=off,upstream=vm1,plugins=hmp:strict,perm=0660,uids=0:root"
-            )
-            .unwrap()
-        );
-        // The same rules, in QAPI's words where the syntax differs.
-        let e = qapi(
-            serde_json::json!({"addr": {"type": "unix", "data": {"path": "/q"}}, "upstream": "vm1"}),
-        );
-        assert_eq!(
-            e.unwrap_err(),
-            "'upstream' binds a listener (server=true) to an upstream; this chardev is a client"
-        );
-        let e =
-            qapi(serde_json::json!({"addr": {"type": "fd", "data": {"str": "x"}}, "perm": "0600"}));
-        assert_eq!(
-            e.unwrap_err(),
-            "'perm', 'owner' and 'group' set a socket file's mode: give 'path'"
-        );
-        let e = qapi(
-            serde_json::json!({"addr": {"type": "unix", "data": {"path": "/q"}}, "plugins": ["a:b"]}),
-        );
-        assert_eq!(
-            e.unwrap_err(),
-            "Invalid parameter type for 'plugins', expected: array of names"
-        );
-        let e = qapi(serde_json::json!({"addr": {"type": "unix", "data": {}}}));
-        assert_eq!(e.unwrap_err(), "Parameter 'addr.data.path' is missing");
-    }
 }
