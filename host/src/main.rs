@@ -15,8 +15,8 @@ use qmpgate::control::config::{self, FileConfig, Overrides};
 use qmpgate::gateway::{Chains, Gateway, SHUTDOWN_GRACE, Settings};
 use qmpgate::io::FdTable;
 use qmpgate::plugin::Runtime;
-use qmpgate::session::{Admission, SessionLimits};
-use qmpgate::upstream::Outcome;
+use qmpgate::session::{Admission, DEFAULT_WRITE_TIMEOUT, SessionLimits};
+use qmpgate::upstream::{self, Outcome};
 
 /// A sandboxed gateway for the QEMU monitor.
 ///
@@ -186,6 +186,21 @@ struct GatewayArgs {
     /// counts as lost (QMPGATE_UPSTREAM_LOST with the reason).
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     probe_timeout_ms: u64,
+    /// How long connecting to QEMU's monitor, and then its QMP greeting, may take, in
+    /// ms each; past it the connect fails (at start-up, chardev-add or a reconnect)
+    /// saying whether QEMU accepted but never greeted (another client on its monitor).
+    #[arg(long, value_name = "MS", default_value_t = upstream::DEFAULT_GREETING_TIMEOUT.as_millis() as u64)]
+    greeting_timeout_ms: u64,
+    /// How long QEMU may take to answer each step of the negotiation after its
+    /// greeting (qmp_capabilities, query-status, query-qmp-schema), in ms; past it the
+    /// connect fails, naming the step.
+    #[arg(long, value_name = "MS", default_value_t = upstream::DEFAULT_NEGOTIATION_TIMEOUT.as_millis() as u64)]
+    negotiation_timeout_ms: u64,
+    /// How long a write to a client (QMP, HMP, control monitor, status endpoint) may
+    /// stay blocked, in ms; past it the client counts as not reading and is
+    /// disconnected (slow_clients).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_WRITE_TIMEOUT.as_millis() as u64)]
+    write_timeout_ms: u64,
     /// Clients one listener serves at once; more are told so and closed.
     #[arg(long, value_name = "N", default_value_t = Admission::default().max_clients)]
     max_clients: usize,
@@ -223,10 +238,12 @@ impl GatewayArgs {
         }
     }
 
-    fn liveness(&self) -> qmpgate::upstream::Liveness {
-        qmpgate::upstream::Liveness {
+    fn liveness(&self) -> upstream::Liveness {
+        upstream::Liveness {
             quiet: (self.probe_after_ms > 0).then(|| Duration::from_millis(self.probe_after_ms)),
             timeout: Duration::from_millis(self.probe_timeout_ms),
+            greeting: Duration::from_millis(self.greeting_timeout_ms),
+            negotiation: Duration::from_millis(self.negotiation_timeout_ms),
         }
     }
 
@@ -429,6 +446,7 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
             timeouts: resolved.timeouts.clone(),
             event_history: resolved.event_history,
             liveness: args.liveness(),
+            write_timeout: Duration::from_millis(args.write_timeout_ms),
             connections: Arc::new(tokio::sync::Semaphore::new(
                 args.admission().connection_budget(),
             )),

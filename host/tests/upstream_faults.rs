@@ -701,6 +701,7 @@ async fn served(seed: u64, per_task: usize) -> Result<Report> {
             _ => None,
         },
         timeout: Duration::from_secs(30),
+        ..Liveness::default()
     };
     let mut fake = FakeQemu::start(script)?;
     let shutdown = CancellationToken::new();

@@ -69,14 +69,34 @@ fn a_qemu_monitor_busy_with_another_client_is_reported_not_waited_on_forever() {
     let dir = qmpgate_tests::tempdir();
     let path = dir.path().join("busy.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut gateway =
-        GatewayBuilder::new(&format!("socket,id=qemu,path={}", path.display())).spawn();
+    // The greeting's deadline shrunk from 10 s: the message names the one given.
+    let mut gateway = GatewayBuilder::new(&format!("socket,id=qemu,path={}", path.display()))
+        .args(["--greeting-timeout-ms", "300"])
+        .spawn();
     let (code, stderr) = gateway.wait();
     assert_eq!(code, Some(1));
     assert!(
         stderr.contains(
-            "sent no QMP greeting within 10s: is another client connected to its monitor?"
+            "sent no QMP greeting within 300ms: is another client connected to its monitor?"
         ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_qemu_that_stalls_in_the_negotiation_is_reported_naming_the_step() {
+    // Greets and answers qmp_capabilities and query-status, never the schema query.
+    let fake = FakeQemu::start(|name| match name {
+        "query-qmp-schema" => FakeAction::Ignore,
+        _ => FakeAction::Return,
+    });
+    let mut gateway = GatewayBuilder::new(&fake.upstream_spec())
+        .args(["--profile", "permissive", "--negotiation-timeout-ms", "300"])
+        .spawn();
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("QEMU greeted but did not answer query-qmp-schema within 300ms"),
         "{stderr}"
     );
 }

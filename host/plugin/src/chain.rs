@@ -174,8 +174,8 @@ impl PluginChain {
     }
 
     /// Faults `client`'s input (or its principal's, over its connections) caused
-    /// in this chain's plugins within [`CLIENT_FAULT_WINDOW`]; a session
-    /// disconnects its client at [`CLIENT_FAULT_LIMIT`].
+    /// in this chain's plugins within [`crate::CLIENT_FAULT_WINDOW`]; a session
+    /// disconnects its client at [`crate::CLIENT_FAULT_LIMIT`].
     pub fn client_faults(&self, client: &Client) -> usize {
         self.faults.recent(client)
     }

@@ -93,7 +93,7 @@ impl Runtime {
     }
 
     /// Loads a plugin: compiles (or loads from cache), checks the WIT version and
-    /// links it. [`PluginChain::start`] then instantiates it and calls `init`.
+    /// links it. [`crate::PluginChain::start`] then instantiates it and calls `init`.
     pub fn load(
         &self,
         name: &str,

@@ -161,9 +161,13 @@ impl ControlSession {
             &json!({"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": format!("qmpgate {}", env!("CARGO_PKG_VERSION"))}),
             &[],
         );
-        if write_within(&mut stream, &qmp::encode(&greeting))
-            .await
-            .is_err()
+        if write_within(
+            &mut stream,
+            &qmp::encode(&greeting),
+            self.hub.limits().write_timeout,
+        )
+        .await
+        .is_err()
         {
             return;
         }
@@ -202,9 +206,13 @@ impl ControlSession {
             for frame in frames.drain(..) {
                 let reply = self.handle(frame).await;
                 self.count_named();
-                if write_within(&mut stream, &qmp::encode(&reply))
-                    .await
-                    .is_err()
+                if write_within(
+                    &mut stream,
+                    &qmp::encode(&reply),
+                    self.hub.limits().write_timeout,
+                )
+                .await
+                .is_err()
                 {
                     return;
                 }

@@ -32,7 +32,12 @@ pub async fn serve(
 ) -> &'static str {
     let (reader, mut writer) = stream.into_split();
     if let Err(error) = ctx.chain().on_connect(&client).await {
-        let _ = write_within(&mut writer, format!("Error: {}\r\n", error.desc).as_bytes()).await;
+        let _ = write_within(
+            &mut writer,
+            format!("Error: {}\r\n", error.desc).as_bytes(),
+            ctx.limits.write_timeout,
+        )
+        .await;
         return "refused by a plugin";
     }
     let version = ctx.upstream.info().version;
@@ -41,9 +46,13 @@ pub async fn serve(
         "QEMU {}.{}.{} monitor - type 'help' for more information\r\n",
         qemu["major"], qemu["minor"], qemu["micro"]
     );
-    if write_within(&mut writer, format!("{banner}{}", PROMPT_TEXT).as_bytes())
-        .await
-        .is_err()
+    if write_within(
+        &mut writer,
+        format!("{banner}{}", PROMPT_TEXT).as_bytes(),
+        ctx.limits.write_timeout,
+    )
+    .await
+    .is_err()
     {
         return "write failed";
     }
@@ -94,12 +103,16 @@ pub async fn serve(
         };
         let output = output.replace("\r\n", "\n").replace('\n', "\r\n");
         if faulting(&ctx, &client) {
-            let _ = write_within(&mut writer, output.as_bytes()).await;
+            let _ = write_within(&mut writer, output.as_bytes(), ctx.limits.write_timeout).await;
             return FAULTING;
         }
-        if write_within(&mut writer, format!("{output}{PROMPT_TEXT}").as_bytes())
-            .await
-            .is_err()
+        if write_within(
+            &mut writer,
+            format!("{output}{PROMPT_TEXT}").as_bytes(),
+            ctx.limits.write_timeout,
+        )
+        .await
+        .is_err()
         {
             return "write failed";
         }

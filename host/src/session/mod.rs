@@ -92,6 +92,10 @@ pub struct SessionLimits {
     pub event_history: usize,
     /// How each upstream notices a QEMU that stopped answering.
     pub liveness: Liveness,
+    /// How long a write to a client (QMP, HMP, control monitor, status endpoint)
+    /// may stay blocked before the client is disconnected as one that does not
+    /// read; [`DEFAULT_WRITE_TIMEOUT`].
+    pub write_timeout: Duration,
     /// Caps on connections.
     pub admission: Admission,
     /// Connections (clients of every listener, status requests) the process may
@@ -330,8 +334,11 @@ pub async fn serve(
     tracing::info!(client = client_id, reason, "client disconnected");
 }
 
-/// A client that cannot take a write for this long is disconnected.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`SessionLimits::write_timeout`] (`--write-timeout-ms`), 10 s: a
+/// client that cannot take a write for this long is disconnected. Long enough for
+/// a client that is merely busy or on a slow link, short enough that a stuck one
+/// does not hold its replies (and QEMU's queue slots) for long.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a client whose input keeps making plugins fail was disconnected.
 pub const FAULTING: &str = "its commands kept making plugins fail";
@@ -356,14 +363,15 @@ pub fn faulting(ctx: &Context, client: &plugin::Client) -> bool {
     true
 }
 
-/// Writes to a client within [`WRITE_TIMEOUT`]; a client that does not read gets
-/// `TimedOut`, and its task drops it rather than waiting for ever (HMP and control
-/// clients; QMP sessions also count it, in `Session::write`).
+/// Writes to a client within `timeout` ([`SessionLimits::write_timeout`]); a client
+/// that does not read gets `TimedOut`, and its task drops it rather than waiting for
+/// ever (HMP and control clients; QMP sessions also count it, in `Session::write`).
 pub(crate) async fn write_within(
     writer: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
+    timeout: Duration,
 ) -> std::io::Result<()> {
-    tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(bytes))
+    tokio::time::timeout(timeout, writer.write_all(bytes))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

@@ -12,10 +12,10 @@
 //!
 //! Bounds: at most [`MAX_CLIENT_QUEUE`] in-band commands per client are outstanding
 //! (then the session stops reading, and TCP back-pressure reaches the client); a
-//! write that cannot complete within [`WRITE_TIMEOUT`] and a client that falls
+//! write that cannot complete within [`super::SessionLimits::write_timeout`] and a client that falls
 //! behind the event stream are disconnected, so a stuck client never holds others.
 //!
-//! Layout: [`serve`] is the task; `Session` holds the state; `handle_frame` is the
+//! Layout: `serve` is the task; `Session` holds the state; `handle_frame` is the
 //! per-message logic. (About 650 lines, kept in one file: every part reads and
 //! changes the one `Session`, and its ordering rules are easier to check together.)
 
@@ -36,7 +36,7 @@ use qmpgate_plugin_host::{self as plugin, Decision, EventDecision};
 use qmpgate_protocol::qjson::{Input, Reader};
 use qmpgate_protocol::qmp::{self, Answer, Command, ErrorClass, QmpError, Request};
 
-use super::{Context, FAULTING, WRITE_TIMEOUT, deadline_passed, faulting, within};
+use super::{Context, FAULTING, deadline_passed, faulting, within};
 use crate::io::Stream;
 use crate::upstream::UpstreamEvent;
 
@@ -607,14 +607,19 @@ impl Session {
     }
 
     async fn write_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(bytes)).await {
+        let timeout = self.ctx.limits.write_timeout;
+        match tokio::time::timeout(timeout, self.writer.write_all(bytes)).await {
             Ok(result) => result,
             Err(_) => {
                 self.ctx
                     .metrics
                     .slow_clients
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = self.client.id, timeout = ?WRITE_TIMEOUT, "client does not read; disconnecting it");
+                tracing::warn!(
+                    client = self.client.id,
+                    ?timeout,
+                    "client does not read; disconnecting it"
+                );
                 Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "client does not read",

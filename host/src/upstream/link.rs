@@ -116,7 +116,7 @@ impl LinkTask {
                     }
                 }
             }
-            match open(&self.spec, &mut self.fds).await {
+            match open(&self.spec, &mut self.fds, &self.liveness).await {
                 Ok(link) => {
                     tracing::info!(chardev = %self.spec.id, "reconnected to QEMU");
                     return Some(link);

@@ -42,13 +42,17 @@ use qmpgate_protocol::schema::QmpSchema;
 /// (`QMP_REQ_QUEUE_LEN_MAX`); without OOB it runs one at a time anyway.
 pub const MAX_IN_FLIGHT: usize = 8;
 
-/// How long QEMU may take to greet us. A QEMU that accepts but never greets is
-/// almost always serving another client on that monitor (it serves one at a time).
-const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`Liveness::greeting`] (`--greeting-timeout-ms`), 10 s: how long
+/// QEMU may take to accept the connection and greet us. A QEMU that accepts but
+/// never greets is almost always serving another client on that monitor (it serves
+/// one at a time); a live QEMU greets in milliseconds, even on a loaded host.
+pub const DEFAULT_GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long QEMU may take to answer the negotiation that follows its greeting
-/// (`qmp_capabilities`, `query-status`, `query-qmp-schema`): milliseconds normally.
-const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default of [`Liveness::negotiation`] (`--negotiation-timeout-ms`), 10 s: how
+/// long QEMU may take to answer each step of the negotiation that follows its
+/// greeting (`qmp_capabilities`, `query-status`, `query-qmp-schema`): milliseconds
+/// normally.
+pub const DEFAULT_NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Events buffered per session before a session that does not keep up is cut off.
 const EVENT_BUFFER: usize = 1024;
@@ -56,8 +60,11 @@ const EVENT_BUFFER: usize = 1024;
 /// QEMU's messages are small; its replies to big queries reach a few MiB.
 const MAX_UPSTREAM_MESSAGE: usize = 64 << 20;
 
-/// How qmpgate notices a QEMU that keeps its link open but stopped answering
-/// (stopped, wedged, or its monitor chardev taken over from inside): after a quiet
+/// How qmpgate notices a QEMU that does not answer. While connecting: one that
+/// never greets, or stalls in the negotiation (each step has its deadline, so
+/// start-up, `chardev-add` and reconnects cannot hang). Once connected: one that
+/// keeps its link open but stopped answering (stopped, wedged, or its monitor
+/// chardev taken over from inside): after a quiet
 /// period with nothing outstanding it sends a cheap `query-status`; if QEMU says
 /// nothing before the deadline, the link counts as lost (clients get
 /// `QMPGATE_UPSTREAM_LOST` with the reason, pending commands an error). A command
@@ -69,16 +76,26 @@ pub struct Liveness {
     pub quiet: Option<Duration>,
     /// How long a probe may go unanswered.
     pub timeout: Duration,
+    /// How long connecting and QEMU's greeting may take, each (a peer that drops
+    /// SYNs, or a QEMU busy with another client); [`DEFAULT_GREETING_TIMEOUT`].
+    pub greeting: Duration,
+    /// How long QEMU may take to answer each negotiation step;
+    /// [`DEFAULT_NEGOTIATION_TIMEOUT`].
+    pub negotiation: Duration,
 }
 
 impl Default for Liveness {
     /// Probe after 10 s of quiet, give up after 10 s of silence: long enough that a
     /// busy host never trips it, short enough that an operator hears of a dead
-    /// monitor before a client's own timeout would tell them.
+    /// monitor before a client's own timeout would tell them. Connecting and the
+    /// negotiation take [`DEFAULT_GREETING_TIMEOUT`] and
+    /// [`DEFAULT_NEGOTIATION_TIMEOUT`].
     fn default() -> Self {
         Liveness {
             quiet: Some(Duration::from_secs(10)),
             timeout: Duration::from_secs(10),
+            greeting: DEFAULT_GREETING_TIMEOUT,
+            negotiation: DEFAULT_NEGOTIATION_TIMEOUT,
         }
     }
 }
@@ -314,7 +331,7 @@ pub async fn connect(
     liveness: Liveness,
     shutdown: CancellationToken,
 ) -> Result<(UpstreamHandle, tokio::task::JoinHandle<Outcome>), UpstreamError> {
-    let link = open(&spec, fds).await?;
+    let link = open(&spec, fds, &liveness).await?;
     let qemu = link
         .info
         .version

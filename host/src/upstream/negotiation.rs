@@ -30,6 +30,8 @@ pub(super) struct Link {
 /// sends together (an event and a reply in one write) are all seen, in order.
 struct Negotiation {
     reader: Reader,
+    /// Each step's deadline ([`Liveness::negotiation`]).
+    step_timeout: Duration,
     framer: Framer,
     frames: VecDeque<Frame>,
 }
@@ -56,7 +58,7 @@ impl Negotiation {
     }
 
     /// Sends `step` (with id 0 and `arguments`) and returns its reply's body, within
-    /// [`NEGOTIATION_TIMEOUT`]; events that come first are dropped (nobody is
+    /// [`Liveness::negotiation`]; events that come first are dropped (nobody is
     /// subscribed yet).
     async fn execute(
         &mut self,
@@ -68,6 +70,7 @@ impl Negotiation {
         if let Some(arguments) = arguments {
             command["arguments"] = arguments;
         }
+        let timeout = self.step_timeout;
         let exchange = async {
             writer.write_all(&qmp::encode(&command)).await?;
             loop {
@@ -76,32 +79,36 @@ impl Negotiation {
                 }
             }
         };
-        tokio::time::timeout(NEGOTIATION_TIMEOUT, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| UpstreamError::NegotiationTimeout {
-                step,
-                timeout: NEGOTIATION_TIMEOUT,
-            })?
+            .map_err(|_| UpstreamError::NegotiationTimeout { step, timeout })?
     }
 }
 
-/// Opens the upstream chardev (one attempt, within [`GREETING_TIMEOUT`]), reads
-/// the greeting (within [`GREETING_TIMEOUT`]) and negotiates (within [`NEGOTIATION_TIMEOUT`]): a peer
-/// that stalls anywhere in it cannot hang start-up, `chardev-add` or a reconnect.
-pub(super) async fn open(spec: &ChardevSpec, fds: &mut FdTable) -> Result<Link, UpstreamError> {
+/// Opens the upstream chardev (one attempt, within [`Liveness::greeting`]), reads
+/// the greeting (within [`Liveness::greeting`]) and negotiates (each step within
+/// [`Liveness::negotiation`]): a peer that stalls anywhere in it cannot hang
+/// start-up, `chardev-add` or a reconnect.
+pub(super) async fn open(
+    spec: &ChardevSpec,
+    fds: &mut FdTable,
+    liveness: &Liveness,
+) -> Result<Link, UpstreamError> {
     // A TCP peer that drops SYNs would hold a connect for minutes: the greeting's
     // deadline covers the connect too.
-    let stream = tokio::time::timeout(GREETING_TIMEOUT, io::connect(spec, fds))
+    let greeting = liveness.greeting;
+    let stream = tokio::time::timeout(greeting, io::connect(spec, fds))
         .await
-        .map_err(|_| UpstreamError::ConnectTimeout(GREETING_TIMEOUT))??;
+        .map_err(|_| UpstreamError::ConnectTimeout(greeting))??;
     let (reader, mut writer) = stream.into_split();
     let mut negotiation = Negotiation {
         reader,
+        step_timeout: liveness.negotiation,
         framer: Framer::new(MAX_UPSTREAM_MESSAGE, 1024),
         frames: VecDeque::new(),
     };
     // Each step has its own deadline, so the error names the step that stalled.
-    let info = negotiate(&mut negotiation, &mut writer).await?;
+    let info = negotiate(&mut negotiation, &mut writer, greeting).await?;
     Ok(Link {
         reader: negotiation.reader,
         writer,
@@ -111,14 +118,16 @@ pub(super) async fn open(spec: &ChardevSpec, fds: &mut FdTable) -> Result<Link, 
     })
 }
 
-/// The greeting, `qmp_capabilities`, the run state and the schema.
+/// The greeting (within `greeting_timeout`), `qmp_capabilities`, the run state and
+/// the schema.
 async fn negotiate(
     negotiation: &mut Negotiation,
     writer: &mut Writer,
+    greeting_timeout: Duration,
 ) -> Result<UpstreamInfo, UpstreamError> {
-    let greeting = tokio::time::timeout(GREETING_TIMEOUT, negotiation.next())
+    let greeting = tokio::time::timeout(greeting_timeout, negotiation.next())
         .await
-        .map_err(|_| UpstreamError::NoGreeting(GREETING_TIMEOUT))??;
+        .map_err(|_| UpstreamError::NoGreeting(greeting_timeout))??;
     let Message::Greeting {
         version,
         capabilities,

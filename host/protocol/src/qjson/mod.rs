@@ -18,7 +18,7 @@
 //! and the rest of it is skipped, token by token, so memory stays bounded. QEMU's
 //! own limits (64 MiB, 1024 levels) are far above them.
 //!
-//! The writer ([`write`]) prints values as QEMU does: `{"a": 1, "b": [2, 3]}`,
+//! The writer ([`write()`]) prints values as QEMU does: `{"a": 1, "b": [2, 3]}`,
 //! every non-ASCII or control character as `\uXXXX`, doubles as `%.17g`, and an
 //! object's keys in the order of QEMU's hash table (QDict iterates its 512
 //! buckets in order), which is why QEMU writes `{"id": 1, "error": ...}` but
@@ -26,7 +26,7 @@
 //!
 //! Layout: `lex` (json-lexer.c's state machine), `read` ([`Reader`]: the streamer
 //! and qmpgate's limits), `parse` (json-parser.c and QEMU's string decoding),
-//! `write` ([`write`], [`write_object`] and QDict's key order).
+//! `write` ([`write()`], [`write_object`] and QDict's key order).
 
 use serde_json::Value;
 

@@ -67,7 +67,7 @@ pub fn write(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
-/// Writes an object as QEMU's writer does (see [`write`]), without wrapping it in
+/// Writes an object as QEMU's writer does (see [`write()`]), without wrapping it in
 /// a [`Value`] first.
 pub fn write_object(object: &Map<String, Value>, out: &mut Vec<u8>) {
     out.push(b'{');

@@ -38,12 +38,13 @@ pub use render::{metrics_text, status_json};
 /// Serves the status endpoint until the gateway shuts down.
 ///
 /// Its own accept loop rather than `axum::serve`, for the caps (see
-/// [`crate::gateway::Admission`]): at most `status_connections` at once (more are
+/// [`crate::session::Admission`]): at most `status_connections` at once (more are
 /// closed at once), request headers within `status_header_timeout`, one request
 /// per connection (an idle keep-alive connection would hold a place), and a
 /// client that stops reading a response is dropped after the write timeout.
 pub async fn serve(listener: Listener, hub: Arc<Hub>) {
     let admission = hub.limits().admission.clone();
+    let write_timeout = hub.limits().write_timeout;
     let subscribers = SseSlots(Arc::new(tokio::sync::Semaphore::new(
         admission.status_subscribers,
     )));
@@ -88,7 +89,7 @@ pub async fn serve(listener: Listener, hub: Arc<Hub>) {
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(admission.status_header_timeout)
             .keep_alive(false);
-        let io = hyper_util::rt::TokioIo::new(WriteDeadline::new(stream));
+        let io = hyper_util::rt::TokioIo::new(WriteDeadline::new(stream, write_timeout));
         let connection = builder.serve_connection(io, service);
         let shutdown = shutdown.clone();
         hub.spawn(async move {
@@ -112,17 +113,20 @@ pub async fn serve(listener: Listener, hub: Arc<Hub>) {
 struct SseSlots(Arc<tokio::sync::Semaphore>);
 
 /// A stream whose writes must make progress: one that stays blocked for
-/// [`crate::session::WRITE_TIMEOUT`] fails, so a client that does not read
+/// [`crate::session::SessionLimits::write_timeout`] fails, so a client that does not read
 /// cannot hold a connection (an `/events` stream, a large `/metrics`) forever.
 struct WriteDeadline<S> {
     inner: S,
+    /// How long a write may stay blocked.
+    timeout: std::time::Duration,
     stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> WriteDeadline<S> {
-    fn new(inner: S) -> Self {
+    fn new(inner: S, timeout: std::time::Duration) -> Self {
         WriteDeadline {
             inner,
+            timeout,
             stalled: None,
         }
     }
@@ -132,9 +136,10 @@ impl<S> WriteDeadline<S> {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<usize>> {
+        let timeout = self.timeout;
         let stalled = self
             .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(crate::session::WRITE_TIMEOUT)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match stalled.as_mut().poll(cx) {
             std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
