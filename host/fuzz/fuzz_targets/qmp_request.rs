@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(bytes.is_ascii(), "QEMU's writer escapes all but ASCII");
                     }
                 }
-                let _ = qmp::parse_upstream(&qmp::encode(&value));
+                let _ = qmp::parse_qemu_message(&qmp::encode(&value));
             }
             qjson::Input::Error(desc) => assert!(desc.starts_with("JSON parse error, ")),
             qjson::Input::TooLarge | qjson::Input::TooDeep => {}
