@@ -779,8 +779,13 @@ async fn cut_off(seed: u64, per_task: usize) -> Result<()> {
     };
     let mut fake = FakeQemu::start(script)?;
     let shutdown = CancellationToken::new();
+    // The fake stops reading when it cuts the link, while it writes its last bytes:
+    // if the gateway is writing to it then, both wait on the other until the
+    // gateway's write deadline (the liveness timeout) ends the link. A short one
+    // keeps that case well inside DEADLINE on a loaded machine.
     let liveness = Liveness {
         quiet: None,
+        timeout: Duration::from_secs(2),
         ..Liveness::default()
     };
     let (handle, task) = connect(&fake, liveness, &shutdown).await?;
