@@ -261,7 +261,6 @@ impl ChardevSpec {
     /// `on` is how the caller's syntax spells server=on in messages (`on` in
     /// specs, `true` in QAPI).
     fn from_keys(pairs: Vec<(String, String)>, runtime: bool, on: &str) -> Result<Self, String> {
-        let fail = |reason: String| reason;
         // `named` is a socket found by name: systemd's, or (at run time) a getfd name.
         let (mut id, mut path, mut host, mut port, mut fd, mut named) =
             (None, None, None, None, None, None);
@@ -273,7 +272,7 @@ impl ChardevSpec {
         for (key, value) in pairs {
             let key = key.as_str();
             if !seen.insert(key.to_string()) {
-                return Err(fail(format!("parameter '{key}' given twice")));
+                return Err(format!("parameter '{key}' given twice"));
             }
             match key {
                 "id" => id = Some(value),
@@ -281,9 +280,7 @@ impl ChardevSpec {
                 "host" => host = Some(value),
                 "port" => {
                     port = Some(value.parse::<u16>().map_err(|_| {
-                        fail(format!(
-                            "Parameter 'port' expects a port number, got '{value}'"
-                        ))
+                        format!("Parameter 'port' expects a port number, got '{value}'")
                     })?)
                 }
                 // QEMU's rule: on the command line an fd is a number; names exist only
@@ -295,28 +292,28 @@ impl ChardevSpec {
                             .parse::<RawFd>()
                             .ok()
                             .filter(|n| *n >= 0)
-                            .ok_or_else(|| fail(format!("Unable to parse FD number '{value}'")))?,
+                            .ok_or_else(|| format!("Unable to parse FD number '{value}'"))?,
                     )
                 }
                 "systemd" => named = Some(Address::Systemd(value)),
-                "server" => server = Some(parse_bool(key, &value).map_err(fail)?),
+                "server" => server = Some(parse_bool(key, &value)?),
                 // A listener never blocks start-up waiting for a client: qmpgate
                 // accepts `wait=` for compatibility with QEMU specs and ignores it.
                 "wait" => {
-                    parse_bool(key, &value).map_err(fail)?;
+                    parse_bool(key, &value)?;
                 }
                 "tls-creds" => tls_creds = Some(PathBuf::from(value)),
                 "upstream" => upstream = Some(value),
                 "profile" | "plugins" if policy != ChainSelector::Default => {
-                    return Err(fail("give one of 'profile' or 'plugins', not both".into()));
+                    return Err("give one of 'profile' or 'plugins', not both".into());
                 }
                 "profile" => policy = ChainSelector::Profile(value),
                 "plugins" => {
                     let names: Vec<String> = value.split(':').map(str::to_string).collect();
                     if names.iter().any(String::is_empty) {
-                        return Err(fail(format!(
+                        return Err(format!(
                             "Parameter 'plugins' expects names separated by ':', got '{value}'"
-                        )));
+                        ));
                     }
                     policy = ChainSelector::Plugins(names)
                 }
@@ -325,44 +322,42 @@ impl ChardevSpec {
                         .ok()
                         .filter(|m| *m <= 0o777)
                         .ok_or_else(|| {
-                            fail(format!(
+                            format!(
                                 "Parameter 'perm' expects an octal mode such as 0660, got '{value}'"
-                            ))
+                            )
                         })?,
                 ),
-                "owner" => access.owner = Some(parse_user(&value).map_err(fail)?),
-                "group" => access.group = Some(parse_group(&value).map_err(fail)?),
-                "uids" => access.uids = parse_ids(key, &value, parse_user).map_err(fail)?,
-                "gids" => access.gids = parse_ids(key, &value, parse_group).map_err(fail)?,
-                "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?),
-                "reconnect" => {
-                    reconnect_ms = Some(parse_u64(key, &value).map_err(fail)?.saturating_mul(1000))
-                }
+                "owner" => access.owner = Some(parse_user(&value)?),
+                "group" => access.group = Some(parse_group(&value)?),
+                "uids" => access.uids = parse_ids(key, &value, parse_user)?,
+                "gids" => access.gids = parse_ids(key, &value, parse_group)?,
+                "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value)?),
+                "reconnect" => reconnect_ms = Some(parse_u64(key, &value)?.saturating_mul(1000)),
                 "mode" => {
                     mode = match value.as_str() {
                         "control" => MonitorMode::Control,
                         "readline" => MonitorMode::Readline,
                         _ => {
-                            return Err(fail(format!(
+                            return Err(format!(
                                 "Parameter 'mode' expects 'control' or 'readline', got '{value}'"
-                            )));
+                            ));
                         }
                     }
                 }
-                _ => return Err(fail(format!("Invalid parameter '{key}'"))),
+                _ => return Err(format!("Invalid parameter '{key}'")),
             }
         }
 
         let id = id
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| fail("Parameter 'id' is missing".into()))?;
+            .ok_or_else(|| "Parameter 'id' is missing".to_string())?;
         if !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
-            return Err(fail(format!(
+            return Err(format!(
                 "Parameter 'id' expects an identifier (letters, digits, '-', '_', '.'), got '{id}'"
-            )));
+            ));
         }
         let address = match (path, host, port, fd, named) {
             (Some(p), None, None, None, None) => Address::Path(p),
@@ -372,24 +367,20 @@ impl ChardevSpec {
                 port,
             },
             (None, Some(_), None, None, None) => {
-                return Err(fail("'host' needs 'port'".into()));
+                return Err("'host' needs 'port'".into());
             }
             (None, None, None, Some(fd), None) => Address::Fd(fd),
             (None, None, None, None, Some(address)) => address,
             (None, None, None, None, None) => {
-                return Err(fail(
-                    "one of 'path', 'host'/'port', 'fd' or 'systemd' is required".into(),
-                ));
+                return Err("one of 'path', 'host'/'port', 'fd' or 'systemd' is required".into());
             }
             (_, _, _, Some(_), _) => {
-                return Err(fail(
+                return Err(
                     "'fd' cannot be combined with 'path', 'host', 'port' or 'systemd'".into(),
-                ));
+                );
             }
             _ => {
-                return Err(fail(
-                    "give exactly one of 'path', 'host'/'port', 'fd' or 'systemd'".into(),
-                ));
+                return Err("give exactly one of 'path', 'host'/'port', 'fd' or 'systemd'".into());
             }
         };
         // QEMU's default is server=off; systemd only ever passes listening sockets.
@@ -397,13 +388,12 @@ impl ChardevSpec {
         if tls_creds.is_some() && !server {
             // QEMU's rule: no TLS on a client socket given as an fd (there is no host
             // name to check a certificate against).
-            return Err(fail(
-                if matches!(address, Address::Fd(_) | Address::Named(_)) {
-                    "TLS is not allowed on a client socket given as an fd: there is no host name to verify".into()
-                } else {
-                    "tls-creds is for listeners (server=on); qmpgate's link to QEMU does not use TLS".into()
-                },
-            ));
+            return Err(if matches!(address, Address::Fd(_) | Address::Named(_)) {
+                "TLS is not allowed on a client socket given as an fd: there is no host name to verify".into()
+            } else {
+                "tls-creds is for listeners (server=on); qmpgate's link to QEMU does not use TLS"
+                    .into()
+            });
         }
         let spec = ChardevSpec {
             id,
@@ -416,7 +406,7 @@ impl ChardevSpec {
             policy,
             access,
         };
-        spec.check_own_keys(on).map_err(fail)?;
+        spec.check_own_keys(on)?;
         Ok(spec)
     }
 
