@@ -30,7 +30,10 @@ use qmpgate::upstream::{self, Outcome};
 #[derive(Debug, Parser)]
 #[command(
     name = "qmpgate",
-    version,
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\nplugin contracts: qmpgate:plugin@0.2.0, qmpgate:plugin@0.1.0"
+    ),
     about,
     long_about,
     args_conflicts_with_subcommands = true

@@ -204,7 +204,7 @@ fn a_plugin_built_for_another_wit_version_is_refused_by_name() {
             "--listen",
             "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
         ])
-        .fails_with("plugin 'future' was built for qmpgate:plugin@0.2.0; this qmpgate supports qmpgate:plugin@0.1.0");
+        .fails_with("plugin 'future' was built for qmpgate:plugin@0.9.0; this qmpgate supports qmpgate:plugin@0.2.0 and qmpgate:plugin@0.1.0");
 }
 
 #[test]

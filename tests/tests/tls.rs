@@ -1,5 +1,5 @@
 //! TLS listeners: QEMU's credentials layout, client certificates required when a CA
-//! is given, the certificate's CN passed to plugins, and QEMU's rule against TLS on
+//! is given, the certificate's names passed to plugins, and QEMU's rule against TLS on
 //! a client socket given as an fd.
 
 use std::net::TcpListener;
@@ -329,4 +329,121 @@ fn idle_tls_handshakes_cannot_starve_the_gateway() {
     }
     let admin = client(port, creds.path(), Some("admin"), &["query-status"]);
     assert_eq!(admin[1]["return"]["status"], "prelaunch", "{admin}");
+}
+
+/// Client certificates whose names older code could not read: a CN written as a
+/// BMPString (UTF-16), and a certificate with no CN at all, only SANs.
+fn unusual_client_certificates(dir: &Path) {
+    std::fs::write(
+        dir.join("san.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n\
+         subjectAltName=DNS:ops.example.com,email:ops@example.com\n",
+    )
+    .unwrap();
+    for (name, dn, mask) in [
+        ("bmp", "CN = admin\nO = Example\n", "MASK:0x800"),
+        ("sanonly", "O = Example\n", "utf8only"),
+    ] {
+        std::fs::write(
+            dir.join(format!("{name}.cnf")),
+            format!(
+                "[req]\nprompt = no\nstring_mask = {mask}\ndistinguished_name = dn\n[dn]\n{dn}"
+            ),
+        )
+        .unwrap();
+        let (key, csr, cert, cnf) = (
+            format!("{name}-key.pem"),
+            format!("{name}.csr"),
+            format!("{name}-cert.pem"),
+            format!("{name}.cnf"),
+        );
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-config",
+                &cnf,
+            ],
+        );
+        let ext = if name == "sanonly" {
+            "san.ext"
+        } else {
+            "client.ext"
+        };
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca-cert.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "1",
+                "-extfile",
+                ext,
+            ],
+        );
+    }
+}
+
+#[test]
+fn every_name_in_a_certificate_reaches_plugins_and_identity_rules_do_not_fail_open() {
+    let qemu = Qemu::start();
+    let creds = tempdir();
+    credentials(creds.path());
+    unusual_client_certificates(creds.path());
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let _gateway = GatewayBuilder::new(&qemu.upstream_spec())
+        // Answers query-name with the client's `tls` record.
+        .plugin(Plugin::wasm(
+            "probe",
+            &qmpgate_tests::guest("fixture_probe"),
+        ))
+        .plugin(Plugin::builtin("policy", "qmp-policy").config(json!({
+            "profile": "permissive",
+            "rules": [
+                {"action": "allow", "commands": ["stop"], "identities": ["admin"]},
+                {"action": "deny", "commands": ["stop"], "identities": ["*"],
+                 "desc": "only admin may stop the VM"},
+            ],
+        })))
+        .fd(tcp, 4)
+        .args([
+            "--listen",
+            &format!(
+                "socket,id=tls,fd=4,server=on,tls-creds={}",
+                creds.path().display()
+            ),
+        ])
+        .spawn();
+
+    // A BMPString CN is read: the allow rule for `admin` applies.
+    let bmp = client(port, creds.path(), Some("bmp"), &["query-name", "stop"]);
+    let tls = &bmp[1]["return"]["tls"];
+    assert_eq!(tls["common-names"], json!(["admin"]), "{bmp}");
+    assert_eq!(tls["subject"], "O=Example,CN=admin", "{bmp}");
+    assert_eq!(bmp[2], json!({"return": {}}), "{bmp}");
+
+    // A certificate without a CN still has an identity: its SANs, with their
+    // kinds, and `*` matches it, so the deny rule applies.
+    let san = client(port, creds.path(), Some("sanonly"), &["query-name", "stop"]);
+    let tls = &san[1]["return"]["tls"];
+    assert_eq!(tls["common-names"], json!([]), "{san}");
+    assert_eq!(
+        tls["subject-alt-names"],
+        json!(["DNS:ops.example.com", "email:ops@example.com"]),
+        "{san}"
+    );
+    assert_eq!(tls["subject"], "O=Example", "{san}");
+    assert_eq!(
+        san[2]["error"]["desc"], "Command 'stop' is denied by policy: only admin may stop the VM",
+        "{san}"
+    );
 }

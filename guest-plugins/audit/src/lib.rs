@@ -6,9 +6,10 @@
 //! names are dropped) and appends it as a JSON line to `--audit-log` (or logs it).
 //!
 //! ```json
-//! {"time": 1764012345.12, "plugin": "audit", "client": {"id": 3, "listener": "qmp",
-//!  "peer": {"unix": {"pid": 4242, "uid": 1000, "gid": 1000}}}, "command": "screendump",
-//!  "verdict": "denied", "error": "Command 'screendump' is denied by policy: ..."}
+//! {"time": 1764012345.12, "plugin": "audit", "upstream": "vm1", "client": {"id": 3,
+//!  "upstream": "vm1", "listener": "qmp", "protocol": "qmp",
+//!  "peer": {"unix": {"pid": 4242, "uid": 1000, "gid": 1000}}, "tls": null},
+//!  "command": "screendump", "verdict": "denied", "error": "Command 'screendump' is ..."}
 //! ```
 //!
 //! Configuration: `{"arguments": true}` also records each command's arguments
@@ -17,7 +18,7 @@
 
 #![forbid(unsafe_code)]
 
-use qmpgate_plugin_sdk::{Client, Command, Decision, Peer, Plugin, Protocol, audit, export_plugin};
+use qmpgate_plugin_sdk::{Client, Command, Decision, HmpLine, Plugin, audit};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -38,6 +39,7 @@ fn all_verdicts() -> Vec<String> {
 
 struct Audit(Config);
 
+#[qmpgate_plugin_sdk::plugin]
 impl Plugin for Audit {
     type Config = Config;
 
@@ -52,9 +54,9 @@ impl Plugin for Audit {
 
     fn on_decision(
         &mut self,
-        client: &Client,
+        _client: &Client,
         command: &Command,
-        hmp_line: Option<&str>,
+        hmp: Option<&HmpLine>,
         decision: &Decision,
     ) {
         let (verdict, error) = match decision {
@@ -65,23 +67,19 @@ impl Plugin for Audit {
         if !self.0.verdicts.iter().any(|v| v == verdict) {
             return;
         }
-        let peer = match &client.peer {
-            Peer::Unix(p) => json!({"unix": {"pid": p.pid, "uid": p.uid, "gid": p.gid}}),
-            Peer::Inet(address) => json!({"inet": address}),
-            Peer::Unknown => Value::Null,
-        };
+        // The host adds who the client is (`client`, `upstream`): a plugin cannot
+        // set those fields.
         let mut record = json!({
-            "client": {
-                "id": client.id,
-                "listener": client.listener,
-                "protocol": match client.protocol { Protocol::Qmp => "qmp", Protocol::Hmp => "hmp" },
-                "peer": peer,
-            },
             "command": command.name,
             "verdict": verdict,
         });
-        if let Some(line) = hmp_line {
-            record["hmp"] = Value::from(line);
+        if let Some(line) = hmp {
+            // What the client typed, and (when it was not refused as unreadable)
+            // the line QEMU was sent instead.
+            record["hmp"] = Value::from(line.typed.as_str());
+            if !line.canonical.is_empty() {
+                record["hmp-canonical"] = Value::from(line.canonical.as_str());
+            }
         }
         if let Some(error) = error {
             record["error"] = Value::from(error);
@@ -92,5 +90,3 @@ impl Plugin for Audit {
         audit(&record);
     }
 }
-
-export_plugin!(Audit);

@@ -24,7 +24,14 @@
 //!   nested object). Strings match as they are, other values as JSON text; `*` matches
 //!   any present value;
 //! - `uids`, `listeners`: the client's unix uid or listener id is one of these;
-//! - `identities`: glob patterns on the CN of the client's TLS certificate.
+//! - `identities`: glob patterns on the names in the client's verified TLS
+//!   certificate: each common name as it is (`admin`), each subject alternative
+//!   name with its kind (`DNS:*.example.com`, `email:ops@example.com`,
+//!   `URI:spiffe://example/*`, `IP:192.0.2.*`). `*` alone matches every client
+//!   that has a certificate, whatever names it holds (a SAN-only certificate
+//!   too). A client without a certificate (a listener without `verify-peer`, or
+//!   a unix socket) never matches an `identities` condition: a deny rule meant
+//!   for every client must not be scoped by identity.
 //!
 //! Events: `"events": [{ "action": "drop", "events": ["BLOCK_*"], "listeners": ["dashboard"] },
 //! { "action": "deliver", "events": ["DEVICE_DELETED"], "redact": ["path"] }]` decides
@@ -44,7 +51,7 @@
 #![forbid(unsafe_code)]
 
 use qmpgate_plugin_sdk::{
-    Client, Command, Event, EventVerdict, Peer, Plugin, QmpError, Verdict, export_plugin,
+    Client, Command, Event, EventVerdict, HmpLine, Peer, Plugin, QmpError, Verdict,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -123,9 +130,15 @@ fn identity_matches(
     client: &Client,
 ) -> bool {
     if let Some(patterns) = identities {
-        match &client.tls_identity {
-            Some(identity) if patterns.iter().any(|p| glob(p, identity)) => {}
-            _ => return false,
+        let Some(tls) = &client.tls else {
+            return false;
+        };
+        let names = || tls.common_names.iter().chain(&tls.subject_alt_names);
+        if !patterns
+            .iter()
+            .any(|p| p == "*" || names().any(|name| glob(p, name)))
+        {
+            return false;
         }
     }
     if let Some(uids) = uids {
@@ -190,7 +203,8 @@ struct Rule {
     uids: Option<Vec<u32>>,
     /// Listener (chardev) ids the client connected through.
     listeners: Option<Vec<String>>,
-    /// Glob patterns on the client's TLS certificate CN (TLS listeners only).
+    /// Glob patterns on the names in the client's TLS certificate (see the
+    /// crate's documentation).
     identities: Option<Vec<String>>,
     /// Shown to the client when this rule denies.
     desc: Option<String>,
@@ -289,6 +303,7 @@ impl Policy {
     }
 }
 
+#[qmpgate_plugin_sdk::plugin]
 impl Plugin for Policy {
     type Config = Config;
 
@@ -310,7 +325,7 @@ impl Plugin for Policy {
         &mut self,
         client: &Client,
         command: &Command,
-        _hmp_line: Option<&str>,
+        _hmp: Option<&HmpLine>,
     ) -> Verdict {
         self.decide(client, command)
     }
@@ -337,8 +352,6 @@ impl Plugin for Policy {
         }
     }
 }
-
-export_plugin!(Policy);
 
 /// Matches `text` against `pattern`, where `*` matches any run of characters.
 fn glob(pattern: &str, text: &str) -> bool {
@@ -401,6 +414,7 @@ mod tests {
     fn client(uid: u32, listener: &str) -> Client {
         Client {
             id: 1,
+            upstream: "vm".into(),
             listener: listener.into(),
             protocol: Protocol::Qmp,
             peer: Peer::Unix(UnixPeer {
@@ -409,7 +423,7 @@ mod tests {
                 gid: uid,
             }),
             capabilities: vec![],
-            tls_identity: None,
+            tls: None,
         }
     }
 

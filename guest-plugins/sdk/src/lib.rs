@@ -1,38 +1,41 @@
 //! Write qmpgate plugins in Rust.
 //!
-//! A plugin is a type that implements [`Plugin`]. Every hook has a default that lets
-//! traffic through, so a plugin implements only what it cares about; its
-//! configuration is a serde type that the SDK parses from the JSON the host hands
-//! over, with the parse error shown to the operator at load time.
+//! A plugin is a type that implements [`Plugin`], exported by putting
+//! [`#[plugin]`](plugin) on the `impl` block. Every hook has a default that lets
+//! traffic through, so a plugin implements only what it cares about, and the host
+//! calls only the hooks the block defines (the attribute tells it which: a hook
+//! left out costs nothing). Its configuration is a serde type that the SDK parses
+//! from the JSON the host hands over, with the parse error shown to the operator
+//! at load time. Plugins built with this SDK speak `qmpgate:plugin@0.2.0`.
 //!
 //! ```ignore
-//! use qmpgate_plugin_sdk::{export_plugin, Client, Command, Plugin, QmpError, Verdict};
+//! use qmpgate_plugin_sdk::{plugin, Client, Command, HmpLine, Plugin, QmpError, Verdict};
 //!
 //! #[derive(serde::Deserialize, Default)]
 //! struct Config { deny: Vec<String> }
 //!
 //! struct DenyList(Config);
 //!
+//! #[plugin]
 //! impl Plugin for DenyList {
 //!     type Config = Config;
 //!     fn new(config: Config) -> Result<Self, String> { Ok(Self(config)) }
-//!     fn on_command(&mut self, _: &Client, command: &Command, _: Option<&str>) -> Verdict {
+//!     fn on_command(&mut self, _: &Client, command: &Command, _: Option<&HmpLine>) -> Verdict {
 //!         if self.0.deny.contains(&command.name) {
 //!             return Verdict::Deny(QmpError::generic(format!("{} is denied", command.name)));
 //!         }
 //!         Verdict::Forward
 //!     }
 //! }
-//!
-//! export_plugin!(DenyList);
 //! ```
 //!
 //! Layout:
 //! - [`Plugin`]: the trait with default hooks;
-//! - [`export_plugin!`]: registers a type as the component's exports;
+//! - [`plugin`]: the attribute that exports a type and declares its hooks;
 //! - [`log`]: the host's log, plus `info!`-style macros; records of the `log` crate
 //!   (from the plugin or its libraries) are forwarded there too;
 //! - [`audit`]: emit one structured audit record;
+//! - [`command_schema`]: QEMU's schema of a command, for decisions by type;
 //! - [`bindings`]: the raw WIT bindings, for what the trait does not cover.
 
 #![forbid(unsafe_code)]
@@ -40,7 +43,7 @@
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "../../wit/plugin.wit",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_guest",
@@ -53,9 +56,10 @@ use std::sync::{Mutex, Once};
 
 pub use bindings::qmpgate::plugin::host::Level;
 pub use bindings::qmpgate::plugin::types::{
-    Client, Command, Decision, Event, EventVerdict, HmpTranslation, Peer, Protocol, QmpError,
-    Response, ResponseVerdict, UnixPeer, Verdict,
+    Client, Command, Decision, Event, EventVerdict, HmpLine, HmpReading, HmpTranslation, Hooks,
+    Peer, Protocol, QmpError, Response, ResponseVerdict, TlsIdentity, UnixPeer, Verdict,
 };
+pub use qmpgate_plugin_sdk_macros::plugin;
 
 impl QmpError {
     /// An error of class `GenericError`, the class QEMU uses for most failures.
@@ -90,23 +94,25 @@ pub trait Plugin: Sized + Send + 'static {
         Ok(())
     }
 
-    /// A client sent a command. `hmp_line` is set when the command came from HMP.
+    /// A client sent a command. `hmp` is set when the command came from HMP
+    /// (`command` is then the line's QMP reading, and `hmp.canonical` the line
+    /// QEMU runs if the command is forwarded).
     fn on_command(
         &mut self,
         _client: &Client,
         _command: &Command,
-        _hmp_line: Option<&str>,
+        _hmp: Option<&HmpLine>,
     ) -> Verdict {
         Verdict::Forward
     }
 
     /// The chain decided about `command` (every plugin is told, in order); for
-    /// audit. `hmp_line` is set when the command came from HMP.
+    /// audit. `hmp` is set when the command came from HMP.
     fn on_decision(
         &mut self,
         _client: &Client,
         _command: &Command,
-        _hmp_line: Option<&str>,
+        _hmp: Option<&HmpLine>,
         _decision: &Decision,
     ) {
     }
@@ -125,6 +131,9 @@ pub trait Plugin: Sized + Send + 'static {
     fn on_event(&mut self, _client: &Client, _event: &Event) -> EventVerdict {
         EventVerdict::Deliver
     }
+
+    /// A client's connection ended; drop what the plugin keeps about it.
+    fn on_disconnect(&mut self, _client: &Client) {}
 
     /// Interpret an HMP command line; only HMP-parsing plugins override this.
     fn translate_hmp(&mut self, _line: &str) -> HmpTranslation {
@@ -180,9 +189,18 @@ pub mod log {
     }
 }
 
-/// Emit one audit record (a JSON object). The host adds time and plugin name.
+/// Emit one audit record (a JSON object). The host sets time, plugin name,
+/// upstream and client.
 pub fn audit(record: &serde_json::Value) {
     bindings::qmpgate::plugin::host::audit(&record.to_string());
+}
+
+/// QEMU's schema of command `name` on the upstream the current hook is about
+/// (see `command-schema` in the WIT for its shape); `None` when QEMU has no such
+/// command, gave no schema, or in `new` (no upstream yet).
+pub fn command_schema(name: &str) -> Option<serde_json::Value> {
+    let text = bindings::qmpgate::plugin::host::command_schema(name)?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Holds the plugin instance between hook calls. Components are single-threaded;
@@ -238,17 +256,47 @@ impl<P: Plugin> Default for Slot<P> {
     }
 }
 
-/// Register `$ty` (a [`Plugin`]) as this component's exports.
+/// The hook flag named after a trait method (used by [`__export_plugin!`]).
+#[doc(hidden)]
 #[macro_export]
-macro_rules! export_plugin {
-    ($ty:ty) => {
+macro_rules! __hook {
+    (on_connect) => {
+        $crate::Hooks::ON_CONNECT
+    };
+    (on_command) => {
+        $crate::Hooks::ON_COMMAND
+    };
+    (on_decision) => {
+        $crate::Hooks::ON_DECISION
+    };
+    (on_response) => {
+        $crate::Hooks::ON_RESPONSE
+    };
+    (on_event) => {
+        $crate::Hooks::ON_EVENT
+    };
+    (on_disconnect) => {
+        $crate::Hooks::ON_DISCONNECT
+    };
+    (translate_hmp) => {
+        $crate::Hooks::TRANSLATE_HMP
+    };
+}
+
+/// Registers `$ty` (a [`Plugin`]) as this component's exports, implementing the
+/// listed hooks. Written by [`plugin`]; not for direct use.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_plugin {
+    ($ty:ty ; $($hook:ident),*) => {
         const _: () = {
             use $crate::bindings::exports::qmpgate::plugin::guest as __guest;
             static __SLOT: $crate::Slot<$ty> = $crate::Slot::new();
             struct __Exports;
             impl __guest::Guest for __Exports {
-                fn init(config: String) -> Result<(), String> {
-                    __SLOT.init(config)
+                fn init(config: String) -> Result<$crate::Hooks, String> {
+                    __SLOT.init(config)?;
+                    Ok($crate::Hooks::empty() $(| $crate::__hook!($hook))*)
                 }
                 fn on_connect(client: $crate::Client) -> Result<(), $crate::QmpError> {
                     __SLOT.with(|p| $crate::Plugin::on_connect(p, &client))
@@ -256,26 +304,18 @@ macro_rules! export_plugin {
                 fn on_command(
                     client: $crate::Client,
                     command: $crate::Command,
-                    hmp_line: Option<String>,
+                    hmp: Option<$crate::HmpLine>,
                 ) -> $crate::Verdict {
-                    __SLOT.with(|p| {
-                        $crate::Plugin::on_command(p, &client, &command, hmp_line.as_deref())
-                    })
+                    __SLOT.with(|p| $crate::Plugin::on_command(p, &client, &command, hmp.as_ref()))
                 }
                 fn on_decision(
                     client: $crate::Client,
                     command: $crate::Command,
-                    hmp_line: Option<String>,
+                    hmp: Option<$crate::HmpLine>,
                     decision: $crate::Decision,
                 ) {
                     __SLOT.with(|p| {
-                        $crate::Plugin::on_decision(
-                            p,
-                            &client,
-                            &command,
-                            hmp_line.as_deref(),
-                            &decision,
-                        )
+                        $crate::Plugin::on_decision(p, &client, &command, hmp.as_ref(), &decision)
                     })
                 }
                 fn on_response(
@@ -288,11 +328,14 @@ macro_rules! export_plugin {
                 fn on_event(client: $crate::Client, event: $crate::Event) -> $crate::EventVerdict {
                     __SLOT.with(|p| $crate::Plugin::on_event(p, &client, &event))
                 }
+                fn on_disconnect(client: $crate::Client) {
+                    __SLOT.with(|p| $crate::Plugin::on_disconnect(p, &client))
+                }
                 fn translate_hmp(line: String) -> $crate::HmpTranslation {
                     __SLOT.with(|p| $crate::Plugin::translate_hmp(p, &line))
                 }
             }
-    $crate::bindings::__export_guest!(__Exports with_types_in $crate::bindings);
+            $crate::bindings::__export_guest!(__Exports with_types_in $crate::bindings);
         };
     };
 }

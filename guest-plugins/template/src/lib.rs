@@ -4,7 +4,7 @@
 //! Configuration (the `config` table of its `[[plugin]]` entry):
 //! `{ deny = ["quit", "system_reset"], message = "ask the operator" }`
 
-use qmpgate_plugin_sdk::{Client, Command, Plugin, QmpError, Verdict, export_plugin, info};
+use qmpgate_plugin_sdk::{Client, Command, HmpLine, Plugin, QmpError, Verdict, info};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +24,7 @@ struct MyPlugin {
     config: Config,
 }
 
+#[qmpgate_plugin_sdk::plugin]
 impl Plugin for MyPlugin {
     type Config = Config;
 
@@ -34,7 +35,7 @@ impl Plugin for MyPlugin {
         Ok(MyPlugin { config })
     }
 
-    fn on_command(&mut self, client: &Client, command: &Command, _hmp_line: Option<&str>) -> Verdict {
+    fn on_command(&mut self, client: &Client, command: &Command, _hmp: Option<&HmpLine>) -> Verdict {
         if self.config.deny.contains(&command.name) {
             info!("refusing {} for client {} on {}", command.name, client.id, client.listener);
             return Verdict::Deny(QmpError::generic(format!("{}: {}", command.name, self.config.message)));
@@ -42,5 +43,3 @@ impl Plugin for MyPlugin {
         Verdict::Forward
     }
 }
-
-export_plugin!(MyPlugin);

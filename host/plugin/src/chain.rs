@@ -8,12 +8,13 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use qmpgate_protocol::qmp::{Answer, Command, QmpError};
+use qmpgate_protocol::schema::QmpSchema;
 
 use crate::faults::{Blame, ClientFaults};
 use crate::instance::{Fault, Instance, Loaded, PluginInfo};
 use crate::wit::{
-    Client, EventVerdict, HmpTranslation, ResponseVerdict, Verdict, WitCommand, WitDecision,
-    WitError, WitEvent, WitResponse, command_from_wit, command_to_wit, error_answer,
+    Client, EventVerdict, HmpLine, HmpTranslation, Hooks, ResponseVerdict, Verdict, WitCommand,
+    WitDecision, WitError, WitEvent, WitResponse, command_from_wit, command_to_wit, error_answer,
 };
 use crate::{CHAIN_WAIT, HMP_LINE_MAX, MAX_QUEUED_JOBS, NO_ANSWER, PluginError};
 
@@ -45,6 +46,10 @@ fn fault_error(plugin: &Instance, fault: &Fault, what: &str) -> QmpError {
 
 type Job = Box<dyn FnOnce(&mut [Instance]) + Send>;
 
+/// Where calls about one upstream read QEMU's schema (for the `command-schema`
+/// import): it is read anew at each reconnect, so it is asked for per call.
+pub type SchemaSource = Arc<dyn Fn() -> Option<Arc<QmpSchema>> + Send + Sync>;
+
 /// The plugins of a chain, run in order on every hook.
 ///
 /// All of a chain's instances live on one OS thread of its own, and a hook runs the
@@ -60,6 +65,11 @@ pub struct PluginChain {
     plugins: Vec<PluginInfo>,
     /// The upstream this handle serves (see [`PluginChain::for_upstream`]).
     upstream: Option<Arc<str>>,
+    /// That upstream's schema.
+    schema: Option<SchemaSource>,
+    /// The hooks at least one plugin implements: a hook none implements costs no
+    /// trip to the chain's thread.
+    declared: Hooks,
     /// Faults charged to clients, by the chain's thread.
     faults: Arc<ClientFaults>,
     /// How long a caller waits for the chain's thread: [`CHAIN_WAIT`], or twice
@@ -74,6 +84,8 @@ impl PluginChain {
             jobs: None,
             plugins: Vec::new(),
             upstream: None,
+            schema: None,
+            declared: Hooks::empty(),
             faults: Arc::default(),
             wait: CHAIN_WAIT,
         }
@@ -105,13 +117,18 @@ impl PluginChain {
             })
             .collect();
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(MAX_QUEUED_JOBS);
-        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<Hooks, PluginError>>();
         std::thread::Builder::new()
             .name("qmpgate-plugins".into())
             .spawn(move || {
+                let mut declared = Hooks::empty();
                 for worker in workers.iter_mut() {
                     match worker.instantiate() {
-                        Ok(live) => worker.live = Some(live),
+                        Ok(live) => {
+                            worker.hooks = live.hooks;
+                            declared |= live.hooks;
+                            worker.live = Some(live);
+                        }
                         Err(reason) => {
                             let _ = ready_tx.send(Err(PluginError::Init {
                                 name: worker.name.to_string(),
@@ -121,7 +138,7 @@ impl PluginChain {
                         }
                     }
                 }
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(Ok(declared));
                 // Ends when the last PluginChain clone (the senders) is dropped.
                 while let Ok(job) = queue.recv() {
                     job(&mut workers);
@@ -132,10 +149,12 @@ impl PluginChain {
                 reason: format!("cannot start its thread: {e}"),
             })?;
         match ready.recv() {
-            Ok(Ok(())) => Ok(PluginChain {
+            Ok(Ok(declared)) => Ok(PluginChain {
                 jobs: Some(jobs),
                 plugins,
                 upstream: None,
+                schema: None,
+                declared,
                 faults,
                 wait,
             }),
@@ -165,12 +184,19 @@ impl PluginChain {
     }
 
     /// A handle on the same chain (the same instances) for upstream `id`'s traffic:
-    /// audit records made during its calls name the upstream.
-    pub fn for_upstream(&self, id: &str) -> PluginChain {
+    /// audit records made during its calls name the upstream, and plugins read
+    /// its QEMU's schema from `schema`.
+    pub fn for_upstream(&self, id: &str, schema: SchemaSource) -> PluginChain {
         PluginChain {
             upstream: Some(id.into()),
+            schema: Some(schema),
             ..self.clone()
         }
+    }
+
+    /// Whether a plugin of the chain implements any of `hooks`.
+    fn declares(&self, hooks: Hooks) -> bool {
+        self.jobs.is_some() && self.declared.intersects(hooks)
     }
 
     /// Faults `client`'s input (or its principal's, over its connections) caused
@@ -202,6 +228,7 @@ impl PluginChain {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let upstream = self.upstream.clone();
+        let schema = self.schema.as_ref().and_then(|source| source());
         let client = Arc::new(client.clone());
         let job: Job = Box::new(move |workers| {
             if tx.is_closed() {
@@ -211,6 +238,7 @@ impl PluginChain {
             for worker in workers.iter_mut() {
                 worker.upstream = upstream.clone();
                 worker.client = Some(client.clone());
+                worker.schema = schema.clone();
             }
             let _ = tx.send(job(workers));
         });
@@ -233,13 +261,16 @@ impl PluginChain {
 
     /// A client connected: any plugin may refuse it.
     pub async fn on_connect(&self, client: &Client) -> Result<(), QmpError> {
-        if self.jobs.is_none() {
+        if !self.declares(Hooks::ON_CONNECT) {
             return Ok(());
         }
         let client = client.clone();
         let stopped = Err(QmpError::generic(NO_ANSWER));
         self.run(&client.clone(), stopped, move |workers| {
             for worker in workers {
+                if !worker.implements(Hooks::ON_CONNECT) {
+                    continue;
+                }
                 match worker.call(Blame::Plugin, |g, s| g.call_on_connect(s, &client)) {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -261,49 +292,77 @@ impl PluginChain {
 
     /// A command: each plugin may forward, rewrite, deny or answer it; the first
     /// deny or answer ends the chain. A faulting plugin denies.
-    pub async fn on_command(
-        &self,
-        client: &Client,
-        command: Command,
-        hmp_line: Option<&str>,
-    ) -> Decision {
-        if self.jobs.is_none() {
+    pub async fn on_command(&self, client: &Client, command: Command) -> Decision {
+        self.decide(client, command, None).await
+    }
+
+    /// As [`PluginChain::on_command`], for a command read from an HMP line.
+    async fn decide(&self, client: &Client, command: Command, hmp: Option<HmpLine>) -> Decision {
+        if !self.declares(Hooks::ON_COMMAND | Hooks::ON_DECISION) {
             return Decision::Forward(command);
         }
-        let (client, hmp_line) = (client.clone(), hmp_line.map(str::to_string));
+        let client = client.clone();
         let stopped = Decision::Deny(QmpError::generic(NO_ANSWER));
         self.run(&client.clone(), stopped, move |workers| {
-            decide(workers, &client, command, hmp_line.as_deref())
+            decide(workers, &client, command, hmp.as_ref())
+        })
+        .await
+    }
+
+    /// A client's connection ended: plugins that keep state about it drop it.
+    pub async fn on_disconnect(&self, client: &Client) {
+        if !self.declares(Hooks::ON_DISCONNECT) {
+            return;
+        }
+        let client = client.clone();
+        self.run(&client.clone(), (), move |workers| {
+            for worker in workers {
+                if worker.implements(Hooks::ON_DISCONNECT) {
+                    let _ = worker.call(Blame::Plugin, |g, s| g.call_on_disconnect(s, &client));
+                }
+            }
         })
         .await
     }
 
     /// An HMP command line (typed on an HMP listener, or sent with QMP's
-    /// `human-monitor-command`): the first plugin that interprets HMP says what it
-    /// is in QMP terms, then the chain decides on that, with the line attached.
-    /// `Forward` carries the `human-monitor-command` to send: QEMU runs the line
-    /// itself, so its HMP output is what the user sees.
+    /// `human-monitor-command`): the first plugin that interprets HMP reads it and
+    /// rebuilds it canonically, and the chain decides on that reading. `Forward`
+    /// carries the `human-monitor-command` that sends QEMU the *canonical* line:
+    /// QEMU runs exactly what the policy judged (the typed line is kept for audit
+    /// only), and its own HMP output is what the user sees. Without a plugin that
+    /// interprets HMP, the chain decides on `human-monitor-command` with the typed
+    /// line itself.
     ///
     /// `cpu_index` is `human-monitor-command`'s own argument (the vCPU the line
     /// runs on), passed on as the client gave it.
     pub async fn on_hmp(&self, client: &Client, line: &str, cpu_index: Option<Value>) -> Decision {
-        let mut arguments = Map::new();
-        arguments.insert("command-line".into(), Value::from(line));
-        if let Some(cpu_index) = cpu_index {
-            arguments.insert("cpu-index".into(), cpu_index);
-        }
-        let passthrough = Command {
-            name: "human-monitor-command".into(),
-            arguments,
-            oob: false,
+        let send = |line: &str| {
+            let mut arguments = Map::new();
+            arguments.insert("command-line".into(), Value::from(line));
+            if let Some(cpu_index) = &cpu_index {
+                arguments.insert("cpu-index".into(), cpu_index.clone());
+            }
+            Command {
+                name: "human-monitor-command".into(),
+                arguments,
+                oob: false,
+            }
         };
         if self.jobs.is_none() {
-            return Decision::Forward(passthrough);
+            return Decision::Forward(send(line));
         }
         if line.len() > HMP_LINE_MAX {
             return Decision::Deny(QmpError::generic(format!(
                 "HMP command line refused: longer than QEMU's {HMP_LINE_MAX}-byte line buffer"
             )));
+        }
+        let as_typed = HmpLine {
+            typed: line.to_string(),
+            canonical: line.to_string(),
+        };
+        if !self.declares(Hooks::TRANSLATE_HMP) {
+            return self.decide(client, send(line), Some(as_typed)).await;
         }
         let owned_line = line.to_string();
         let translation = self
@@ -311,45 +370,61 @@ impl PluginChain {
                 translate_hmp(workers, &owned_line)
             })
             .await;
-        let policy_command = match translation {
+        let reading = match translation {
             Err(error) => return Decision::Deny(error),
             // Nobody interprets HMP: the policy decides on `human-monitor-command` itself.
-            Ok(None) => passthrough.clone(),
-            Ok(Some(HmpTranslation::Command(command))) => match command_from_wit(command)
-                .map_err(Fault::Invalid)
-            {
-                Ok(command) => command,
-                Err(fault) => {
-                    return Decision::Deny(QmpError::generic(format!("HMP translation {fault}")));
-                }
-            },
-            Ok(Some(HmpTranslation::HmpOnly(name))) => Command {
-                name: format!("hmp:{name}"),
-                arguments: passthrough.arguments.clone(),
-                oob: false,
-            },
+            Ok(None) => return self.decide(client, send(line), Some(as_typed)).await,
+            Ok(Some(HmpTranslation::Reading(reading))) => reading,
             Ok(Some(HmpTranslation::Invalid(reason))) => {
                 // QEMU would answer an unknown command with *success* and a message;
-                // an unparsable line is refused instead, so nothing slips past policy.
+                // an unreadable line is refused instead, so nothing slips past policy.
                 let denied = Decision::Deny(QmpError::generic(format!(
                     "HMP command line refused: {reason}"
                 )));
-                let (client, command, line, told) = (
-                    client.clone(),
-                    command_to_wit(&passthrough),
-                    line.to_string(),
-                    denied.clone(),
-                );
-                self.run(&client.clone(), (), move |workers| {
-                    notify_decision(workers, &client, &command, Some(&line), &told)
-                })
-                .await;
+                let hmp = HmpLine {
+                    typed: line.to_string(),
+                    canonical: String::new(),
+                };
+                if self.declares(Hooks::ON_DECISION) {
+                    let (client, command, told) =
+                        (client.clone(), command_to_wit(&send(line)), denied.clone());
+                    self.run(&client.clone(), (), move |workers| {
+                        notify_decision(workers, &client, &command, Some(&hmp), &told)
+                    })
+                    .await;
+                }
                 return denied;
             }
             Ok(Some(HmpTranslation::NotHandled)) => unreachable!("translate_hmp skips not-handled"),
         };
-        match self.on_command(client, policy_command, Some(line)).await {
-            Decision::Forward(_) => Decision::Forward(passthrough),
+        let command = match command_from_wit(reading.command) {
+            Ok(command) => command,
+            Err(fault) => {
+                return Decision::Deny(QmpError::generic(format!(
+                    "HMP translation returned an invalid result: {fault}"
+                )));
+            }
+        };
+        if reading.canonical.len() > HMP_LINE_MAX {
+            return Decision::Deny(QmpError::generic(format!(
+                "HMP command line refused: its canonical form is longer than QEMU's \
+                 {HMP_LINE_MAX}-byte line buffer"
+            )));
+        }
+        let hmp = HmpLine {
+            typed: line.to_string(),
+            canonical: reading.canonical,
+        };
+        let canonical = hmp.canonical.clone();
+        match self.decide(client, command.clone(), Some(hmp)).await {
+            Decision::Forward(judged) if judged == command => Decision::Forward(send(&canonical)),
+            // QEMU runs the line, not a QMP command: a rewrite cannot be honoured,
+            // and forwarding the line unchanged would run what was not judged.
+            Decision::Forward(_) => Decision::Deny(QmpError::generic(format!(
+                "HMP command '{}' refused: a plugin rewrote it, and an HMP line cannot be \
+                 rewritten",
+                command.name
+            ))),
             other => other,
         }
     }
@@ -358,7 +433,7 @@ impl PluginChain {
     /// into an error (QEMU did run the command; the client is told the result was
     /// withheld).
     pub async fn on_response(&self, client: &Client, command: &Command, reply: Answer) -> Answer {
-        if self.jobs.is_none() {
+        if !self.declares(Hooks::ON_RESPONSE) {
             return reply;
         }
         let (client, command) = (client.clone(), command_to_wit(command));
@@ -384,7 +459,7 @@ impl PluginChain {
         body: &Map<String, Value>,
         asked: bool,
     ) -> EventDecision {
-        if self.jobs.is_none() {
+        if !self.declares(Hooks::ON_EVENT) {
             return EventDecision::Deliver;
         }
         let timestamp = body.get("timestamp");
@@ -415,6 +490,9 @@ impl PluginChain {
 /// The first interpretation any plugin offers (`None`: no plugin interprets HMP).
 fn translate_hmp(workers: &mut [Instance], line: &str) -> Result<Option<HmpTranslation>, QmpError> {
     for worker in workers {
+        if !worker.implements(Hooks::TRANSLATE_HMP) {
+            continue;
+        }
         match worker.call(Blame::Client, |g, s| g.call_translate_hmp(s, line)) {
             Ok(HmpTranslation::NotHandled) => continue,
             Ok(translation) => return Ok(Some(translation)),
@@ -434,11 +512,11 @@ fn decide(
     workers: &mut [Instance],
     client: &Client,
     command: Command,
-    hmp_line: Option<&str>,
+    hmp: Option<&HmpLine>,
 ) -> Decision {
     let mut seen = command_to_wit(&command);
-    let decision = run_chain(workers, client, command, hmp_line, &mut seen);
-    notify_decision(workers, client, &seen, hmp_line, &decision);
+    let decision = run_chain(workers, client, command, hmp, &mut seen);
+    notify_decision(workers, client, &seen, hmp, &decision);
     decision
 }
 
@@ -448,7 +526,7 @@ fn notify_decision(
     workers: &mut [Instance],
     client: &Client,
     command: &WitCommand,
-    hmp_line: Option<&str>,
+    hmp: Option<&HmpLine>,
     decision: &Decision,
 ) {
     let decision = match decision {
@@ -460,9 +538,11 @@ fn notify_decision(
         Decision::Reply(_) => WitDecision::Answered,
     };
     for worker in workers {
-        let _ = worker.call(Blame::Client, |g, s| {
-            g.call_on_decision(s, client, command, hmp_line, &decision)
-        });
+        if worker.implements(Hooks::ON_DECISION) {
+            let _ = worker.call(Blame::Client, |g, s| {
+                g.call_on_decision(s, client, command, hmp, &decision)
+            });
+        }
     }
 }
 
@@ -472,14 +552,17 @@ fn run_chain(
     workers: &mut [Instance],
     client: &Client,
     mut command: Command,
-    hmp_line: Option<&str>,
+    hmp: Option<&HmpLine>,
     seen: &mut WitCommand,
 ) -> Decision {
     let not_run = "the command was not executed";
     for worker in workers {
+        if !worker.implements(Hooks::ON_COMMAND) {
+            continue;
+        }
         *seen = command_to_wit(&command);
         match worker.call(Blame::Client, |g, s| {
-            g.call_on_command(s, client, seen, hmp_line)
+            g.call_on_command(s, client, seen, hmp)
         }) {
             Ok(Verdict::Forward) => {}
             Ok(Verdict::Rewrite(new)) => match command_from_wit(new).map_err(Fault::Invalid) {
@@ -521,6 +604,9 @@ fn respond(
 ) -> Answer {
     let withheld = "the result was withheld";
     for worker in workers {
+        if !worker.implements(Hooks::ON_RESPONSE) {
+            continue;
+        }
         // A `return` goes to the plugin as the text QEMU wrote (no tree is built).
         let response = match &reply {
             Answer::Return(text) => WitResponse::Ok(text.to_string()),
@@ -574,6 +660,9 @@ fn filter_event(
 ) -> EventDecision {
     let mut rewritten = None;
     for worker in workers {
+        if !worker.implements(Hooks::ON_EVENT) {
+            continue;
+        }
         match worker.call(blame, |g, s| g.call_on_event(s, client, &event)) {
             Ok(EventVerdict::Deliver) => {}
             Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,

@@ -31,8 +31,10 @@ pub struct ClientFaults(Mutex<HashMap<String, VecDeque<Instant>>>);
 
 /// Who a client is, for [`ClientFaults`].
 fn principal(client: &Client) -> String {
-    let peer = match (&client.tls_identity, &client.peer) {
-        (Some(identity), _) => format!("tls:{identity}"),
+    let peer = match (&client.tls, &client.peer) {
+        // The whole subject and the SANs: certificates that share a CN (or,
+        // SAN-only, have an empty subject) are still different principals.
+        (Some(tls), _) => format!("tls:{}|{}", tls.subject, tls.subject_alt_names.join(",")),
         (None, Peer::Unix(p)) => format!("uid:{}", p.uid),
         (None, Peer::Inet(address)) => {
             // The address without the port: one host is one principal.
@@ -43,7 +45,7 @@ fn principal(client: &Client) -> String {
         }
         (None, Peer::Unknown) => "unknown".to_string(),
     };
-    format!("{}/{peer}", client.listener)
+    format!("{}/{}/{peer}", client.upstream, client.listener)
 }
 
 impl ClientFaults {

@@ -1,5 +1,6 @@
-//! What a plugin instance may call: the host imports (`log`, `audit`) with their
-//! rate and size caps, its empty WASI context, and its memory cap.
+//! What a plugin instance may call: the host imports (`log`, `audit`,
+//! `command-schema`) with their rate and size caps, its empty WASI context, and
+//! its memory cap.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,9 +10,11 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use qmpgate_protocol::schema::QmpSchema;
+
 use crate::audit::AuditSink;
 use crate::stats::PluginStats;
-use crate::wit::{self, Client, Level};
+use crate::wit::{self, Client, Level, v0_1};
 use crate::{
     AUDIT_ENTRY_MAX, AUDIT_PER_CALL, DESC_MAX, LOG_BURST, LOG_MESSAGE_MAX, LOG_PER_SECOND,
 };
@@ -24,6 +27,8 @@ pub(crate) struct HostState {
     pub(crate) upstream: Option<Arc<str>>,
     /// The client whose traffic the current call is about (none in `init`).
     pub(crate) client: Option<Arc<Client>>,
+    /// QEMU's schema on the current call's upstream, for `command-schema`.
+    pub(crate) schema: Option<Arc<QmpSchema>>,
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
     pub(crate) memory: MemoryCap,
@@ -48,6 +53,17 @@ impl WasiView for HostState {
 }
 
 impl wit::types_imports::Host for HostState {}
+impl v0_1::types_imports::Host for HostState {}
+
+impl v0_1::host_imports::Host for HostState {
+    fn log(&mut self, level: v0_1::Level, message: String) {
+        wit::host_imports::Host::log(self, v0_1::level(level), message);
+    }
+
+    fn audit(&mut self, entry: String) {
+        wit::host_imports::Host::audit(self, entry);
+    }
+}
 
 impl wit::host_imports::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
@@ -104,6 +120,11 @@ impl wit::host_imports::Host for HostState {
             // as one JSON field: never as free text a plugin chose.
             None => tracing::info!(target: "qmpgate::audit", record = %record, "audit"),
         }
+    }
+
+    fn command_schema(&mut self, name: String) -> Option<String> {
+        let schema = self.schema.as_ref()?;
+        schema.describe_command(&name).map(|d| d.to_string())
     }
 }
 

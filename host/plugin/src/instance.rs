@@ -15,9 +15,11 @@ use crate::audit::AuditSink;
 use crate::faults::{Blame, ClientFaults};
 use crate::host::{HostState, MemoryCap, cut};
 use crate::stats::PluginStats;
+use qmpgate_protocol::schema::QmpSchema;
+
 use crate::wit::{
-    self, Client, EventVerdict, HmpTranslation, PluginPre, ResponseVerdict, Verdict, WitCommand,
-    WitError, WitResponse,
+    self, Client, EventVerdict, Exports, HmpTranslation, Hooks, Pre, ResponseVerdict, Verdict,
+    WitCommand, WitError, WitResponse,
 };
 use crate::{
     DESC_MAX, EPOCH_TICK, INIT_DEADLINE_FACTOR, LOG_BURST, Limits, MAX_RESOURCES, OUTPUT_MAX,
@@ -27,7 +29,9 @@ use crate::{
 /// A live instance and its store.
 pub(crate) struct Live {
     store: Store<HostState>,
-    bindings: wit::Plugin,
+    exports: Exports,
+    /// The hooks its `init` said it implements.
+    pub(crate) hooks: Hooks,
 }
 
 /// How a hook call failed. Every fault fails closed.
@@ -123,8 +127,8 @@ impl Bounded for HmpTranslation {
     fn oversized(&self) -> Option<String> {
         match self {
             HmpTranslation::NotHandled => None,
-            HmpTranslation::Command(command) => oversized_command(command),
-            HmpTranslation::HmpOnly(name) => oversized_text(name, "a command name"),
+            HmpTranslation::Reading(reading) => oversized_command(&reading.command)
+                .or_else(|| oversized_text(&reading.canonical, "a canonical line")),
             HmpTranslation::Invalid(reason) => oversized_text(reason, "a reason"),
         }
     }
@@ -134,7 +138,7 @@ impl Bounded for HmpTranslation {
 pub(crate) struct Instance {
     pub(crate) name: Arc<str>,
     pub(crate) engine: Engine,
-    pub(crate) pre: PluginPre<HostState>,
+    pub(crate) pre: Pre<HostState>,
     pub(crate) config: String,
     pub(crate) limits: Limits,
     pub(crate) audit: Option<Arc<AuditSink>>,
@@ -149,6 +153,11 @@ pub(crate) struct Instance {
     pub(crate) upstream: Option<Arc<str>>,
     /// The client the current job is about, for audit records.
     pub(crate) client: Option<Arc<Client>>,
+    /// QEMU's schema on the current job's upstream, for `command-schema`.
+    pub(crate) schema: Option<Arc<QmpSchema>>,
+    /// The hooks the first instance's `init` declared: the chain calls no other
+    /// (later instances of the same component declare the same).
+    pub(crate) hooks: Hooks,
 }
 
 impl Instance {
@@ -170,6 +179,7 @@ impl Instance {
             plugin: self.name.clone(),
             upstream: None,
             client: None,
+            schema: None,
             // No environment, arguments, preopened directories, sockets or stdin.
             // Random bytes come from one host call the deadline cannot interrupt:
             // a small cap keeps that call short.
@@ -196,16 +206,18 @@ impl Instance {
         store.limiter(|s| &mut s.memory);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.init_deadline_ticks());
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| self.describe(&store, e).to_string())?;
+        let exports = match &self.pre {
+            Pre::V0_1(pre) => pre.instantiate(&mut store).map(Exports::V0_1),
+            Pre::V0_2(pre) => pre.instantiate(&mut store).map(Exports::V0_2),
+        }
+        .map_err(|e| self.describe(&store, e).to_string())?;
         store.set_epoch_deadline(self.init_deadline_ticks());
-        match bindings
-            .qmpgate_plugin_guest()
-            .call_init(&mut store, &self.config)
-        {
-            Ok(Ok(())) => Ok(Live { store, bindings }),
+        match exports.guest().call_init(&mut store, &self.config) {
+            Ok(Ok(hooks)) => Ok(Live {
+                store,
+                exports,
+                hooks,
+            }),
             Ok(Err(reason)) => Err(cut(&reason, DESC_MAX).into_owned()),
             Err(e) => Err(self.describe(&store, e).to_string()),
         }
@@ -266,10 +278,15 @@ impl Instance {
 
     /// Runs one hook on the live instance (recreating it if a trap killed it).
     /// A fault is charged as `blame` says.
+    /// Whether the plugin said it implements `hook`.
+    pub(crate) fn implements(&self, hook: Hooks) -> bool {
+        self.hooks.contains(hook)
+    }
+
     pub(crate) fn call<R: Bounded>(
         &mut self,
         blame: Blame,
-        hook: impl FnOnce(&wit::guest::Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
+        hook: impl FnOnce(&wit::Guest<'_>, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -294,8 +311,9 @@ impl Instance {
         live.store.set_epoch_deadline(deadline);
         live.store.data_mut().upstream = self.upstream.clone();
         live.store.data_mut().client = self.client.clone();
+        live.store.data_mut().schema = self.schema.clone();
         live.store.data_mut().audits_this_call = 0;
-        let result = hook(live.bindings.qmpgate_plugin_guest(), &mut live.store);
+        let result = hook(&live.exports.guest(), &mut live.store);
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
             .memory_high_water

@@ -3,7 +3,8 @@
 //!
 //! Plugins are untrusted code. Each runs in wasmtime with:
 //! - no ambient authority: an empty WASI context (no environment, no files, no
-//!   sockets, no arguments); the only host functions are `log` and `audit`;
+//!   sockets, no arguments); the only host functions are `log`, `audit` and
+//!   `command-schema`;
 //! - a memory cap per instance, enforced by a `ResourceLimiter`;
 //! - a CPU deadline per hook call, enforced by epoch interruption from an OS thread
 //!   (a tokio task would stop ticking exactly when a plugin hogs a worker).
@@ -54,11 +55,7 @@ pub use chain::{Decision, EventDecision, PluginChain};
 pub use instance::{Fault, Loaded, PluginInfo};
 pub use runtime::Runtime;
 pub use stats::PluginStats;
-pub use wit::{Client, Peer, Protocol, UnixPeer};
-
-/// The WIT package version this host implements. A plugin built against another
-/// version is refused at load time with a message naming both.
-pub const WIT_VERSION: &str = "0.1.0";
+pub use wit::{Client, HmpLine, Hooks, Peer, Protocol, SUPPORTED_VERSIONS, TlsIdentity, UnixPeer};
 
 /// Faults of a plugin's own (not caused by one client's input) allowed per
 /// `RESTART_WINDOW` on one upstream before the plugin is taken down for that
@@ -144,7 +141,8 @@ pub enum PluginError {
     Compile { name: String, reason: String },
     /// Built against a WIT version this host does not implement.
     #[error(
-        "plugin '{name}' was built for {found}; this qmpgate supports qmpgate:plugin@{WIT_VERSION}"
+        "plugin '{name}' was built for {found}; this qmpgate supports {}",
+        supported_versions()
     )]
     Version { name: String, found: String },
     /// Imports something the host does not provide (e.g. sockets).
@@ -156,6 +154,16 @@ pub enum PluginError {
     /// `init` refused the configuration, or trapped.
     #[error("plugin '{name}': init failed: {reason}")]
     Init { name: String, reason: String },
+}
+
+/// The contract versions this host loads, as `qmpgate:plugin@0.2.0 and
+/// qmpgate:plugin@0.1.0`.
+pub fn supported_versions() -> String {
+    let all: Vec<String> = SUPPORTED_VERSIONS
+        .iter()
+        .map(|v| format!("qmpgate:plugin@{v}"))
+        .collect();
+    all.join(" and ")
 }
 
 /// Limits applied to every instance of one plugin.

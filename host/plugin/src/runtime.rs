@@ -16,7 +16,8 @@ use crate::host::HostState;
 use crate::instance::{Instance, Loaded};
 use crate::stats::PluginStats;
 use crate::wit;
-use crate::{EPOCH_TICK, Limits, PluginError, WIT_VERSION};
+use crate::wit::{Hooks, Pre, Version};
+use crate::{EPOCH_TICK, Limits, PluginError};
 
 /// The shared wasmtime engine, linker and compile caches (in memory, and `.cwasm`
 /// files on disk). One per process: a plugin is compiled (or loaded) once, and its
@@ -63,6 +64,8 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(failed)?;
         forbid_waiting(&mut linker).map_err(failed)?;
         wit::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(failed)?;
+        wit::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(failed)?;
 
         let cache = cache_dir.and_then(|dir| match CompileCache::open(&dir) {
@@ -119,18 +122,19 @@ impl Runtime {
     ) -> Result<Loaded, PluginError> {
         let started = Instant::now();
         let component = self.compile(name, bytes)?;
-        check_version(name, &component, &self.engine)?;
+        let version = check_version(name, &component, &self.engine)?;
+        let link_error = |e: wasmtime::Error| PluginError::Link {
+            name: name.into(),
+            reason: format!("{e:#}"),
+        };
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| PluginError::Link {
-                name: name.into(),
-                reason: format!("{e:#}"),
-            })?;
-        let pre = wit::PluginPre::new(pre).map_err(|e| PluginError::Link {
-            name: name.into(),
-            reason: format!("{e:#}"),
-        })?;
+            .map_err(link_error)?;
+        let pre = match version {
+            Version::V0_1 => Pre::V0_1(wit::v0_1::PluginPre::new(pre).map_err(link_error)?),
+            Version::V0_2 => Pre::V0_2(wit::PluginPre::new(pre).map_err(link_error)?),
+        };
         tracing::debug!(
             plugin = name,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -149,6 +153,9 @@ impl Runtime {
             stats: Arc::new(PluginStats::default()),
             upstream: None,
             client: None,
+            schema: None,
+            // Until the first `init` says otherwise.
+            hooks: Hooks::all(),
         }))
     }
 
@@ -230,16 +237,21 @@ fn forbid_waiting(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-fn check_version(name: &str, component: &Component, engine: &Engine) -> Result<(), PluginError> {
+/// The contract version `component` was built for; a version this host does
+/// not support is refused, naming both.
+fn check_version(
+    name: &str,
+    component: &Component,
+    engine: &Engine,
+) -> Result<Version, PluginError> {
     let ty = component.component_type();
-    let wanted = format!("qmpgate:plugin/guest@{WIT_VERSION}");
     let mut found = None;
     for (export, _) in ty.exports(engine) {
-        if export == wanted {
-            return Ok(());
+        if let Some(version) = Version::of_export(export) {
+            return Ok(version);
         }
         if let Some(version) = export.strip_prefix("qmpgate:plugin/guest") {
-            found = Some(format!("qmpgate:plugin{}", version));
+            found = Some(format!("qmpgate:plugin{version}"));
         }
     }
     Err(PluginError::Version {

@@ -87,7 +87,9 @@ pub async fn plugin_test(
             gid: uid,
         }),
         capabilities: vec![],
-        tls_identity: None,
+        // A transcript has no VM: the plugin sees this upstream id.
+        upstream: "test".to_string(),
+        tls: None,
     };
     let verdict = |decision: Decision| match decision {
         Decision::Forward(c) => {
@@ -134,11 +136,7 @@ pub async fn plugin_test(
                         arguments: request.arguments,
                         oob: request.oob,
                     };
-                    verdict(
-                        chain
-                            .on_command(&client(Protocol::Qmp), command, None)
-                            .await,
-                    )
+                    verdict(chain.on_command(&client(Protocol::Qmp), command).await)
                 }
                 Err(e) => {
                     bad += 1;

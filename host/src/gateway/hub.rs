@@ -15,7 +15,7 @@ use qmpgate_protocol::lock;
 
 use super::HubError;
 use super::chains::Chains;
-use super::vm::Vm;
+use super::vm::{Vm, chain_for};
 use crate::io::{FdTable, Listener, tls};
 use crate::session::{ClientRegistry, Metrics, SessionLimits};
 use crate::upstream::{self, Outcome};
@@ -88,7 +88,7 @@ impl Hub {
             id: spec.id.clone(),
             source,
         })?;
-        let chain = chain.for_upstream(&spec.id);
+        let chain = chain_for(&chain, &spec.id, &handle);
         let shared = Arc::new(Vm {
             upstream: handle,
             upstream_spec: spec,
@@ -255,7 +255,7 @@ impl Hub {
             return Err(HubError::IdInUse(spec.id.clone()));
         }
         let id = spec.bound_upstream(upstreams.keys().map(String::as_str))?;
-        let own_chain = own_chain.map(|chain| chain.for_upstream(&id));
+        let own_chain = own_chain.map(|chain| chain_for(&chain, &id, &upstreams[&id].upstream));
         if let Some(chain) = &own_chain {
             tracing::info!(
                 listener = %spec.id,
@@ -310,12 +310,16 @@ impl Hub {
                     owner: format!("listener '{listener}'"),
                     source,
                 })?;
-                next_listeners.push((slot, chain.for_upstream(id)));
+                next_listeners.push((slot, chain_for(&chain, id, &shared.upstream)));
             }
         }
         let mut current = lock::mutex(&self.chains);
         for (shared, chain) in upstreams.iter().zip(next) {
-            shared.replace_chain(chain.for_upstream(&shared.upstream_spec.id));
+            shared.replace_chain(chain_for(
+                &chain,
+                &shared.upstream_spec.id,
+                &shared.upstream,
+            ));
         }
         for (slot, chain) in next_listeners {
             *lock::write(&slot) = chain;

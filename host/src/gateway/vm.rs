@@ -66,6 +66,14 @@ pub struct ListenerInfo {
     pub policy: Option<ChainSelector>,
 }
 
+/// `chain`'s handle for the traffic of upstream `id`: its audit records name the
+/// upstream, and its plugins read that QEMU's schema (as of each call: QEMU may
+/// have reconnected with another version).
+pub(super) fn chain_for(chain: &PluginChain, id: &str, upstream: &UpstreamHandle) -> PluginChain {
+    let upstream = upstream.clone();
+    chain.for_upstream(id, Arc::new(move || upstream.schema()))
+}
+
 impl Vm {
     /// Starts accepting on `listener` as chardev `spec.id`, with `tls` when the
     /// spec has `tls-creds=`. Callers check that the id is free

@@ -23,6 +23,7 @@ use qmpgate_protocol::chardev::{MonitorMode, Peer};
 use qmpgate_protocol::qmp::{Command, QmpError, error_response};
 
 use crate::io::Stream;
+use crate::io::tls::CertIdentity;
 use crate::upstream::{Liveness, Reply, UpstreamHandle};
 use qmpgate_protocol::lock;
 
@@ -294,7 +295,7 @@ pub fn deadline_passed(command: &str, limit: Option<Duration>, sent: bool) -> Re
 pub async fn serve(
     stream: Stream,
     peer: Peer,
-    tls_identity: Option<String>,
+    tls_identity: Option<CertIdentity>,
     client_id: u64,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
@@ -317,7 +318,12 @@ pub async fn serve(
             Peer::Unknown => plugin::Peer::Unknown,
         },
         capabilities: Vec::new(),
-        tls_identity,
+        upstream: ctx.upstream_id.clone(),
+        tls: tls_identity.map(|cert| plugin::TlsIdentity {
+            common_names: cert.common_names,
+            subject_alt_names: cert.subject_alt_names,
+            subject: cert.subject,
+        }),
     };
     let _registered = ctx.registry.client(client_id, &ctx.id, &peer);
     ctx.metrics
@@ -325,9 +331,14 @@ pub async fn serve(
         .fetch_add(1, Ordering::Relaxed);
     tracing::info!(client = client_id, listener = %ctx.id, ?peer, "client connected");
     let reason = match ctx.mode {
-        MonitorMode::Readline => hmp::serve(stream, client, ctx.clone(), shutdown).await,
-        MonitorMode::Control => self::qmp::serve(stream, client, ctx.clone(), shutdown).await,
+        MonitorMode::Readline => hmp::serve(stream, client.clone(), ctx.clone(), shutdown).await,
+        MonitorMode::Control => {
+            self::qmp::serve(stream, client.clone(), ctx.clone(), shutdown).await
+        }
     };
+    // Plugins that keep state about the client drop it (bounded by the chain's
+    // own wait, like every call).
+    ctx.chain().on_disconnect(&client).await;
     ctx.metrics
         .clients_connected
         .fetch_sub(1, Ordering::Relaxed);

@@ -358,10 +358,7 @@ impl Session {
                             arguments,
                             oob,
                         };
-                        self.ctx
-                            .chain()
-                            .on_command(&self.client, command, None)
-                            .await
+                        self.ctx.chain().on_command(&self.client, command).await
                     }
                 };
                 match decision {
