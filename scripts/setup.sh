@@ -2,7 +2,7 @@
 # Installs what qmpgate needs on a Debian machine with the Rust toolchain.
 #   scripts/setup.sh run    what building and running needs (./run.sh)
 #   scripts/setup.sh test   that plus what the tests need (./test.sh): socat, openssl,
-#                           QEMU 10.0 beside 7.2, qemu.qmp, cargo-fuzz
+#                           qemu-img, QEMU 10.0 beside 7.2, qemu.qmp, cargo-fuzz
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 mode="${1:-test}"
@@ -17,10 +17,11 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 [ "$mode" = run ] && exit 0
 
-# socat is the plain relay in the benchmark; openssl makes the TLS tests' certificates.
-if ! command -v socat >/dev/null || ! command -v openssl >/dev/null; then
+# socat is the plain relay in the benchmark; openssl makes the TLS tests' certificates;
+# qemu-img (qemu-utils) the qcow2 disks the snapshot tests save into.
+if ! command -v socat >/dev/null || ! command -v openssl >/dev/null || ! command -v qemu-img >/dev/null; then
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat openssl
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat openssl qemu-utils
 fi
 
 # QEMU 10.0 from bookworm-backports, unpacked side by side under .qemu/10.0 (the

@@ -292,3 +292,55 @@ fn an_hmp_listener_survives_bad_input() {
         "prelaunch"
     );
 }
+
+/// Everyday HMP snapshots under `safe`: `savevm`, `info snapshots`, `loadvm` and
+/// `delvm` on a qcow2 disk the VM already has, with QEMU's own output, on the HMP
+/// listener. The snapshot is really in the image afterwards (and gone after
+/// `delvm`), as `qemu-img snapshot -l` shows.
+#[test]
+fn snapshots_work_under_safe_on_an_image_the_vm_has() {
+    let dir = qmpgate_tests::tempdir();
+    let disk = dir.path().join("disk.qcow2");
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("16M")
+        .status()
+        .expect("qemu-img (Debian qemu-utils) is installed by scripts/setup.sh test");
+    assert!(created.success());
+    let drive = format!("file={},if=none,id=d0,format=qcow2", disk.display());
+    let qemu = Qemu::start_with(&["-drive", &drive]);
+    let (builder, hmp_path) =
+        GatewayBuilder::new(&qemu.upstream_spec()).listener_with("hmp", 4, "mode=readline");
+    let gateway = builder.spawn();
+    let mut hmp = Hmp::connect(&hmp_path);
+    let snapshots = || {
+        let out = std::process::Command::new("qemu-img")
+            .args(["snapshot", "-U", "-l"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    assert_eq!(hmp.run("savevm s1"), "");
+    assert!(snapshots().contains(" s1 "), "{}", snapshots());
+    let listed = hmp.run("info snapshots");
+    assert!(listed.contains(" s1 "), "{listed:?}");
+    assert_eq!(hmp.run("loadvm s1"), "");
+    assert_eq!(hmp.run("delvm s1"), "");
+    assert!(!snapshots().contains(" s1 "), "{}", snapshots());
+    assert_eq!(
+        hmp.run("info snapshots"),
+        "There is no snapshot available.\r\n"
+    );
+    // The QMP forms go through the same policy.
+    let mut qmp = gateway.negotiated();
+    assert_eq!(
+        qmp.execute(
+            "human-monitor-command",
+            json!({"command-line": "savevm s2"})
+        ),
+        json!({"return": ""})
+    );
+}

@@ -27,9 +27,10 @@
 //! - `identities`: glob patterns on the names in the client's verified TLS
 //!   certificate: each common name as it is (`admin`), each subject alternative
 //!   name with its kind (`DNS:*.example.com`, `email:ops@example.com`,
-//!   `URI:spiffe://example/*`, `IP:192.0.2.*`). `*` alone matches every client
-//!   that has a certificate, whatever names it holds (a SAN-only certificate
-//!   too). A client without a certificate (a listener without `verify-peer`, or
+//!   `URI:spiffe://example/*`, `IP:192.0.2.*`); a pattern that starts with a SAN
+//!   kind matches SANs only, any other pattern common names only. `*` alone
+//!   matches every client that has a certificate, whatever names it holds (a
+//!   SAN-only certificate too). A client without a certificate (a listener without `verify-peer`, or
 //!   a unix socket) never matches an `identities` condition: a deny rule meant
 //!   for every client must not be scoped by identity.
 //!
@@ -121,6 +122,18 @@ impl EventRule {
     }
 }
 
+/// The kinds a subject alternative name is written with (see the host's
+/// `tls-identity` record).
+const SAN_KINDS: &[&str] = &[
+    "DNS:",
+    "email:",
+    "URI:",
+    "IP:",
+    "DirName:",
+    "RID:",
+    "othername:",
+];
+
 /// Whether the client is one of `uids` (unix peers only) and came through one of
 /// `listeners`; an absent list does not constrain.
 fn identity_matches(
@@ -133,11 +146,17 @@ fn identity_matches(
         let Some(tls) = &client.tls else {
             return false;
         };
-        let names = || tls.common_names.iter().chain(&tls.subject_alt_names);
-        if !patterns
-            .iter()
-            .any(|p| p == "*" || names().any(|name| glob(p, name)))
-        {
+        // A pattern with a SAN kind matches SANs only, any other pattern CNs only:
+        // a CN spelled like a SAN (`DNS:x`) is not taken for one.
+        let matches = |pattern: &String| {
+            let names = if SAN_KINDS.iter().any(|kind| pattern.starts_with(kind)) {
+                &tls.subject_alt_names
+            } else {
+                &tls.common_names
+            };
+            pattern == "*" || names.iter().any(|name| glob(pattern, name))
+        };
+        if !patterns.iter().any(matches) {
             return false;
         }
     }
@@ -408,8 +427,46 @@ fn collect<'a>(value: &'a Value, segments: &[&str], found: &mut Vec<&'a Value>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qmpgate_plugin_sdk::{Protocol, UnixPeer};
+    use qmpgate_plugin_sdk::{Protocol, TlsIdentity, UnixPeer};
     use serde_json::json;
+
+    /// A TLS client with these common names and subject alternative names.
+    fn tls_client(common_names: &[&str], sans: &[&str]) -> Client {
+        Client {
+            peer: Peer::Inet("192.0.2.1:5000".into()),
+            tls: Some(TlsIdentity {
+                common_names: common_names.iter().map(|s| s.to_string()).collect(),
+                subject_alt_names: sans.iter().map(|s| s.to_string()).collect(),
+                subject: String::new(),
+            }),
+            ..client(0, "tls")
+        }
+    }
+
+    #[test]
+    fn identity_patterns_match_any_name_and_star_any_certificate() {
+        let matches = |patterns: &[&str], client: &Client| {
+            let patterns: Vec<String> = patterns.iter().map(|s| s.to_string()).collect();
+            identity_matches(None, None, Some(&patterns), client)
+        };
+        let admin = tls_client(&["ops", "admin"], &["DNS:a.example.com"]);
+        assert!(matches(&["admin"], &admin), "any CN, not only the first");
+        assert!(matches(&["DNS:*.example.com"], &admin));
+        assert!(!matches(&["a.example.com"], &admin), "a SAN needs its kind");
+        let san_only = tls_client(&[], &["DNS:ops.example.com"]);
+        assert!(
+            matches(&["*"], &san_only),
+            "a SAN-only certificate is an identity"
+        );
+        assert!(!matches(&["admin"], &san_only));
+        // A CN spelled like a SAN is not taken for one, nor a SAN for a CN.
+        let lookalike = tls_client(&["DNS:ops.example.com"], &["email:admin"]);
+        assert!(!matches(&["DNS:ops.example.com"], &lookalike));
+        assert!(!matches(&["*admin"], &lookalike));
+        assert!(matches(&["DNS:*"], &admin));
+        // No certificate: no identities condition holds, `*` included.
+        assert!(!matches(&["*"], &client(0, "qmp")));
+    }
 
     fn client(uid: u32, listener: &str) -> Client {
         Client {
