@@ -134,6 +134,18 @@ const SAN_KINDS: &[&str] = &[
     "othername:",
 ];
 
+/// A `DNS:` or `email:` pattern as the host writes those names: the host name,
+/// or the mail domain, in lower case.
+fn lowercase_names(pattern: &str) -> String {
+    match pattern.strip_prefix("DNS:") {
+        Some(host) => format!("DNS:{}", host.to_lowercase()),
+        None => match pattern.rsplit_once('@') {
+            Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
+            None => pattern.to_string(),
+        },
+    }
+}
+
 /// Whether the client is one of `uids` (unix peers only) and came through one of
 /// `listeners`; an absent list does not constrain.
 fn identity_matches(
@@ -154,7 +166,13 @@ fn identity_matches(
             } else {
                 &tls.common_names
             };
-            pattern == "*" || names.iter().any(|name| glob(pattern, name))
+            // The host writes host names and mail domains in lower case.
+            let pattern = if pattern.starts_with("DNS:") || pattern.starts_with("email:") {
+                std::borrow::Cow::Owned(lowercase_names(pattern))
+            } else {
+                std::borrow::Cow::Borrowed(pattern.as_str())
+            };
+            pattern == "*" || names.iter().any(|name| glob(&pattern, name))
         };
         if !patterns.iter().any(matches) {
             return false;
@@ -464,6 +482,8 @@ mod tests {
         assert!(!matches(&["DNS:ops.example.com"], &lookalike));
         assert!(!matches(&["*admin"], &lookalike));
         assert!(matches(&["DNS:*"], &admin));
+        // Host names are matched without case (the host writes them lower case).
+        assert!(matches(&["DNS:A.Example.COM"], &admin));
         // No certificate: no identities condition holds, `*` included.
         assert!(!matches(&["*"], &client(0, "qmp")));
     }

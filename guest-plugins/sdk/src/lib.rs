@@ -57,7 +57,8 @@ use std::sync::{Mutex, Once};
 pub use bindings::qmpgate::plugin::host::Level;
 pub use bindings::qmpgate::plugin::types::{
     Client, Command, Decision, Event, EventVerdict, HmpLine, HmpReading, HmpTranslation, Hooks,
-    Peer, Protocol, QmpError, Response, ResponseVerdict, TlsIdentity, UnixPeer, Verdict,
+    Peer, Protocol, QmpError, Response, ResponseVerdict, SchemaLookup, TlsIdentity, UnixPeer,
+    Verdict,
 };
 pub use qmpgate_plugin_sdk_macros::plugin;
 
@@ -195,12 +196,31 @@ pub fn audit(record: &serde_json::Value) {
     bindings::qmpgate::plugin::host::audit(&record.to_string());
 }
 
-/// QEMU's schema of command `name` on the upstream the current hook is about
-/// (see `command-schema` in the WIT for its shape); `None` when QEMU has no such
-/// command, gave no schema, or in `new` (no upstream yet).
-pub fn command_schema(name: &str) -> Option<serde_json::Value> {
-    let text = bindings::qmpgate::plugin::host::command_schema(name)?;
-    serde_json::from_str(&text).ok()
+/// What the host knows of a command's schema ([`command_schema`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Schema {
+    /// QEMU's schema of the command (see `command-schema` in the WIT for its
+    /// shape).
+    Found(serde_json::Value),
+    /// QEMU has no such command (HMP-only commands, `hmp:NAME`, never are QMP
+    /// commands).
+    NoSuchCommand,
+    /// The host cannot say (QEMU gave no schema, or in `new`): treat it as
+    /// unknown, never as harmless.
+    Unknown,
+}
+
+/// QEMU's schema of command `name` on the upstream the current hook is about.
+pub fn command_schema(name: &str) -> Schema {
+    use bindings::qmpgate::plugin::types::SchemaLookup;
+    match bindings::qmpgate::plugin::host::command_schema(name) {
+        SchemaLookup::Found(text) => match serde_json::from_str(&text) {
+            Ok(value) => Schema::Found(value),
+            Err(_) => Schema::Unknown,
+        },
+        SchemaLookup::NoSuchCommand => Schema::NoSuchCommand,
+        SchemaLookup::Unknown => Schema::Unknown,
+    }
 }
 
 /// Holds the plugin instance between hook calls. Components are single-threaded;

@@ -1,8 +1,11 @@
-//! A chain: the plugins of one policy, run in order on their own thread, and
+//! A chain: the plugins of one policy, run in order on the caller's task, and
 //! what they decided about a connection, a command, a reply or an event.
 
+use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -11,12 +14,12 @@ use qmpgate_protocol::qmp::{Answer, Command, QmpError};
 use qmpgate_protocol::schema::QmpSchema;
 
 use crate::faults::{Blame, ClientFaults};
-use crate::instance::{Fault, Instance, Loaded, PluginInfo};
+use crate::instance::{Fault, Instance, Loaded, PluginInfo, hook};
 use crate::wit::{
     Client, EventVerdict, HmpLine, HmpTranslation, Hooks, ResponseVerdict, Verdict, WitCommand,
     WitDecision, WitError, WitEvent, WitResponse, command_from_wit, command_to_wit, error_answer,
 };
-use crate::{CHAIN_WAIT, HMP_LINE_MAX, MAX_QUEUED_JOBS, NO_ANSWER, PluginError};
+use crate::{CHAIN_WAIT, EPOCH_TICK, HMP_LINE_MAX, MAX_QUEUED_JOBS, NO_ANSWER, PluginError};
 
 /// The chain's decision on a command.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +47,21 @@ fn fault_error(plugin: &Instance, fault: &Fault, what: &str) -> QmpError {
     QmpError::generic(format!("qmpgate plugin '{}' {fault}; {what}", plugin.name))
 }
 
-type Job = Box<dyn FnOnce(&mut [Instance]) + Send>;
+/// One instance of each of a chain's plugins, used by one call at a time.
+struct InstanceSet {
+    instances: tokio::sync::Mutex<Vec<Instance>>,
+    /// Calls waiting for the set; past [`MAX_QUEUED_JOBS`] more fail closed at once.
+    waiting: AtomicUsize,
+}
+
+/// Counts a call in [`InstanceSet::waiting`] until it is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Where calls about one upstream read QEMU's schema (for the `command-schema`
 /// import): it is read anew at each reconnect, so it is asked for per call.
@@ -52,27 +69,28 @@ pub type SchemaSource = Arc<dyn Fn() -> Option<Arc<QmpSchema>> + Send + Sync>;
 
 /// The plugins of a chain, run in order on every hook.
 ///
-/// All of a chain's instances live on one OS thread of its own, and a hook runs the
-/// whole chain in one trip to that thread: wasm never runs on a tokio worker (a
-/// plugin spinning to its deadline stalls no connection), WASI's synchronous stdio
-/// (a guest's panic message) may block freely, and the cost of a thread hop is paid
-/// once per hook, not once per plugin. Calls from all clients take turns; hooks
-/// take microseconds.
+/// A hook runs on the task that asks (no thread hop): each plugin call is a
+/// wasmtime future that yields at every epoch tick, so a plugin running to its
+/// deadline holds no tokio worker for longer than a tick, and is then stopped.
+/// A chain has one *instance set* (an instance of each plugin) per core, made
+/// when first used; the calls about one upstream always use the same set, so a
+/// plugin's state about a VM and its clients stays in one instance, VMs that
+/// share a policy are spread over the cores, and calls about one VM take turns.
 #[derive(Clone)]
 pub struct PluginChain {
-    /// Sends work to the chain's thread; `None` for an empty chain.
-    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    /// The instance sets; `None` for an empty chain.
+    sets: Option<Arc<[InstanceSet]>>,
     plugins: Vec<PluginInfo>,
     /// The upstream this handle serves (see [`PluginChain::for_upstream`]).
     upstream: Option<Arc<str>>,
     /// That upstream's schema.
     schema: Option<SchemaSource>,
     /// The hooks at least one plugin implements: a hook none implements costs no
-    /// trip to the chain's thread.
+    /// call into the chain's instances.
     declared: Hooks,
-    /// Faults charged to clients, by the chain's thread.
+    /// Faults charged to clients, by the chain's calls.
     faults: Arc<ClientFaults>,
-    /// How long a caller waits for the chain's thread: [`CHAIN_WAIT`], or twice
+    /// How long a caller waits for its turn at the instances: [`CHAIN_WAIT`], or twice
     /// the chain's CPU limits together if that is longer.
     wait: Duration,
 }
@@ -81,7 +99,7 @@ impl PluginChain {
     /// A chain that lets everything through.
     pub fn empty() -> Self {
         PluginChain {
-            jobs: None,
+            sets: None,
             plugins: Vec::new(),
             upstream: None,
             schema: None,
@@ -91,22 +109,22 @@ impl PluginChain {
         }
     }
 
-    /// Starts the chain's thread, instantiates every plugin there and calls its
-    /// `init`; the first refusal or trap is returned.
+    /// Instantiates every plugin and calls its `init` (the first instance set;
+    /// the others are made on first use); the first refusal or trap is returned.
     pub fn start(loaded: Vec<Loaded>) -> Result<Self, PluginError> {
         if loaded.is_empty() {
             return Ok(PluginChain::empty());
         }
         let faults = Arc::new(ClientFaults::default());
         let wait = CHAIN_WAIT.max(2 * loaded.iter().map(|l| l.0.limits.cpu).sum::<Duration>());
-        let mut workers: Vec<Instance> = loaded
+        let mut first: Vec<Instance> = loaded
             .into_iter()
             .map(|l| Instance {
                 client_faults: faults.clone(),
                 ..l.0
             })
             .collect();
-        let plugins = workers
+        let plugins = first
             .iter()
             .map(|w| PluginInfo {
                 name: w.name.clone(),
@@ -116,54 +134,45 @@ impl PluginChain {
                 stats: w.stats.clone(),
             })
             .collect();
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(MAX_QUEUED_JOBS);
-        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<Hooks, PluginError>>();
-        std::thread::Builder::new()
-            .name("qmpgate-plugins".into())
-            .spawn(move || {
-                let mut declared = Hooks::empty();
-                for worker in workers.iter_mut() {
-                    match worker.instantiate() {
-                        Ok(live) => {
-                            worker.hooks = live.hooks;
-                            declared |= live.hooks;
-                            worker.live = Some(live);
-                        }
-                        Err(reason) => {
-                            let _ = ready_tx.send(Err(PluginError::Init {
-                                name: worker.name.to_string(),
-                                reason,
-                            }));
-                            return;
-                        }
+        let declared = block_on(async {
+            let mut declared = Hooks::empty();
+            for worker in first.iter_mut() {
+                match worker.instantiate().await {
+                    Ok(live) => {
+                        worker.hooks = live.hooks;
+                        declared |= live.hooks;
+                        worker.live = Some(live);
+                    }
+                    Err(reason) => {
+                        return Err(PluginError::Init {
+                            name: worker.name.to_string(),
+                            reason,
+                        });
                     }
                 }
-                let _ = ready_tx.send(Ok(declared));
-                // Ends when the last PluginChain clone (the senders) is dropped.
-                while let Ok(job) = queue.recv() {
-                    job(&mut workers);
-                }
+            }
+            Ok(declared)
+        })?;
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spares: Vec<Vec<Instance>> = (1..count)
+            .map(|_| first.iter().map(Instance::spare).collect())
+            .collect();
+        let sets: Vec<InstanceSet> = std::iter::once(first)
+            .chain(spares)
+            .map(|instances| InstanceSet {
+                instances: tokio::sync::Mutex::new(instances),
+                waiting: AtomicUsize::new(0),
             })
-            .map_err(|e| PluginError::Init {
-                name: "(chain)".into(),
-                reason: format!("cannot start its thread: {e}"),
-            })?;
-        match ready.recv() {
-            Ok(Ok(declared)) => Ok(PluginChain {
-                jobs: Some(jobs),
-                plugins,
-                upstream: None,
-                schema: None,
-                declared,
-                faults,
-                wait,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(PluginError::Init {
-                name: "(chain)".into(),
-                reason: "its thread stopped".into(),
-            }),
-        }
+            .collect();
+        Ok(PluginChain {
+            sets: Some(sets.into()),
+            plugins,
+            upstream: None,
+            schema: None,
+            declared,
+            faults,
+            wait,
+        })
     }
 
     /// The chain as status and logs show it: each plugin's name, with the profile
@@ -196,7 +205,7 @@ impl PluginChain {
 
     /// Whether a plugin of the chain implements any of `hooks`.
     fn declares(&self, hooks: Hooks) -> bool {
-        self.jobs.is_some() && self.declared.intersects(hooks)
+        self.sets.is_some() && self.declared.intersects(hooks)
     }
 
     /// Faults `client`'s input (or its principal's, over its connections) caused
@@ -215,48 +224,44 @@ impl PluginChain {
         }
     }
 
-    /// Runs `job` on the chain's thread and waits for its result; `fallback` if the
-    /// thread is gone (callers handle the empty chain before calling).
-    async fn run<R: Send + 'static>(
+    /// This upstream's instance set, ready for a call about `client`; `None` if
+    /// the chain is empty, too many calls are waiting, or the set stayed busy
+    /// past the chain's wait (the caller then fails closed).
+    async fn instances(
         &self,
         client: &Client,
-        fallback: R,
-        job: impl FnOnce(&mut [Instance]) -> R + Send + 'static,
-    ) -> R {
-        let Some(jobs) = &self.jobs else {
-            return fallback;
+    ) -> Option<tokio::sync::MutexGuard<'_, Vec<Instance>>> {
+        let sets = self.sets.as_ref()?;
+        let index = match &self.upstream {
+            Some(upstream) => {
+                let mut hasher = std::hash::DefaultHasher::new();
+                upstream.hash(&mut hasher);
+                (hasher.finish() % sets.len() as u64) as usize
+            }
+            None => 0,
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let upstream = self.upstream.clone();
+        let set = &sets[index];
+        // Far behind: fail closed at once rather than pile up waiting calls.
+        if set.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_JOBS {
+            set.waiting.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let waiting = Waiting(&set.waiting);
+        // The caller never waits without end for its turn (each call in front of
+        // it is bounded by its plugins' deadlines).
+        let Ok(mut instances) = tokio::time::timeout(self.wait, set.instances.lock()).await else {
+            tracing::warn!(wait = ?self.wait, chain = ?self.describe(), "the plugin chain did not answer in time; failing closed");
+            return None;
+        };
+        drop(waiting);
         let schema = self.schema.as_ref().and_then(|source| source());
         let client = Arc::new(client.clone());
-        let job: Job = Box::new(move |workers| {
-            if tx.is_closed() {
-                // Its caller stopped waiting: nothing to decide.
-                return;
-            }
-            for worker in workers.iter_mut() {
-                worker.upstream = upstream.clone();
-                worker.client = Some(client.clone());
-                worker.schema = schema.clone();
-            }
-            let _ = tx.send(job(workers));
-        });
-        // A full queue means the thread is far behind: fail closed at once rather
-        // than pile up work (and memory) it would reach too late.
-        if jobs.try_send(job).is_err() {
-            return fallback;
+        for worker in instances.iter_mut() {
+            worker.upstream = self.upstream.clone();
+            worker.client = Some(client.clone());
+            worker.schema = schema.clone();
         }
-        // The caller never waits without end, whatever holds the chain's thread
-        // (hooks cannot wait, but the thread serves every client of the chain).
-        match tokio::time::timeout(self.wait, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => fallback,
-            Err(_) => {
-                tracing::warn!(wait = ?self.wait, chain = ?self.describe(), "the plugin chain did not answer in time; failing closed");
-                fallback
-            }
-        }
+        Some(instances)
     }
 
     /// A client connected: any plugin may refuse it.
@@ -264,30 +269,28 @@ impl PluginChain {
         if !self.declares(Hooks::ON_CONNECT) {
             return Ok(());
         }
-        let client = client.clone();
-        let stopped = Err(QmpError::generic(NO_ANSWER));
-        self.run(&client.clone(), stopped, move |workers| {
-            for worker in workers {
-                if !worker.implements(Hooks::ON_CONNECT) {
-                    continue;
+        let Some(mut workers) = self.instances(client).await else {
+            return Err(QmpError::generic(NO_ANSWER));
+        };
+        for worker in workers.iter_mut() {
+            if !worker.implements(Hooks::ON_CONNECT) {
+                continue;
+            }
+            match hook!(worker, Blame::Plugin, |g, s| g.call_on_connect(s, client)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    worker.stats.denials.fetch_add(1, Ordering::Relaxed);
+                    return Err(QmpError {
+                        class: e.class,
+                        desc: e.desc,
+                    });
                 }
-                match worker.call(Blame::Plugin, |g, s| g.call_on_connect(s, &client)) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        worker.stats.denials.fetch_add(1, Ordering::Relaxed);
-                        return Err(QmpError {
-                            class: e.class,
-                            desc: e.desc,
-                        });
-                    }
-                    Err(fault) => {
-                        return Err(fault_error(worker, &fault, "the connection was refused"));
-                    }
+                Err(fault) => {
+                    return Err(fault_error(worker, &fault, "the connection was refused"));
                 }
             }
-            Ok(())
-        })
-        .await
+        }
+        Ok(())
     }
 
     /// A command: each plugin may forward, rewrite, deny or answer it; the first
@@ -301,12 +304,10 @@ impl PluginChain {
         if !self.declares(Hooks::ON_COMMAND | Hooks::ON_DECISION) {
             return Decision::Forward(command);
         }
-        let client = client.clone();
-        let stopped = Decision::Deny(QmpError::generic(NO_ANSWER));
-        self.run(&client.clone(), stopped, move |workers| {
-            decide(workers, &client, command, hmp.as_ref())
-        })
-        .await
+        let Some(mut workers) = self.instances(client).await else {
+            return Decision::Deny(QmpError::generic(NO_ANSWER));
+        };
+        decide(&mut workers, client, command, hmp.as_ref()).await
     }
 
     /// A client's connection ended: plugins that keep state about it drop it.
@@ -314,15 +315,15 @@ impl PluginChain {
         if !self.declares(Hooks::ON_DISCONNECT) {
             return;
         }
-        let client = client.clone();
-        self.run(&client.clone(), (), move |workers| {
-            for worker in workers {
-                if worker.implements(Hooks::ON_DISCONNECT) {
-                    let _ = worker.call(Blame::Plugin, |g, s| g.call_on_disconnect(s, &client));
-                }
+        let Some(mut workers) = self.instances(client).await else {
+            return;
+        };
+        for worker in workers.iter_mut() {
+            if worker.implements(Hooks::ON_DISCONNECT) {
+                let _ = hook!(worker, Blame::Plugin, |g, s| g
+                    .call_on_disconnect(s, client));
             }
-        })
-        .await
+        }
     }
 
     /// An HMP command line (typed on an HMP listener, or sent with QMP's
@@ -349,7 +350,7 @@ impl PluginChain {
                 oob: false,
             }
         };
-        if self.jobs.is_none() {
+        if self.sets.is_none() {
             return Decision::Forward(send(line));
         }
         if line.len() > HMP_LINE_MAX {
@@ -364,52 +365,52 @@ impl PluginChain {
         if !self.declares(Hooks::TRANSLATE_HMP) {
             return self.decide(client, send(line), Some(as_typed)).await;
         }
-        let owned_line = line.to_string();
-        let translation = self
-            .run(client, Err(QmpError::generic(NO_ANSWER)), move |workers| {
-                translate_hmp(workers, &owned_line)
-            })
-            .await;
+        let translation = match self.instances(client).await {
+            Some(mut workers) => translate_hmp(&mut workers, line).await,
+            None => Err(QmpError::generic(NO_ANSWER)),
+        };
+        // A line refused before the chain decided is still told to every plugin.
+        let refuse = async |reason: String| {
+            let denied = Decision::Deny(QmpError::generic(format!(
+                "HMP command line refused: {reason}"
+            )));
+            let hmp = HmpLine {
+                typed: line.to_string(),
+                canonical: String::new(),
+            };
+            if self.declares(Hooks::ON_DECISION)
+                && let Some(mut workers) = self.instances(client).await
+            {
+                let command = command_to_wit(&send(line));
+                notify_decision(&mut workers, client, &command, Some(&hmp), &denied).await;
+            }
+            denied
+        };
         let reading = match translation {
-            Err(error) => return Decision::Deny(error),
+            Err(error) => return refuse(error.desc).await,
             // Nobody interprets HMP: the policy decides on `human-monitor-command` itself.
             Ok(None) => return self.decide(client, send(line), Some(as_typed)).await,
             Ok(Some(HmpTranslation::Reading(reading))) => reading,
-            Ok(Some(HmpTranslation::Invalid(reason))) => {
-                // QEMU would answer an unknown command with *success* and a message;
-                // an unreadable line is refused instead, so nothing slips past policy.
-                let denied = Decision::Deny(QmpError::generic(format!(
-                    "HMP command line refused: {reason}"
-                )));
-                let hmp = HmpLine {
-                    typed: line.to_string(),
-                    canonical: String::new(),
-                };
-                if self.declares(Hooks::ON_DECISION) {
-                    let (client, command, told) =
-                        (client.clone(), command_to_wit(&send(line)), denied.clone());
-                    self.run(&client.clone(), (), move |workers| {
-                        notify_decision(workers, &client, &command, Some(&hmp), &told)
-                    })
-                    .await;
-                }
-                return denied;
-            }
+            // QEMU would answer an unknown command with *success* and a message; an
+            // unreadable line is refused instead, so nothing slips past policy.
+            Ok(Some(HmpTranslation::Invalid(reason))) => return refuse(reason).await,
             Ok(Some(HmpTranslation::NotHandled)) => unreachable!("translate_hmp skips not-handled"),
         };
         let command = match command_from_wit(reading.command) {
             Ok(command) => command,
             Err(fault) => {
-                return Decision::Deny(QmpError::generic(format!(
-                    "HMP translation returned an invalid result: {fault}"
-                )));
+                return refuse(format!("its translation is invalid: {fault}")).await;
             }
         };
         if reading.canonical.len() > HMP_LINE_MAX {
-            return Decision::Deny(QmpError::generic(format!(
-                "HMP command line refused: its canonical form is longer than QEMU's \
-                 {HMP_LINE_MAX}-byte line buffer"
-            )));
+            return refuse(format!(
+                "its canonical form is longer than QEMU's {HMP_LINE_MAX}-byte line buffer"
+            ))
+            .await;
+        }
+        // One line, and nothing QEMU's line editor would take specially.
+        if reading.canonical.chars().any(char::is_control) {
+            return refuse("its canonical form has control characters".into()).await;
         }
         let hmp = HmpLine {
             typed: line.to_string(),
@@ -418,11 +419,10 @@ impl PluginChain {
         let canonical = hmp.canonical.clone();
         match self.decide(client, command.clone(), Some(hmp)).await {
             Decision::Forward(judged) if judged == command => Decision::Forward(send(&canonical)),
-            // QEMU runs the line, not a QMP command: a rewrite cannot be honoured,
-            // and forwarding the line unchanged would run what was not judged.
+            // `run_chain` refuses any rewrite of a command read from HMP; should one
+            // get through anyway, QEMU must not run a line nobody judged.
             Decision::Forward(_) => Decision::Deny(QmpError::generic(format!(
-                "HMP command '{}' refused: a plugin rewrote it, and an HMP line cannot be \
-                 rewritten",
+                "HMP command '{}' refused: it was changed after the policy judged it",
                 command.name
             ))),
             other => other,
@@ -436,14 +436,12 @@ impl PluginChain {
         if !self.declares(Hooks::ON_RESPONSE) {
             return reply;
         }
-        let (client, command) = (client.clone(), command_to_wit(command));
-        let stopped = error_answer(&QmpError::generic(format!(
-            "{NO_ANSWER}; the result was withheld"
-        )));
-        self.run(&client.clone(), stopped, move |workers| {
-            respond(workers, &client, &command, reply)
-        })
-        .await
+        let Some(mut workers) = self.instances(client).await else {
+            return error_answer(&QmpError::generic(format!(
+                "{NO_ANSWER}; the result was withheld"
+            )));
+        };
+        respond(&mut workers, client, &command_to_wit(command), reply).await
     }
 
     /// An event for one client: plugins may drop or rewrite its data. A faulting
@@ -478,22 +476,24 @@ impl PluginChain {
             seconds: field("seconds"),
             microseconds: field("microseconds"),
         };
-        let client = client.clone();
         let blame = if asked { Blame::Client } else { Blame::Plugin };
-        self.run(&client.clone(), EventDecision::Drop, move |workers| {
-            filter_event(workers, &client, event, blame)
-        })
-        .await
+        let Some(mut workers) = self.instances(client).await else {
+            return EventDecision::Drop;
+        };
+        filter_event(&mut workers, client, event, blame).await
     }
 }
 
 /// The first interpretation any plugin offers (`None`: no plugin interprets HMP).
-fn translate_hmp(workers: &mut [Instance], line: &str) -> Result<Option<HmpTranslation>, QmpError> {
+async fn translate_hmp(
+    workers: &mut [Instance],
+    line: &str,
+) -> Result<Option<HmpTranslation>, QmpError> {
     for worker in workers {
         if !worker.implements(Hooks::TRANSLATE_HMP) {
             continue;
         }
-        match worker.call(Blame::Client, |g, s| g.call_translate_hmp(s, line)) {
+        match hook!(worker, Blame::Client, |g, s| g.call_translate_hmp(s, line)) {
             Ok(HmpTranslation::NotHandled) => continue,
             Ok(translation) => return Ok(Some(translation)),
             Err(fault) => {
@@ -508,21 +508,26 @@ fn translate_hmp(workers: &mut [Instance], line: &str) -> Result<Option<HmpTrans
     Ok(None)
 }
 
-fn decide(
+async fn decide(
     workers: &mut [Instance],
     client: &Client,
     command: Command,
     hmp: Option<&HmpLine>,
 ) -> Decision {
-    let mut seen = command_to_wit(&command);
-    let decision = run_chain(workers, client, command, hmp, &mut seen);
-    notify_decision(workers, client, &seen, hmp, &decision);
+    // Filled in by `run_chain` (the command as the deciding plugin saw it).
+    let mut seen = WitCommand {
+        name: String::new(),
+        arguments: String::new(),
+        oob: false,
+    };
+    let decision = run_chain(workers, client, command, hmp, &mut seen).await;
+    notify_decision(workers, client, &seen, hmp, &decision).await;
     decision
 }
 
 /// Tells every plugin what was decided (for audit). Faults are counted and logged
-/// by `Instance::call` and change nothing: the decision stands.
-fn notify_decision(
+/// by `Instance::leave` and change nothing: the decision stands.
+async fn notify_decision(
     workers: &mut [Instance],
     client: &Client,
     command: &WitCommand,
@@ -539,16 +544,15 @@ fn notify_decision(
     };
     for worker in workers {
         if worker.implements(Hooks::ON_DECISION) {
-            let _ = worker.call(Blame::Client, |g, s| {
-                g.call_on_decision(s, client, command, hmp, &decision)
-            });
+            let _ = hook!(worker, Blame::Client, |g, s| g
+                .call_on_decision(s, client, command, hmp, &decision));
         }
     }
 }
 
 /// Runs `on-command` through the chain; `seen` ends as the command the deciding
 /// plugin saw.
-fn run_chain(
+async fn run_chain(
     workers: &mut [Instance],
     client: &Client,
     mut command: Command,
@@ -556,17 +560,31 @@ fn run_chain(
     seen: &mut WitCommand,
 ) -> Decision {
     let not_run = "the command was not executed";
+    // Serialised once for every plugin, and again only after a rewrite.
+    *seen = command_to_wit(&command);
     for worker in workers {
         if !worker.implements(Hooks::ON_COMMAND) {
             continue;
         }
-        *seen = command_to_wit(&command);
-        match worker.call(Blame::Client, |g, s| {
-            g.call_on_command(s, client, seen, hmp)
-        }) {
+        match hook!(worker, Blame::Client, |g, s| g
+            .call_on_command(s, client, seen, hmp))
+        {
             Ok(Verdict::Forward) => {}
+            // QEMU runs an HMP line, not a QMP command: a rewrite cannot be
+            // honoured, and running the line would run what the chain did not
+            // judge. Refused here, before the plugins are told the decision.
+            Ok(Verdict::Rewrite(_)) if hmp.is_some() => {
+                return Decision::Deny(QmpError::generic(format!(
+                    "HMP command '{}' refused: plugin '{}' rewrote it, and an HMP line \
+                     cannot be rewritten",
+                    command.name, worker.name
+                )));
+            }
             Ok(Verdict::Rewrite(new)) => match command_from_wit(new).map_err(Fault::Invalid) {
-                Ok(new) => command = new,
+                Ok(new) => {
+                    command = new;
+                    *seen = command_to_wit(&command);
+                }
                 Err(fault) => {
                     worker.charge(Blame::Client);
                     return Decision::Deny(fault_error(worker, &fault, not_run));
@@ -596,7 +614,7 @@ fn run_chain(
     Decision::Forward(command)
 }
 
-fn respond(
+async fn respond(
     workers: &mut [Instance],
     client: &Client,
     command: &WitCommand,
@@ -627,9 +645,9 @@ fn respond(
                 (None, None) => return reply,
             },
         };
-        reply = match worker.call(Blame::Client, |g, s| {
-            g.call_on_response(s, client, command, &response)
-        }) {
+        reply = match hook!(worker, Blame::Client, |g, s| g
+            .call_on_response(s, client, command, &response))
+        {
             Ok(ResponseVerdict::Deliver) => continue,
             Ok(ResponseVerdict::Replace(WitResponse::Ok(text))) => {
                 match serde_json::from_str::<Value>(&text) {
@@ -652,7 +670,7 @@ fn respond(
     reply
 }
 
-fn filter_event(
+async fn filter_event(
     workers: &mut [Instance],
     client: &Client,
     mut event: WitEvent,
@@ -663,7 +681,7 @@ fn filter_event(
         if !worker.implements(Hooks::ON_EVENT) {
             continue;
         }
-        match worker.call(blame, |g, s| g.call_on_event(s, client, &event)) {
+        match hook!(worker, blame, |g, s| g.call_on_event(s, client, &event)) {
             Ok(EventVerdict::Deliver) => {}
             Ok(EventVerdict::Drop) | Err(_) => return EventDecision::Drop,
             Ok(EventVerdict::Rewrite(data)) => match serde_json::from_str::<Value>(&data) {
@@ -681,5 +699,27 @@ fn filter_event(
     match rewritten {
         Some(data) => EventDecision::Rewrite(data),
         None => EventDecision::Deliver,
+    }
+}
+
+/// Runs `future` to completion on this thread, for what runs outside any task
+/// (a chain's start: instantiation and `init`). Plugin calls wait for nothing
+/// (hooks cannot block, and an epoch yield wakes its task), so parking the thread
+/// for at most a tick between polls is all they need.
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park_timeout(EPOCH_TICK);
     }
 }

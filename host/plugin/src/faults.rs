@@ -20,7 +20,7 @@ pub(crate) enum Blame {
     Plugin,
 }
 
-/// Recent faults caused by clients' input, shared by a chain's thread (which
+/// Recent faults caused by clients' input, shared by a chain's calls (which
 /// records them) and its sessions (which disconnect a client over the limit).
 ///
 /// Faults are kept per principal (the listener and the peer's uid, address or TLS
@@ -32,9 +32,13 @@ pub struct ClientFaults(Mutex<HashMap<String, VecDeque<Instant>>>);
 /// Who a client is, for [`ClientFaults`].
 fn principal(client: &Client) -> String {
     let peer = match (&client.tls, &client.peer) {
-        // The whole subject and the SANs: certificates that share a CN (or,
-        // SAN-only, have an empty subject) are still different principals.
-        (Some(tls), _) => format!("tls:{}|{}", tls.subject, tls.subject_alt_names.join(",")),
+        // The whole subject and the SANs, as JSON (so that no two lists read
+        // alike): certificates that share a CN, or have an empty subject, are
+        // still different principals.
+        (Some(tls), _) => format!(
+            "tls:{}",
+            serde_json::json!([tls.subject, tls.subject_alt_names, tls.common_names])
+        ),
         (None, Peer::Unix(p)) => format!("uid:{}", p.uid),
         (None, Peer::Inet(address)) => {
             // The address without the port: one host is one principal.

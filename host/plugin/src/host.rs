@@ -41,6 +41,9 @@ pub(crate) struct HostState {
     pub(crate) log_refilled: Instant,
     /// Audit records written in the current call.
     pub(crate) audits_this_call: u32,
+    /// Epoch ticks the current call may still run past its next one (its CPU
+    /// deadline, counted at each yield).
+    pub(crate) ticks_left: u64,
 }
 
 impl WasiView for HostState {
@@ -122,9 +125,14 @@ impl wit::host_imports::Host for HostState {
         }
     }
 
-    fn command_schema(&mut self, name: String) -> Option<String> {
-        let schema = self.schema.as_ref()?;
-        schema.describe_command(&name).map(|d| d.to_string())
+    fn command_schema(&mut self, name: String) -> wit::SchemaLookup {
+        match &self.schema {
+            None => wit::SchemaLookup::Unknown,
+            Some(schema) => match schema.describe_command(&name) {
+                Some(description) => wit::SchemaLookup::Found(description.to_string()),
+                None => wit::SchemaLookup::NoSuchCommand,
+            },
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 
 use crate::audit::AuditSink;
@@ -134,7 +134,8 @@ impl Bounded for HmpTranslation {
     }
 }
 
-/// One plugin's compiled component and live instance. Lives on its chain's thread.
+/// One plugin's compiled component and live instance, in one of its chain's
+/// instance sets.
 pub(crate) struct Instance {
     pub(crate) name: Arc<str>,
     pub(crate) engine: Engine,
@@ -158,6 +159,10 @@ pub(crate) struct Instance {
     /// The hooks the first instance's `init` declared: the chain calls no other
     /// (later instances of the same component declare the same).
     pub(crate) hooks: Hooks,
+    /// A hook call is in progress. Still set when the next call starts, it means
+    /// the caller dropped that call half-way (it stopped waiting): the instance
+    /// may be in any state, so it is recreated.
+    pub(crate) in_call: bool,
 }
 
 impl Instance {
@@ -174,7 +179,33 @@ impl Instance {
         (self.deadline_ticks() * INIT_DEADLINE_FACTOR).max(ticks_per_second)
     }
 
-    pub(crate) fn instantiate(&self) -> Result<Live, String> {
+    /// Another instance of the same plugin, not instantiated yet (for another
+    /// instance set of the chain): same component, configuration, limits, counters
+    /// and declared hooks; its own faults.
+    pub(crate) fn spare(&self) -> Instance {
+        Instance {
+            name: self.name.clone(),
+            engine: self.engine.clone(),
+            pre: self.pre.clone(),
+            config: self.config.clone(),
+            limits: self.limits,
+            audit: self.audit.clone(),
+            live: None,
+            own_faults: HashMap::new(),
+            client_faults: self.client_faults.clone(),
+            stats: self.stats.clone(),
+            upstream: None,
+            client: None,
+            schema: None,
+            hooks: self.hooks,
+            in_call: false,
+        }
+    }
+
+    /// Instantiates the component and calls `init`. Takes `&mut self` although it
+    /// changes nothing: its future holds the instance across awaits, and an
+    /// `Instance` is `Send` but not `Sync` (WASI's context is not).
+    pub(crate) async fn instantiate(&mut self) -> Result<Live, String> {
         let state = HostState {
             plugin: self.name.clone(),
             upstream: None,
@@ -201,18 +232,30 @@ impl Instance {
             log_tokens: f64::from(LOG_BURST),
             log_refilled: Instant::now(),
             audits_this_call: 0,
+            ticks_left: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.init_deadline_ticks());
+        // At every epoch tick the call yields to the executor (other tasks run),
+        // until its budget of ticks is spent: then it traps, as a deadline.
+        store.epoch_deadline_callback(|mut store| {
+            let left = &mut store.data_mut().ticks_left;
+            if *left == 0 {
+                return Err(Trap::Interrupt.into());
+            }
+            *left -= 1;
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store.data_mut().ticks_left = self.init_deadline_ticks().saturating_sub(1);
+        store.set_epoch_deadline(1);
         let exports = match &self.pre {
-            Pre::V0_1(pre) => pre.instantiate(&mut store).map(Exports::V0_1),
-            Pre::V0_2(pre) => pre.instantiate(&mut store).map(Exports::V0_2),
+            Pre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(Exports::V0_1),
+            Pre::V0_2(pre) => pre.instantiate_async(&mut store).await.map(Exports::V0_2),
         }
         .map_err(|e| self.describe(&store, e).to_string())?;
-        store.set_epoch_deadline(self.init_deadline_ticks());
-        match exports.guest().call_init(&mut store, &self.config) {
+        store.data_mut().ticks_left = self.init_deadline_ticks().saturating_sub(1);
+        store.set_epoch_deadline(1);
+        match exports.guest().call_init(&mut store, &self.config).await {
             Ok(Ok(hooks)) => Ok(Live {
                 store,
                 exports,
@@ -283,11 +326,11 @@ impl Instance {
         self.hooks.contains(hook)
     }
 
-    pub(crate) fn call<R: Bounded>(
-        &mut self,
-        blame: Blame,
-        hook: impl FnOnce(&wit::Guest<'_>, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
+    /// Readies a hook call: refuses it if the plugin is down on this upstream,
+    /// (re)creates the instance when a trap or a dropped call killed it, and arms
+    /// the deadline. The call itself is made by [`hook!`], which then hands the
+    /// result to [`Instance::leave`]; `Ok` carries when the call started.
+    pub(crate) async fn enter(&mut self) -> Result<Instant, Fault> {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         // A plugin that keeps failing by itself stays down on this upstream (every
@@ -296,9 +339,16 @@ impl Instance {
             self.stats.disabled_calls.fetch_add(1, Ordering::Relaxed);
             return Err(Fault::Disabled(RESTART_BUDGET, RESTART_WINDOW.as_secs()));
         }
+        if std::mem::take(&mut self.in_call) {
+            // The last call was dropped half-way: start afresh.
+            self.live = None;
+        }
         if self.live.is_none() {
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-            match self.instantiate() {
+            self.in_call = true;
+            let instantiated = self.instantiate().await;
+            self.in_call = false;
+            match instantiated {
                 Ok(live) => self.live = Some(live),
                 Err(reason) => {
                     self.charge(Blame::Plugin);
@@ -307,13 +357,34 @@ impl Instance {
             }
         }
         let deadline = self.deadline_ticks();
+        let (upstream, client, schema) = (
+            self.upstream.clone(),
+            self.client.clone(),
+            self.schema.clone(),
+        );
         let live = self.live.as_mut().expect("just ensured");
-        live.store.set_epoch_deadline(deadline);
-        live.store.data_mut().upstream = self.upstream.clone();
-        live.store.data_mut().client = self.client.clone();
-        live.store.data_mut().schema = self.schema.clone();
-        live.store.data_mut().audits_this_call = 0;
-        let result = hook(&live.exports.guest(), &mut live.store);
+        live.store.set_epoch_deadline(1);
+        let data = live.store.data_mut();
+        data.ticks_left = deadline.saturating_sub(1);
+        data.upstream = upstream;
+        data.client = client;
+        data.schema = schema;
+        data.audits_this_call = 0;
+        self.in_call = true;
+        Ok(started)
+    }
+
+    /// Ends a hook call begun with [`Instance::enter`]: checks the result
+    /// against the output caps, turns a trap into a [`Fault`] (dropping the
+    /// instance) and charges faults as `blame` says.
+    pub(crate) fn leave<R: Bounded>(
+        &mut self,
+        started: Instant,
+        blame: Blame,
+        result: wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        self.in_call = false;
+        let live = self.live.as_mut().expect("entered");
         let high_water = live.store.data().memory.high_water as u64;
         self.stats
             .memory_high_water
@@ -358,7 +429,34 @@ impl Instance {
         self.stats.record_latency(elapsed);
         result
     }
+
+    /// The live instance's hooks and store, between `enter` and `leave`.
+    pub(crate) fn live(&mut self) -> (wit::Guest<'_>, &mut Store<HostState>) {
+        let live = self.live.as_mut().expect("entered");
+        (live.exports.guest(), &mut live.store)
+    }
 }
+
+/// Runs one hook on an [`Instance`]: `hook!(worker, blame, |g, s| CALL)` with
+/// `CALL` a `g.call_*(s, ...)` future; a fault is charged as `blame` says, and the
+/// result is `Result<_, Fault>`. (A macro rather than a method taking an async
+/// closure: the call borrows the instance's exports and store across an await.)
+macro_rules! hook {
+    ($worker:expr, $blame:expr, |$g:ident, $s:ident| $call:expr) => {{
+        let worker: &mut $crate::instance::Instance = $worker;
+        match worker.enter().await {
+            Err(fault) => Err(fault),
+            Ok(started) => {
+                let result = {
+                    let ($g, $s) = worker.live();
+                    $call.await
+                };
+                worker.leave(started, $blame, result)
+            }
+        }
+    }};
+}
+pub(crate) use hook;
 
 /// A compiled, linked plugin, not instantiated yet.
 pub struct Loaded(pub(crate) Instance);

@@ -22,7 +22,7 @@
 //!   and on disk through [`cache`]);
 //! - [`instance`]: one plugin instance, its deadline, caps and faults;
 //! - [`host`]: what an instance may call (`log`, `audit`) and its WASI context;
-//! - [`chain`]: [`PluginChain`], the plugins of one policy on their own thread;
+//! - [`chain`]: [`PluginChain`], the plugins of one policy, run on the caller's task;
 //! - [`faults`]: who a fault is charged to; [`stats`]: counters per plugin;
 //! - [`wit`]: the WIT bindings and conversions;
 //! - [`spec`]: configured plugins and how a listener's policy selects a chain;
@@ -81,16 +81,16 @@ pub const HMP_LINE_MAX: usize = 4095;
 /// How often the epoch ticks. Deadlines are whole ticks, so this is their resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// The longest a caller waits for its chain's thread (queue and hooks together)
+/// The longest a caller waits for its turn at its chain's instances
 /// before the call fails closed, unless the chain's CPU limits need longer.
 pub const CHAIN_WAIT: Duration = Duration::from_secs(5);
 
-/// Calls queued for a chain's thread at most; more fail closed at once.
+/// Calls waiting for one instance set at most; more fail closed at once.
 const MAX_QUEUED_JOBS: usize = 4096;
 
-/// What a caller is told when the chain's thread did not answer.
+/// What a caller is told when the chain's instances stayed busy.
 const NO_ANSWER: &str =
-    "qmpgate's plugins did not answer in time (their thread is stuck or stopped)";
+    "qmpgate's plugins did not answer in time (too many calls are waiting for them)";
 
 /// A plugin's JSON texts (a reply, rewritten arguments or event data, a
 /// replacement response) may be at most this long: as much as a client may send.

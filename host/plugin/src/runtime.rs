@@ -42,6 +42,10 @@ impl Runtime {
         audit: Option<Arc<AuditSink>>,
     ) -> Result<Self, PluginError> {
         let mut config = Config::new();
+        // Hooks run on the caller's task (no thread hop): a call is a future (the
+        // async bindings) that yields at every epoch tick, so a plugin running long
+        // never holds a tokio worker for more than a tick, and is still stopped at
+        // its deadline (see `Instance::instantiate`).
         config.epoch_interruption(true);
         // Plugins recurse little; a small stack turns runaway recursion into a quick trap.
         config.max_wasm_stack(512 << 10);
@@ -61,7 +65,7 @@ impl Runtime {
             .map_err(|e| PluginError::Runtime(format!("cannot start the epoch thread: {e}")))?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(failed)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(failed)?;
         forbid_waiting(&mut linker).map_err(failed)?;
         wit::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(failed)?;
@@ -156,6 +160,7 @@ impl Runtime {
             schema: None,
             // Until the first `init` says otherwise.
             hooks: Hooks::all(),
+            in_call: false,
         }))
     }
 
@@ -196,41 +201,46 @@ const WASI_POLL: &str = "wasi:io/poll@0.2.12";
 
 /// Replaces WASI's two waiting calls, `poll` and `pollable.block`, with ones that
 /// never wait: what is ready is returned at once, and a call that would have to
-/// wait traps. A hook cannot block the chain's thread (the epoch deadline only
+/// wait traps. A hook cannot block its task (the epoch deadline only
 /// interrupts wasm, not a host call), and a plugin has nothing to wait for: it
 /// has no sockets, files or stdin, only clocks (`std::thread::sleep` traps).
 fn forbid_waiting(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     use wasmtime::StoreContextMut;
     use wasmtime::component::Resource;
     use wasmtime_wasi::p2::DynPollable;
-    use wasmtime_wasi::p2::bindings::sync::io::poll::HostPollable;
+    use wasmtime_wasi::p2::bindings::io::poll::HostPollable;
 
     const WAIT: &str = "plugins may not wait: a hook cannot block (wasi:io/poll)";
     linker.allow_shadowing(true);
     let mut poll = linker.instance(WASI_POLL)?;
-    poll.func_wrap(
+    // `ready` only asks: it polls a pollable once and never waits.
+    poll.func_wrap_async(
         "poll",
         |mut store: StoreContextMut<'_, HostState>, (pollables,): (Vec<Resource<DynPollable>>,)| {
-            let table = &mut store.data_mut().table;
-            let mut ready = Vec::new();
-            for (index, pollable) in pollables.into_iter().enumerate() {
-                if table.ready(pollable)? {
-                    ready.push(u32::try_from(index)?);
+            Box::new(async move {
+                let table = &mut store.data_mut().table;
+                let mut ready = Vec::new();
+                for (index, pollable) in pollables.into_iter().enumerate() {
+                    if HostPollable::ready(table, pollable).await? {
+                        ready.push(u32::try_from(index)?);
+                    }
                 }
-            }
-            if ready.is_empty() {
-                return Err(wasmtime::Error::msg(WAIT));
-            }
-            Ok((ready,))
+                if ready.is_empty() {
+                    return Err(wasmtime::Error::msg(WAIT));
+                }
+                Ok((ready,))
+            })
         },
     )?;
-    poll.func_wrap(
+    poll.func_wrap_async(
         "[method]pollable.block",
         |mut store: StoreContextMut<'_, HostState>, (pollable,): (Resource<DynPollable>,)| {
-            if !store.data_mut().table.ready(pollable)? {
-                return Err(wasmtime::Error::msg(WAIT));
-            }
-            Ok(())
+            Box::new(async move {
+                if !HostPollable::ready(&mut store.data_mut().table, pollable).await? {
+                    return Err(wasmtime::Error::msg(WAIT));
+                }
+                Ok(())
+            })
         },
     )?;
     linker.allow_shadowing(false);

@@ -90,7 +90,8 @@ pub fn acceptor(dir: &Path) -> Result<TlsAcceptor, TlsError> {
 pub struct CertIdentity {
     /// Every common name (CN) of the subject, in the certificate's order.
     pub common_names: Vec<String>,
-    /// Every subject alternative name with its kind: `DNS:host`, `email:a@b`,
+    /// Every subject alternative name with its kind: `DNS:host` (lower case, no
+    /// final dot), `email:a@b` (domain in lower case),
     /// `URI:spiffe://x`, `IP:192.0.2.1`, `DirName:CN=x`, `RID:1.2.3`,
     /// `othername:1.2.3`.
     pub subject_alt_names: Vec<String>,
@@ -141,8 +142,10 @@ pub fn cert_identity(der: &[u8]) -> Result<CertIdentity, String> {
         .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
     for name in san.iter().flat_map(|san| &san.value.general_names) {
         subject_alt_names.push(match name {
-            GeneralName::DNSName(s) => format!("DNS:{s}"),
-            GeneralName::RFC822Name(s) => format!("email:{s}"),
+            // Host names and mail domains compare without case or a final dot:
+            // written one way only, so a rule matches however the CA spelled them.
+            GeneralName::DNSName(s) => format!("DNS:{}", s.trim_end_matches('.').to_lowercase()),
+            GeneralName::RFC822Name(s) => format!("email:{}", lowercase_domain(s)),
             GeneralName::URI(s) => format!("URI:{s}"),
             GeneralName::IPAddress(bytes) => format!("IP:{}", ip_text(bytes)?),
             GeneralName::DirectoryName(name) => format!("DirName:{}", rfc4514(name)?),
@@ -230,14 +233,28 @@ fn decode(value: &x509_parser::der_parser::asn1_rs::Any<'_>) -> Result<String, S
     text.ok_or_else(|| format!("a name of type {} that cannot be decoded", value.tag()))
 }
 
-/// An iPAddress SAN as text (4 bytes IPv4, 16 bytes IPv6).
+/// An iPAddress SAN as text (4 bytes IPv4, 16 bytes IPv6; an IPv4-mapped IPv6
+/// address as the IPv4 address it is).
 fn ip_text(bytes: &[u8]) -> Result<String, String> {
     match bytes.len() {
         4 => Ok(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).expect("4 bytes")).to_string()),
-        16 => Ok(
-            std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes")).to_string(),
-        ),
+        16 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).expect("16 bytes"));
+            Ok(match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => v6.to_string(),
+            })
+        }
         n => Err(format!("an IP address of {n} bytes")),
+    }
+}
+
+/// A mail address with its domain (after the last `@`) in lower case; the local
+/// part is the mail server's to interpret, so it is kept as written.
+fn lowercase_domain(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.trim_end_matches('.').to_lowercase()),
+        None => address.to_string(),
     }
 }
 
@@ -264,5 +281,8 @@ mod tests {
         v6[15] = 1;
         assert_eq!(ip_text(&v6).unwrap(), "::1");
         assert!(ip_text(&[1, 2, 3]).is_err());
+        let mapped = "::ffff:10.0.0.5".parse::<std::net::Ipv6Addr>().unwrap();
+        assert_eq!(ip_text(&mapped.octets()).unwrap(), "10.0.0.5");
+        assert_eq!(lowercase_domain("Ops@Example.COM."), "Ops@example.com");
     }
 }

@@ -47,6 +47,23 @@ pub fn plugin(attr: TokenStream, item: TokenStream) -> TokenStream {
     let ty: Vec<TokenTree> = tokens[after_for..end].to_vec();
 
     let body: Vec<TokenTree> = body.stream().into_iter().collect();
+    // What the attribute cannot see through would leave a hook undeclared, and the
+    // host would never call it (a policy that lets everything through): refused.
+    for pair in body.windows(2) {
+        match (&pair[0], &pair[1]) {
+            (TokenTree::Ident(_), TokenTree::Punct(p)) if p.as_char() == '!' => {
+                return error(
+                    "#[plugin] cannot see the hooks a macro defines: write them out in the impl block",
+                );
+            }
+            (first, TokenTree::Ident(name))
+                if is_ident(first, "fn") && name.to_string().starts_with("r#") =>
+            {
+                return error("#[plugin]: write hook names without r#");
+            }
+            _ => {}
+        }
+    }
     let mut hooks: Vec<String> = body
         .windows(2)
         .filter(|pair| is_ident(&pair[0], "fn"))

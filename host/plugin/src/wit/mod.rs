@@ -16,6 +16,7 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit/plugin.wit",
         world: "plugin",
+        exports: { default: async },
     });
 }
 
@@ -26,7 +27,8 @@ pub use bindings::qmpgate::plugin::types::{
 };
 pub(crate) use bindings::qmpgate::plugin::types::{
     Command as WitCommand, Decision as WitDecision, Event as WitEvent, EventVerdict, HmpReading,
-    HmpTranslation, QmpError as WitError, Response as WitResponse, ResponseVerdict, Verdict,
+    HmpTranslation, QmpError as WitError, Response as WitResponse, ResponseVerdict, SchemaLookup,
+    Verdict,
 };
 pub(crate) use bindings::qmpgate::plugin::{host as host_imports, types as types_imports};
 pub(crate) use bindings::{Plugin, PluginPre};
@@ -95,31 +97,36 @@ type Call<R> = wasmtime::Result<R>;
 
 impl Guest<'_> {
     /// `init`: the hooks the plugin implements (a 0.1.0 plugin implements all).
-    pub(crate) fn call_init<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_init<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         config: &str,
     ) -> Call<Result<Hooks, String>> {
         match self {
-            Guest::V0_1(g) => Ok(g.call_init(store, config)?.map(|()| Hooks::all())),
-            Guest::V0_2(g) => g.call_init(store, config),
+            // Every hook 0.1.0 has: all but `on-disconnect`.
+            Guest::V0_1(g) => Ok(g
+                .call_init(store, config)
+                .await?
+                .map(|()| Hooks::all() & !Hooks::ON_DISCONNECT)),
+            Guest::V0_2(g) => g.call_init(store, config).await,
         }
     }
 
-    pub(crate) fn call_on_connect<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_on_connect<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         client: &Client,
     ) -> Call<Result<(), WitError>> {
         match self {
             Guest::V0_1(g) => Ok(g
-                .call_on_connect(store, &v0_1::client(client))?
+                .call_on_connect(store, &v0_1::client(client))
+                .await?
                 .map_err(v0_1::error_from)),
-            Guest::V0_2(g) => g.call_on_connect(store, client),
+            Guest::V0_2(g) => g.call_on_connect(store, client).await,
         }
     }
 
-    pub(crate) fn call_on_command<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_on_command<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         client: &Client,
@@ -127,17 +134,20 @@ impl Guest<'_> {
         hmp: Option<&HmpLine>,
     ) -> Call<Verdict> {
         match self {
-            Guest::V0_1(g) => Ok(v0_1::verdict_from(g.call_on_command(
-                store,
-                &v0_1::client(client),
-                &v0_1::command(command),
-                hmp.map(|l| l.typed.as_str()),
-            )?)),
-            Guest::V0_2(g) => g.call_on_command(store, client, command, hmp),
+            Guest::V0_1(g) => Ok(v0_1::verdict_from(
+                g.call_on_command(
+                    store,
+                    &v0_1::client(client),
+                    &v0_1::command(command),
+                    hmp.map(v0_1::line),
+                )
+                .await?,
+            )),
+            Guest::V0_2(g) => g.call_on_command(store, client, command, hmp).await,
         }
     }
 
-    pub(crate) fn call_on_decision<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_on_decision<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         client: &Client,
@@ -146,18 +156,24 @@ impl Guest<'_> {
         decision: &WitDecision,
     ) -> Call<()> {
         match self {
-            Guest::V0_1(g) => g.call_on_decision(
-                store,
-                &v0_1::client(client),
-                &v0_1::command(command),
-                hmp.map(|l| l.typed.as_str()),
-                &v0_1::decision(decision),
-            ),
-            Guest::V0_2(g) => g.call_on_decision(store, client, command, hmp, decision),
+            Guest::V0_1(g) => {
+                g.call_on_decision(
+                    store,
+                    &v0_1::client(client),
+                    &v0_1::command(command),
+                    hmp.map(v0_1::line),
+                    &v0_1::decision(decision),
+                )
+                .await
+            }
+            Guest::V0_2(g) => {
+                g.call_on_decision(store, client, command, hmp, decision)
+                    .await
+            }
         }
     }
 
-    pub(crate) fn call_on_response<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_on_response<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         client: &Client,
@@ -165,55 +181,57 @@ impl Guest<'_> {
         response: &WitResponse,
     ) -> Call<ResponseVerdict> {
         match self {
-            Guest::V0_1(g) => Ok(v0_1::response_verdict_from(g.call_on_response(
-                store,
-                &v0_1::client(client),
-                &v0_1::command(command),
-                &v0_1::response(response),
-            )?)),
-            Guest::V0_2(g) => g.call_on_response(store, client, command, response),
+            Guest::V0_1(g) => Ok(v0_1::response_verdict_from(
+                g.call_on_response(
+                    store,
+                    &v0_1::client(client),
+                    &v0_1::command(command),
+                    &v0_1::response(response),
+                )
+                .await?,
+            )),
+            Guest::V0_2(g) => g.call_on_response(store, client, command, response).await,
         }
     }
 
-    pub(crate) fn call_on_event<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_on_event<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         client: &Client,
         event: &WitEvent,
     ) -> Call<EventVerdict> {
         match self {
-            Guest::V0_1(g) => Ok(v0_1::event_verdict_from(g.call_on_event(
-                store,
-                &v0_1::client(client),
-                &v0_1::event(event),
-            )?)),
-            Guest::V0_2(g) => g.call_on_event(store, client, event),
+            Guest::V0_1(g) => Ok(v0_1::event_verdict_from(
+                g.call_on_event(store, &v0_1::client(client), &v0_1::event(event))
+                    .await?,
+            )),
+            Guest::V0_2(g) => g.call_on_event(store, client, event).await,
         }
     }
 
-    pub(crate) fn call_on_disconnect<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_on_disconnect<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         client: &Client,
     ) -> Call<()> {
         match self {
-            // 0.1.0 has no such hook (and declares no hooks): never called.
+            // 0.1.0 has no such hook (and is never said to implement it).
             Guest::V0_1(_) => Ok(()),
-            Guest::V0_2(g) => g.call_on_disconnect(store, client),
+            Guest::V0_2(g) => g.call_on_disconnect(store, client).await,
         }
     }
 
-    pub(crate) fn call_translate_hmp<S: wasmtime::AsContextMut>(
+    pub(crate) async fn call_translate_hmp<S: wasmtime::AsContextMut<Data: Send>>(
         &self,
         store: S,
         line: &str,
     ) -> Call<HmpTranslation> {
         match self {
             Guest::V0_1(g) => Ok(v0_1::translation_from(
-                g.call_translate_hmp(store, line)?,
+                g.call_translate_hmp(store, line).await?,
                 line,
             )),
-            Guest::V0_2(g) => g.call_translate_hmp(store, line),
+            Guest::V0_2(g) => g.call_translate_hmp(store, line).await,
         }
     }
 }

@@ -2,10 +2,13 @@
 //! their bindings, and conversions to and from the newest version's types.
 //!
 //! What 0.1.0 cannot express is filled in conservatively: such a plugin
-//! implements every hook; it sees the HMP line as typed; its client record has no
-//! upstream, and its `tls-identity` is the first common name of the certificate
-//! (none for a certificate with none); its HMP readings carry no canonical line,
-//! so QEMU is sent the line as typed (as 0.1.0 hosts did).
+//! implements every hook 0.1.0 has; its `hmp-line` is the line QEMU runs (the
+//! canonical line, as in 0.1.0 hosts, where only canonical lines ran; the typed
+//! line of one refused as unreadable); its client record has no upstream, and its
+//! `tls-identity` is the first common name of the certificate (none for a
+//! certificate with none); its own HMP readings carry no canonical line, so
+//! behind a 0.1.0 HMP interpreter QEMU is sent the line as typed (as 0.1.0 hosts
+//! did: such an interpreter must accept only lines QEMU reads as it does).
 
 use serde_json::{Map, Value};
 
@@ -19,6 +22,7 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit/deps/plugin-0.1.0/plugin.wit",
         world: "plugin",
+        exports: { default: async },
     });
 }
 
@@ -50,6 +54,15 @@ pub(crate) fn client(client: &Client) -> old::Client {
             .tls
             .as_ref()
             .and_then(|tls| tls.common_names.first().cloned()),
+    }
+}
+
+/// The HMP line a 0.1.0 plugin is shown: the one QEMU runs.
+pub(crate) fn line(line: &super::HmpLine) -> &str {
+    if line.canonical.is_empty() {
+        &line.typed
+    } else {
+        &line.canonical
     }
 }
 
