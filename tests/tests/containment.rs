@@ -549,3 +549,74 @@ fn a_client_cannot_make_qmpgate_hold_unbounded_input() {
         assert_eq!(reply["id"], id, "{reply}");
     }
 }
+
+/// A stalled audit log (here a FIFO that nobody reads, so the audit writer blocks
+/// once the pipe is full) makes audited commands fail closed after the audit wait
+/// (5 s), saying why, instead of going on unrecorded; the fault is the disk's, so
+/// the client is not disconnected for it; and it holds up nobody else: a client
+/// of a listener whose chain does not audit (`plugins=hmp`) is served throughout
+/// (hooks wait for the disk without holding a runtime worker).
+#[test]
+fn a_stalled_audit_log_fails_audited_commands_closed_and_stalls_nobody_else() {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let qemu = Qemu::start();
+    let builder = GatewayBuilder::new(&qemu.upstream_spec());
+    let fifo = builder.dir().join("audit.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // A reader that never reads: qmpgate's open for writing does not block, and
+    // its writes stop once the pipe's 64 KiB are full.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let (builder, other) = builder
+        .plugin(Plugin::builtin("audit", "audit"))
+        .args(["--audit-log", fifo.to_str().unwrap()])
+        .listener_with("other", 4, "plugins=hmp");
+    let gateway = builder.spawn();
+    let mut audited = gateway.negotiated();
+    let mut bystander = QmpClient::negotiated(&other);
+
+    let mut filled = 0;
+    let (waited, reply) = loop {
+        let started = Instant::now();
+        let reply = audited.execute("query-status", json!({}));
+        if reply.get("error").is_some() {
+            break (started.elapsed(), reply);
+        }
+        filled += 1;
+        assert!(filled < 2000, "the pipe fills within 2000 records");
+    };
+    assert!(filled > 10, "the first {filled} records fit in the pipe");
+    assert!(
+        reply["error"]["desc"].as_str().unwrap().contains(
+            "could not record its audit entry: the audit log did not take it within 5 s; \
+             the command was not executed"
+        ),
+        "{reply}"
+    );
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    // While an audited command waits on the log, the other listener's client is
+    // served at once.
+    audited.send(&json!({"execute": "query-status"}));
+    let waiting = Instant::now();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let reply = bystander.execute("query-status", json!({}));
+        assert_eq!(reply["return"]["status"], "prelaunch", "{reply}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    assert!(
+        waiting.elapsed() < Duration::from_secs(4),
+        "the bystander was served meanwhile"
+    );
+    // The audited client is still connected (the disk's fault is not its own),
+    // and is refused again while the log stays stalled.
+    let again = audited.read_reply();
+    assert!(again["error"]["desc"].as_str().is_some(), "{again}");
+}

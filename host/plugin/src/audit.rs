@@ -5,43 +5,61 @@
 //! plugin cannot forge (its own fields of those names are dropped), and writes
 //! whole lines so that a crash never leaves half a record.
 
-use qmpgate_protocol::lock;
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
-/// An append-only JSON-lines file.
+/// Records queued for the writer at most: past this many (a stalled disk) new
+/// records are refused, and the calls that make them fail closed.
+const QUEUE: usize = 4096;
+
+/// A record on its way to the writer, and who waits for it to be written.
+type Queued = (String, tokio::sync::oneshot::Sender<std::io::Result<()>>);
+
+/// An append-only JSON-lines file, written by a thread of its own: hooks run on
+/// the runtime's workers, which a slow disk must not hold.
 #[derive(Debug)]
 pub struct AuditSink {
-    file: Mutex<File>,
+    queue: SyncSender<Queued>,
 }
 
 impl AuditSink {
     /// Opens (creating, 0600) the file for appending.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(path)?;
-        Ok(AuditSink {
-            file: Mutex::new(file),
-        })
+        let (queue, records) = std::sync::mpsc::sync_channel::<Queued>(QUEUE);
+        std::thread::Builder::new()
+            .name("qmpgate-audit".into())
+            .spawn(move || {
+                // Ends when the sink (the sender) is dropped.
+                for (line, written) in records {
+                    let _ = written.send(file.write_all(line.as_bytes()));
+                }
+            })?;
+        Ok(AuditSink { queue })
     }
 
-    /// Appends one record (a line from [`record`]).
-    pub fn write(&self, plugin: &str, record: &str) {
+    /// Queues one record (a line from [`record`]); the receiver says when it has
+    /// been written, and how. `None` when the writer is [`QUEUE`] records behind.
+    pub fn write(
+        &self,
+        record: &str,
+    ) -> Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
         let mut line = String::with_capacity(record.len() + 1);
         line.push_str(record);
         line.push('\n');
-        let mut file = lock::mutex(&self.file);
-        if let Err(e) = file.write_all(line.as_bytes()) {
-            tracing::error!(plugin, error = %e, "cannot write audit record");
+        let (written, done) = tokio::sync::oneshot::channel();
+        match self.queue.try_send((line, written)) {
+            Ok(()) => Some(done),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
         }
     }
 }

@@ -382,7 +382,7 @@ impl PluginChain {
                 && let Some(mut workers) = self.instances(client).await
             {
                 let command = command_to_wit(&send(line));
-                notify_decision(&mut workers, client, &command, Some(&hmp), &denied).await;
+                let _ = notify_decision(&mut workers, client, &command, Some(&hmp), &denied).await;
             }
             denied
         };
@@ -521,19 +521,25 @@ async fn decide(
         oob: false,
     };
     let decision = run_chain(workers, client, command, hmp, &mut seen).await;
-    notify_decision(workers, client, &seen, hmp, &decision).await;
-    decision
+    let recorded = notify_decision(workers, client, &seen, hmp, &decision).await;
+    match (decision, recorded) {
+        (decision, Ok(())) | (decision @ Decision::Deny(_), Err(_)) => decision,
+        // No decision goes on unrecorded: a stalled audit log refuses the command.
+        (_, Err(error)) => Decision::Deny(error),
+    }
 }
 
 /// Tells every plugin what was decided (for audit). Faults are counted and logged
-/// by `Instance::leave` and change nothing: the decision stands.
+/// by `Instance::leave` and change nothing, except that a record the audit log
+/// did not take is an `Err`: the caller refuses the command rather than run it
+/// unrecorded.
 async fn notify_decision(
     workers: &mut [Instance],
     client: &Client,
     command: &WitCommand,
     hmp: Option<&HmpLine>,
     decision: &Decision,
-) {
+) -> Result<(), QmpError> {
     let decision = match decision {
         Decision::Forward(_) => WitDecision::Forwarded,
         Decision::Deny(e) => WitDecision::Denied(WitError {
@@ -542,12 +548,16 @@ async fn notify_decision(
         }),
         Decision::Reply(_) => WitDecision::Answered,
     };
+    let mut recorded = Ok(());
     for worker in workers {
-        if worker.implements(Hooks::ON_DECISION) {
-            let _ = hook!(worker, Blame::Client, |g, s| g
-                .call_on_decision(s, client, command, hmp, &decision));
+        if worker.implements(Hooks::ON_DECISION)
+            && let Err(fault @ Fault::AuditStalled(_)) = hook!(worker, Blame::Client, |g, s| g
+                .call_on_decision(s, client, command, hmp, &decision))
+        {
+            recorded = Err(fault_error(worker, &fault, "the command was not executed"));
         }
     }
+    recorded
 }
 
 /// Runs `on-command` through the chain; `seen` ends as the command the deciding

@@ -16,7 +16,8 @@ use crate::audit::AuditSink;
 use crate::stats::PluginStats;
 use crate::wit::{self, Client, Level, v0_1};
 use crate::{
-    AUDIT_ENTRY_MAX, AUDIT_PER_CALL, DESC_MAX, LOG_BURST, LOG_MESSAGE_MAX, LOG_PER_SECOND,
+    AUDIT_ENTRY_MAX, AUDIT_PER_CALL, AUDIT_WAIT, DESC_MAX, LOG_BURST, LOG_MESSAGE_MAX,
+    LOG_PER_SECOND,
 };
 
 /// Per-store host state: the empty WASI context and the plugin's limits.
@@ -44,6 +45,9 @@ pub(crate) struct HostState {
     /// Epoch ticks the current call may still run past its next one (its CPU
     /// deadline, counted at each yield).
     pub(crate) ticks_left: u64,
+    /// The audit log did not take a record of this call: its fault is charged
+    /// to nobody.
+    pub(crate) audit_stalled: bool,
 }
 
 impl WasiView for HostState {
@@ -63,8 +67,8 @@ impl v0_1::host_imports::Host for HostState {
         wit::host_imports::Host::log(self, v0_1::level(level), message);
     }
 
-    fn audit(&mut self, entry: String) {
-        wit::host_imports::Host::audit(self, entry);
+    async fn audit(&mut self, entry: String) -> wasmtime::Result<()> {
+        wit::host_imports::Host::audit(self, entry).await
     }
 }
 
@@ -97,7 +101,11 @@ impl wit::host_imports::Host for HostState {
         }
     }
 
-    fn audit(&mut self, entry: String) {
+    /// Waits until the record is on disk (yielding the task meanwhile): no
+    /// decision goes on unrecorded. A log that does not take a record within
+    /// [`AUDIT_WAIT`] fails the call closed; that fault is the disk's, charged to
+    /// nobody.
+    async fn audit(&mut self, entry: String) -> wasmtime::Result<()> {
         self.audits_this_call += 1;
         if self.audits_this_call > AUDIT_PER_CALL {
             self.stats.audit_dropped.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +116,7 @@ impl wit::host_imports::Host for HostState {
                     "plugin wrote too many audit records in one call; dropping the rest of this call's"
                 );
             }
-            return;
+            return Ok(());
         }
         let client = self.client.as_deref().map(wit::client_json);
         let entry = if entry.len() > AUDIT_ENTRY_MAX {
@@ -117,11 +125,38 @@ impl wit::host_imports::Host for HostState {
             entry
         };
         let record = crate::audit::record(&self.plugin, self.upstream.as_deref(), client, &entry);
-        match &self.audit {
-            Some(sink) => sink.write(&self.plugin, &record),
+        let Some(sink) = &self.audit else {
             // Without an audit log, records go to the log under their own target,
             // as one JSON field: never as free text a plugin chose.
-            None => tracing::info!(target: "qmpgate::audit", record = %record, "audit"),
+            tracing::info!(target: "qmpgate::audit", record = %record, "audit");
+            return Ok(());
+        };
+        let stalled = |store: &mut Self| {
+            store.audit_stalled = true;
+            wasmtime::Error::msg(format!(
+                "the audit log did not take the record within {} s",
+                AUDIT_WAIT.as_secs()
+            ))
+        };
+        let Some(written) = sink.write(&record) else {
+            return Err(stalled(self));
+        };
+        // Outside a runtime (a chain's start) there is no timer: wait.
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(_) => match tokio::time::timeout(AUDIT_WAIT, written).await {
+                Ok(result) => result,
+                Err(_) => return Err(stalled(self)),
+            },
+            Err(_) => written.await,
+        };
+        match result {
+            Ok(Ok(())) => Ok(()),
+            // As a full disk: logged, and the call goes on (the record is lost).
+            Ok(Err(e)) => {
+                tracing::error!(plugin = &*self.plugin, error = %e, "cannot write audit record");
+                Ok(())
+            }
+            Err(_) => Err(stalled(self)),
         }
     }
 

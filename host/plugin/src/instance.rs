@@ -52,6 +52,9 @@ pub enum Fault {
     /// The instance could not be recreated.
     #[error("could not be restarted: {0}")]
     Restart(String),
+    /// The audit log did not take a record the call wrote (a stalled disk).
+    #[error("could not record its audit entry: the audit log did not take it within {0} s")]
+    AuditStalled(u64),
     /// It returned something invalid (e.g. a reply that is not JSON).
     #[error("returned an invalid result: {0}")]
     Invalid(String),
@@ -233,6 +236,7 @@ impl Instance {
             log_refilled: Instant::now(),
             audits_this_call: 0,
             ticks_left: 0,
+            audit_stalled: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -370,6 +374,7 @@ impl Instance {
         data.client = client;
         data.schema = schema;
         data.audits_this_call = 0;
+        data.audit_stalled = false;
         self.in_call = true;
         Ok(started)
     }
@@ -403,14 +408,22 @@ impl Instance {
             },
             Err(e) => {
                 let live = self.live.take().expect("still there");
-                let fault = self.describe(&live.store, e);
+                let stalled = live.store.data().audit_stalled;
+                let fault = if stalled {
+                    Fault::AuditStalled(crate::AUDIT_WAIT.as_secs())
+                } else {
+                    self.describe(&live.store, e)
+                };
                 self.stats.traps.fetch_add(1, Ordering::Relaxed);
                 match fault {
                     Fault::Deadline(_) => self.stats.deadline_kills.fetch_add(1, Ordering::Relaxed),
                     Fault::Memory(_) => self.stats.memory_kills.fetch_add(1, Ordering::Relaxed),
                     _ => 0,
                 };
-                self.charge(blame);
+                // A stalled audit log is nobody's doing.
+                if !stalled {
+                    self.charge(blame);
+                }
                 tracing::warn!(
                     plugin = &*self.name,
                     upstream = self.upstream.as_deref(),

@@ -17,6 +17,8 @@ mod bindings {
         path: "../../wit/plugin.wit",
         world: "plugin",
         exports: { default: async },
+        // An audit record is on disk before the call goes on (see `HostState`).
+        imports: { "qmpgate:plugin/host.audit": async | trappable },
     });
 }
 

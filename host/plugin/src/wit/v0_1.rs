@@ -23,6 +23,7 @@ mod bindings {
         path: "../../wit/deps/plugin-0.1.0/plugin.wit",
         world: "plugin",
         exports: { default: async },
+        imports: { "qmpgate:plugin/host.audit": async | trappable },
     });
 }
 
