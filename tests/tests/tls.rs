@@ -79,31 +79,38 @@ fn credentials(dir: &Path) {
                 &format!("/CN={cn}"),
             ],
         );
-        let mut args = vec![
+        let ext = if name == "server" {
+            "server.ext"
+        } else {
+            "client.ext"
+        };
+        sign(dir, &csr, &cert, ext);
+    }
+}
+
+/// Signs request `csr` with the test CA into `cert`, with the extensions in `ext`
+/// (extensions make v3 certificates, which WebPKI requires).
+fn sign(dir: &Path, csr: &str, cert: &str, ext: &str) {
+    openssl(
+        dir,
+        &[
             "x509",
             "-req",
             "-in",
-            &csr,
+            csr,
             "-CA",
             "ca-cert.pem",
             "-CAkey",
             "ca-key.pem",
             "-CAcreateserial",
             "-out",
-            &cert,
+            cert,
             "-days",
             "1",
-        ];
-        args.extend([
             "-extfile",
-            if name == "server" {
-                "server.ext"
-            } else {
-                "client.ext"
-            },
-        ]);
-        openssl(dir, &args);
-    }
+            ext,
+        ],
+    );
 }
 
 fn client(port: u16, creds: &Path, who: Option<&str>, commands: &[&str]) -> Value {
@@ -369,26 +376,7 @@ fn unusual_client_certificates(dir: &Path) {
         } else {
             "client.ext"
         };
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "1",
-                "-extfile",
-                ext,
-            ],
-        );
+        sign(dir, &csr, &cert, ext);
     }
 }
 
