@@ -134,15 +134,25 @@ const SAN_KINDS: &[&str] = &[
     "othername:",
 ];
 
-/// A `DNS:` or `email:` pattern as the host writes those names: the host name,
-/// or the mail domain, in lower case.
-fn lowercase_names(pattern: &str) -> String {
-    match pattern.strip_prefix("DNS:") {
-        Some(host) => format!("DNS:{}", host.to_lowercase()),
-        None => match pattern.rsplit_once('@') {
-            Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
-            None => pattern.to_string(),
-        },
+/// An `identities` pattern as the host writes the names it matches: a `DNS:`
+/// pattern's host name and an `email:` pattern's mail domain in lower case; any
+/// other pattern as it is. Applied once, when the configuration is read.
+fn identity_pattern(pattern: &str) -> String {
+    if let Some(host) = pattern.strip_prefix("DNS:") {
+        return format!("DNS:{}", host.to_lowercase());
+    }
+    match pattern.rsplit_once('@') {
+        Some((local, domain)) if pattern.starts_with("email:") => {
+            format!("{local}@{}", domain.to_lowercase())
+        }
+        _ => pattern.to_string(),
+    }
+}
+
+/// `patterns` as [`identity_pattern`] writes them.
+fn identity_patterns(patterns: &mut Option<Vec<String>>) {
+    for pattern in patterns.iter_mut().flatten() {
+        *pattern = identity_pattern(pattern);
     }
 }
 
@@ -166,13 +176,7 @@ fn identity_matches(
             } else {
                 &tls.common_names
             };
-            // The host writes host names and mail domains in lower case.
-            let pattern = if pattern.starts_with("DNS:") || pattern.starts_with("email:") {
-                std::borrow::Cow::Owned(lowercase_names(pattern))
-            } else {
-                std::borrow::Cow::Borrowed(pattern.as_str())
-            };
-            pattern == "*" || names.iter().any(|name| glob(&pattern, name))
+            pattern == "*" || names.iter().any(|name| glob(pattern, name))
         };
         if !patterns.iter().any(matches) {
             return false;
@@ -296,11 +300,19 @@ impl Policy {
                     .into(),
             );
         }
+        let (mut rules, mut events) = (config.rules, config.events);
+        // Host names and mail domains are matched as the host writes them.
+        for rule in &mut rules {
+            identity_patterns(&mut rule.identities);
+        }
+        for rule in &mut events {
+            identity_patterns(&mut rule.identities);
+        }
         Ok(Policy {
-            rules: config.rules,
+            rules,
             profile: level.map(|level| (Table::builtin(), level)),
             default: config.default.unwrap_or(Action::Allow),
-            events: config.events,
+            events,
         })
     }
 
@@ -464,7 +476,8 @@ mod tests {
     #[test]
     fn identity_patterns_match_any_name_and_star_any_certificate() {
         let matches = |patterns: &[&str], client: &Client| {
-            let patterns: Vec<String> = patterns.iter().map(|s| s.to_string()).collect();
+            // As the configuration is read.
+            let patterns: Vec<String> = patterns.iter().map(|s| identity_pattern(s)).collect();
             identity_matches(None, None, Some(&patterns), client)
         };
         let admin = tls_client(&["ops", "admin"], &["DNS:a.example.com"]);
@@ -486,6 +499,12 @@ mod tests {
         assert!(matches(&["DNS:A.Example.COM"], &admin));
         // No certificate: no identities condition holds, `*` included.
         assert!(!matches(&["*"], &client(0, "qmp")));
+        // The configuration's patterns are written that way when it is read.
+        let strict = policy(json!({"profile": "permissive", "rules": [
+            {"action": "deny", "commands": ["stop"], "identities": ["DNS:A.Example.COM"]}]}));
+        let stop = command("stop", json!({}));
+        assert!(matches!(strict.decide(&admin, &stop), Verdict::Deny(_)));
+        assert!(matches!(strict.decide(&san_only, &stop), Verdict::Forward));
     }
 
     fn client(uid: u32, listener: &str) -> Client {
