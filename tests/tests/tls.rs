@@ -133,30 +133,31 @@ fn client(port: u16, creds: &Path, who: Option<&str>, commands: &[&str]) -> Valu
     serde_json::from_str(&python("tls_client.py", &args)).unwrap()
 }
 
+/// `builder` with a TLS listener `tls` on a fresh local TCP port (passed as fd 4)
+/// using the credentials in `creds`; returns it and the port.
+fn with_tls_listener(builder: GatewayBuilder, creds: &Path) -> (GatewayBuilder, u16) {
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let spec = format!("socket,id=tls,fd=4,server=on,tls-creds={}", creds.display());
+    (builder.fd(tcp, 4).args(["--listen", &spec]), port)
+}
+
 #[test]
 fn tls_clients_are_verified_and_their_identity_reaches_the_policy() {
     let qemu = Qemu::start();
     let creds = tempdir();
     credentials(creds.path());
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = tcp.local_addr().unwrap().port();
-    let _gateway = GatewayBuilder::new(&qemu.upstream_spec())
-        .plugin(Plugin::builtin("policy", "qmp-policy").config(json!({
+    let builder = GatewayBuilder::new(&qemu.upstream_spec()).plugin(
+        Plugin::builtin("policy", "qmp-policy").config(json!({
             "profile": "permissive",
             "rules": [
                 {"action": "allow", "commands": ["stop"], "identities": ["admin"]},
                 {"action": "deny", "commands": ["stop"], "desc": "only admin may stop the VM"},
             ],
-        })))
-        .fd(tcp, 4)
-        .args([
-            "--listen",
-            &format!(
-                "socket,id=tls,fd=4,server=on,tls-creds={}",
-                creds.path().display()
-            ),
-        ])
-        .spawn();
+        })),
+    );
+    let (builder, port) = with_tls_listener(builder, creds.path());
+    let _gateway = builder.spawn();
 
     let admin = client(port, creds.path(), Some("admin"), &["query-status", "stop"]);
     assert_eq!(admin[0], json!({"return": {}}));
@@ -289,16 +290,10 @@ fn idle_tls_handshakes_cannot_starve_the_gateway() {
     let qemu = Qemu::start();
     let creds = tempdir();
     credentials(creds.path());
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = tcp.local_addr().unwrap().port();
-    let gateway = GatewayBuilder::new(&qemu.upstream_spec())
-        .fd(tcp, 4)
+    let (builder, port) =
+        with_tls_listener(GatewayBuilder::new(&qemu.upstream_spec()), creds.path());
+    let gateway = builder
         .args([
-            "--listen",
-            &format!(
-                "socket,id=tls,fd=4,server=on,tls-creds={}",
-                creds.path().display()
-            ),
             "--max-tls-handshakes",
             "4",
             "--tls-handshake-timeout-ms",
@@ -386,9 +381,7 @@ fn every_name_in_a_certificate_reaches_plugins_and_identity_rules_do_not_fail_op
     let creds = tempdir();
     credentials(creds.path());
     unusual_client_certificates(creds.path());
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = tcp.local_addr().unwrap().port();
-    let _gateway = GatewayBuilder::new(&qemu.upstream_spec())
+    let builder = GatewayBuilder::new(&qemu.upstream_spec())
         // Answers query-name with the client's `tls` record.
         .plugin(Plugin::wasm(
             "probe",
@@ -401,16 +394,9 @@ fn every_name_in_a_certificate_reaches_plugins_and_identity_rules_do_not_fail_op
                 {"action": "deny", "commands": ["stop"], "identities": ["*"],
                  "desc": "only admin may stop the VM"},
             ],
-        })))
-        .fd(tcp, 4)
-        .args([
-            "--listen",
-            &format!(
-                "socket,id=tls,fd=4,server=on,tls-creds={}",
-                creds.path().display()
-            ),
-        ])
-        .spawn();
+        })));
+    let (builder, port) = with_tls_listener(builder, creds.path());
+    let _gateway = builder.spawn();
 
     // A BMPString CN is read: the allow rule for `admin` applies.
     let bmp = client(port, creds.path(), Some("bmp"), &["query-name", "stop"]);
