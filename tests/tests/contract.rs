@@ -173,6 +173,15 @@ fn a_plugin_can_decide_by_qemus_schema() {
         desc(&c.execute("human-monitor-command", json!({"command-line": hmp}))),
         "QEMU's schema says 'screendump' takes 'filename'"
     );
+    // An HMP-only command is in no QMP schema: the plugin is told so (not
+    // "nothing known"), and refuses it.
+    assert_eq!(
+        desc(&c.execute(
+            "human-monitor-command",
+            json!({"command-line": "savevm s1"})
+        )),
+        "no schema for 'hmp:savevm': NoSuchCommand"
+    );
     // Commands without it pass.
     assert_eq!(
         c.execute("query-status", json!({}))["return"]["status"],
