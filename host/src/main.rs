@@ -43,6 +43,23 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     gateway: GatewayArgs,
+    /// How log lines on stderr are written: text (colour only on a terminal), or
+    /// json (one object per line). What is logged is set by QMPGATE_LOG (e.g.
+    /// info, debug, qmpgate::session=debug).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormatArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,7 +173,8 @@ struct GatewayArgs {
     /// Deepest nesting of a client message [default: 64].
     #[arg(long, value_name = "N")]
     max_depth: Option<usize>,
-    /// Directory for compiled plugins [default: $XDG_CACHE_HOME/qmpgate].
+    /// Directory for compiled plugins [default: $CACHE_DIRECTORY (systemd), else
+    /// $XDG_CACHE_HOME/qmpgate, else $HOME/.cache/qmpgate].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Compile plugins at every start instead of caching them.
@@ -315,23 +333,11 @@ fn main() -> ExitCode {
     // Before anything opens a file: every fd above stderr now is one the parent
     // passed, and none may be confused with, or leak like, one of our own.
     let fds = FdTable::from_process();
-    // Log lines go to stderr from a thread of their own: a reader that stalls (a
-    // full pipe) costs dropped lines, never a stalled session or plugin thread.
-    let (log_writer, log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("qmpgate-log")
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QMPGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(log_writer)
-        // Colour codes are for a terminal, not for a file or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let log_flush = qmpgate::control::logging::init(match cli.log_format {
+        LogFormatArg::Text => qmpgate::control::logging::LogFormat::Text,
+        LogFormatArg::Json => qmpgate::control::logging::LogFormat::Json,
+    });
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -354,10 +360,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// Log lines held for a slow stderr before new ones are dropped: with plugin
-/// messages cut at [`qmpgate::plugin::LOG_MESSAGE_MAX`], a few MiB at most.
-const LOG_BUFFER_LINES: usize = 1024;
 
 async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
     let signalled = stop_on_signal()?;
@@ -427,6 +429,12 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
         )),
         None => None,
     };
+    if resolved.cache_dir.is_none() && !args.no_cache {
+        tracing::warn!(
+            "no cache directory (neither --cache-dir, CACHE_DIRECTORY, XDG_CACHE_HOME nor HOME \
+             is set): plugins are compiled at every start"
+        );
+    }
     let wasm = Arc::new(Runtime::new(resolved.cache_dir.clone(), audit)?);
     let mut chains = Chains::new(wasm.clone(), resolved.plugins.clone());
     // Load the default chain now, so that a plugin error is a start-up error even for
@@ -524,7 +532,14 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
         ));
     }
     reloader.on_sighup();
-    qmpgate::control::systemd::notify("READY=1");
+    qmpgate::control::systemd::notify(&format!(
+        "READY=1\nSTATUS={}",
+        qmpgate::control::systemd::status_line(&hub)
+    ));
+    hub.spawn(qmpgate::control::systemd::report_status(
+        hub.clone(),
+        hub.shutdown_token(),
+    ));
 
     let Some(mut launched) = launched else {
         return Ok(match gateway.run(signalled).await {
@@ -607,6 +622,7 @@ fn stop_on_signal() -> anyhow::Result<CancellationToken> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        qmpgate::control::systemd::notify("STOPPING=1");
         token.cancel();
     });
     Ok(stop)

@@ -6,11 +6,12 @@
 //! (SIGHUP and `x-qmpgate-reload`), [`monitor`] (named fds over SCM_RIGHTS,
 //! run-time chardevs), [`status`] (read-only HTTP: status, metrics, health,
 //! events), [`launcher`] (QEMU on a pre-opened monitor socket), [`systemd`]
-//! (readiness), [`authoring`] (`qmpgate plugin test`).
+//! (readiness), [`logging`] (qmpgate's own log), [`authoring`] (`qmpgate plugin test`).
 
 pub mod authoring;
 pub mod config;
 pub mod launcher;
+pub mod logging;
 pub mod monitor;
 pub mod reload;
 pub mod status;
