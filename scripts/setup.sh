@@ -2,7 +2,8 @@
 # Installs what qmpgate needs on a Debian machine with the Rust toolchain.
 #   scripts/setup.sh run    what building and running needs (./run.sh)
 #   scripts/setup.sh test   that plus what the tests need (./test.sh): socat, openssl,
-#                           qemu-img, QEMU 10.0 beside 7.2, qemu.qmp, cargo-fuzz
+#                           qemu-img, systemd-analyze, promtool, QEMU 10.0 beside 7.2,
+#                           qemu.qmp, cargo-fuzz
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 mode="${1:-test}"
@@ -18,10 +19,25 @@ fi
 [ "$mode" = run ] && exit 0
 
 # socat is the plain relay in the benchmark; openssl makes the TLS tests' certificates;
-# qemu-img (qemu-utils) the qcow2 disks the snapshot tests save into.
-if ! command -v socat >/dev/null || ! command -v openssl >/dev/null || ! command -v qemu-img >/dev/null; then
+# qemu-img (qemu-utils) the qcow2 disks the snapshot tests save into;
+# systemd-analyze checks the units in contrib/systemd.
+if ! command -v socat >/dev/null || ! command -v openssl >/dev/null || ! command -v qemu-img >/dev/null \
+    || ! command -v systemd-analyze >/dev/null; then
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat openssl qemu-utils
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        socat openssl qemu-utils systemd
+fi
+
+# promtool checks /metrics; it is unpacked from Debian's prometheus package under
+# .tools/prometheus rather than installed, so that no Prometheus server is set up.
+prom="$(cd "$(dirname "$0")/.." && pwd)/.tools/prometheus"
+if [ ! -x "$prom/usr/bin/promtool" ]; then
+    debs="$(mktemp -d)"
+    chmod 0777 "$debs"
+    (cd "$debs" && apt-get download -qq prometheus)
+    mkdir -p "$prom"
+    dpkg -x "$debs"/prometheus_*.deb "$prom"
+    rm -rf "$debs"
 fi
 
 # QEMU 10.0 from bookworm-backports, unpacked side by side under .qemu/10.0 (the

@@ -344,6 +344,7 @@ pub struct GatewayBuilder {
     args: Vec<String>,
     fds: Vec<FdMapping>,
     env: Vec<(String, String)>,
+    env_removed: Vec<String>,
     /// The umask qmpgate starts with (`None`: the test's).
     umask: Option<u32>,
     /// The configuration file [`GatewayBuilder::plugin`] writes, once it has.
@@ -379,6 +380,7 @@ impl GatewayBuilder {
             ],
             fds: Vec::new(),
             env: Vec::new(),
+            env_removed: Vec::new(),
             umask: None,
             config: None,
             dir: tempdir(),
@@ -393,6 +395,18 @@ impl GatewayBuilder {
             .position(|a| a == "--cache-dir")
             .expect("base() passes --cache-dir");
         self.args[at + 1] = dir.display().to_string();
+        self
+    }
+
+    /// Leaves the compile cache to qmpgate's defaults (`CACHE_DIRECTORY`,
+    /// `XDG_CACHE_HOME`, `HOME`) instead of the suite's shared one.
+    pub fn default_cache_dir(mut self) -> Self {
+        let at = self
+            .args
+            .iter()
+            .position(|a| a == "--cache-dir")
+            .expect("base() passes --cache-dir");
+        self.args.drain(at..at + 2);
         self
     }
 
@@ -428,6 +442,12 @@ impl GatewayBuilder {
     /// Sets an environment variable for the gateway.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts the gateway without this environment variable.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env_removed.push(key.into());
         self
     }
 
@@ -510,11 +530,14 @@ impl GatewayBuilder {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(qmpgate_bin());
         cmd.args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("QMPGATE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        for key in &self.env_removed {
+            cmd.env_remove(key);
+        }
         cmd.fd_mappings(self.fds).unwrap();
         if let Some(mask) = self.umask {
             use std::os::unix::process::CommandExt;

@@ -16,35 +16,68 @@ use serde_json::{Map, Value};
 /// records are refused, and the calls that make them fail closed.
 const QUEUE: usize = 4096;
 
-/// A record on its way to the writer, and who waits for it to be written.
-type Queued = (String, tokio::sync::oneshot::Sender<std::io::Result<()>>);
+/// Work for the writer thread, and who waits for it to be done.
+enum Job {
+    /// One record, as a whole line.
+    Record(String, tokio::sync::oneshot::Sender<std::io::Result<()>>),
+    /// Open the path again (after logrotate moved the file away).
+    Reopen(std::sync::mpsc::Sender<std::io::Result<()>>),
+}
 
 /// An append-only JSON-lines file, written by a thread of its own: hooks run on
 /// the runtime's workers, which a slow disk must not hold.
 #[derive(Debug)]
 pub struct AuditSink {
-    queue: SyncSender<Queued>,
+    queue: SyncSender<Job>,
+}
+
+/// Opens (creating, 0600) `path` for appending.
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 impl AuditSink {
     /// Opens (creating, 0600) the file for appending.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
-        let (queue, records) = std::sync::mpsc::sync_channel::<Queued>(QUEUE);
+        let mut file = open_append(path)?;
+        let path = path.to_path_buf();
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
         std::thread::Builder::new()
             .name("qmpgate-audit".into())
             .spawn(move || {
                 // Ends when the sink (the sender) is dropped.
-                for (line, written) in records {
-                    let _ = written.send(file.write_all(line.as_bytes()));
+                for job in jobs {
+                    match job {
+                        Job::Record(line, written) => {
+                            let _ = written.send(file.write_all(line.as_bytes()));
+                        }
+                        // On failure the old file is kept: records still go
+                        // somewhere, and the caller says why.
+                        Job::Reopen(done) => {
+                            let _ = done.send(open_append(&path).map(|new| file = new));
+                        }
+                    }
                 }
             })?;
         Ok(AuditSink { queue })
+    }
+
+    /// Opens the file again by its path, after the records queued before; blocks
+    /// until done (call it off the async workers). On error the old file stays in
+    /// use.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let (done, result) = std::sync::mpsc::channel();
+        self.queue
+            .send(Job::Reopen(done))
+            .map_err(|_| std::io::Error::other("the audit writer has stopped"))?;
+        result
+            .recv()
+            .map_err(|_| std::io::Error::other("the audit writer has stopped"))?
     }
 
     /// Queues one record (a line from [`record`]); the receiver says when it has
@@ -57,7 +90,7 @@ impl AuditSink {
         line.push_str(record);
         line.push('\n');
         let (written, done) = tokio::sync::oneshot::channel();
-        match self.queue.try_send((line, written)) {
+        match self.queue.try_send(Job::Record(line, written)) {
             Ok(()) => Some(done),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
         }

@@ -92,6 +92,13 @@ impl Runtime {
         })
     }
 
+    /// Opens the audit log again by its path (after logrotate moved it away), once
+    /// the records queued before are written. Blocks: call it off the async
+    /// workers. Without an audit log, does nothing.
+    pub fn reopen_audit(&self) -> std::io::Result<()> {
+        self.audit.as_ref().map_or(Ok(()), |sink| sink.reopen())
+    }
+
     /// Drops the in-memory compile cache, so that it holds only what the current
     /// configuration uses: a reload calls this first (components in use live on in
     /// their instances; the `.cwasm` files make reloading them cheap).

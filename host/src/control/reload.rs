@@ -1,7 +1,8 @@
 //! Reloading: the configuration file and the plugins again, on SIGHUP and on the
 //! control monitor's `x-qmpgate-reload`. New chains replace the old ones only once
 //! every upstream's and listener's policy loaded; otherwise the old chains stay
-//! and the reason is reported. Upstreams and listeners are not reloaded.
+//! and the reason is reported. Upstreams and listeners are not reloaded; the
+//! audit log is reopened (for logrotate).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,8 +56,16 @@ impl Reloader {
                     config_path.clone(),
                     overrides.clone(),
                 );
+                super::systemd::reloading();
                 // Plugins compile on a cache miss: on a blocking thread.
+                let status_hub = hub.clone();
                 let reloaded = tokio::task::spawn_blocking(move || {
+                    // The audit log first: logrotate's postrotate sends SIGHUP, and
+                    // records must not keep going to the rotated file whatever
+                    // becomes of the plugins.
+                    if let Err(e) = wasm.reopen_audit() {
+                        tracing::error!(error = %e, "cannot reopen the audit log; writing to the old file");
+                    }
                     reload(&hub, wasm, path.as_deref(), overrides)
                 })
                 .await
@@ -68,9 +77,14 @@ impl Reloader {
                     }
                     Err(e) => Err(super::one_line(&e)),
                 };
-                if let Err(reason) = &result {
-                    tracing::error!(%reason, "reload failed; keeping the running plugins");
-                }
+                let status = match &result {
+                    Ok(_) => super::systemd::status_line(&status_hub),
+                    Err(reason) => {
+                        tracing::error!(%reason, "reload failed; keeping the running plugins");
+                        format!("reload failed, running the old plugins: {reason}")
+                    }
+                };
+                super::systemd::notify(&format!("READY=1\nSTATUS={status}"));
                 let _ = reply.send(result);
             }
         });

@@ -484,8 +484,16 @@ fn timeouts(default_ms: Option<u64>, per_command: &HashMap<String, u64>) -> Time
     }
 }
 
-/// `$XDG_CACHE_HOME/qmpgate`, else `$HOME/.cache/qmpgate`.
+/// `$CACHE_DIRECTORY` (systemd's `CacheDirectory=`; the first if it lists
+/// several), else `$XDG_CACHE_HOME/qmpgate`, else `$HOME/.cache/qmpgate`.
 fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dirs) = std::env::var_os("CACHE_DIRECTORY") {
+        let first = dirs.as_encoded_bytes().split(|&b| b == b':').next();
+        if let Some(first) = first.filter(|d| !d.is_empty()) {
+            use std::os::unix::ffi::OsStrExt;
+            return Some(PathBuf::from(std::ffi::OsStr::from_bytes(first)));
+        }
+    }
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("qmpgate"));
     }
