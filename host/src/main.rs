@@ -508,9 +508,17 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
         args.config.clone(),
         overrides,
     );
-    for (spec, role) in [(&resolved.status, "status"), (&resolved.control, "control")] {
-        if let Some(spec) = spec {
-            hub.register_service(&spec.id, role, spec.address.to_string());
+    for (spec, listener, role) in [
+        (&resolved.status, &status_listener, "status"),
+        (&resolved.control, &control_listener, "control"),
+    ] {
+        if let (Some(spec), Some(listener)) = (spec, listener) {
+            hub.register_service(qmpgate::gateway::Service {
+                id: spec.id.clone(),
+                role,
+                address: spec.address.to_string(),
+                bound: listener.local_description(),
+            });
         }
     }
     if let Some(listener) = status_listener {

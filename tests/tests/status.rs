@@ -1,8 +1,9 @@
 //! The HTTP status endpoint (checked with a real HTTP client), the control monitor
-//! with fds passed over SCM_RIGHTS, sd_notify, and `qmpgate run`'s shutdown.
+//! with fds passed over SCM_RIGHTS, and `qmpgate run`'s shutdown (sd_notify is in
+//! service.rs).
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use qmpgate_tests::{
@@ -22,6 +23,13 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
         "GenericError"
     );
 
+    // A name QEMU does not have is counted, but not by its name.
+    assert_eq!(
+        c.execute("x-no-such-command-4711", json!({}))["error"]["class"],
+        "CommandNotFound"
+    );
+    assert!(c.execute("query-status", json!({}))["return"].is_object());
+
     assert_eq!(
         get(&format!("{url}/healthz")),
         (200, "text/plain; charset=utf-8".into(), "ok\n".into())
@@ -30,6 +38,7 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     let (code, ctype, body) = get(&format!("{url}/status"));
     assert_eq!((code, ctype.as_str()), (200, "application/json"));
     let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["schema_version"], 1);
     let upstream = &status["upstreams"][0];
     assert_eq!(upstream["id"], "qemu");
     assert_eq!(upstream["connected"], true);
@@ -57,6 +66,11 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     assert_eq!(
         (&http["role"], &http["origin"]),
         (&json!("status"), &json!("inherited-fd"))
+    );
+    // Where it really listens (the parent bound port 0).
+    assert_eq!(
+        http["bound"].as_str().unwrap(),
+        format!("tcp:{}", url.strip_prefix("http://").unwrap())
     );
     let upstream = status["chardevs"]
         .as_array()
@@ -90,9 +104,46 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
     let (code, ctype, metrics) = get(&format!("{url}/metrics"));
     assert_eq!(code, 200);
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    assert!(metrics.contains("\nqmpgate_denied_total 1\n"), "{metrics}");
+    check_metrics_with_promtool(&metrics);
+    // Per-upstream series only: a dashboard's sum() must not count twice.
+    for family in [
+        "qmpgate_denied_total",
+        "qmpgate_clients_connected",
+        "qmpgate_messages_total",
+    ] {
+        assert!(
+            !metrics.contains(&format!("\n{family} ")),
+            "{family}: {metrics}"
+        );
+    }
     assert!(
         metrics.contains("\nqmpgate_denied_total{upstream=\"qemu\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "\nqmpgate_build_info{{version=\"{}\",plugin_contracts=\"0.2.0,0.1.0\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+    for (command, verdict, count) in [
+        ("screendump", "denied", 1),
+        ("screendump", "forwarded", 0),
+        ("query-status", "forwarded", 1),
+        ("other", "answered", 1),
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "\nqmpgate_commands_total{{upstream=\"qemu\",command=\"{command}\",verdict=\"{verdict}\"}} {count}\n"
+            )),
+            "{command} {verdict} {count}: {metrics}"
+        );
+    }
+    assert!(!metrics.contains("4711"), "{metrics}");
+    // QEMU's own time: one round trip per command forwarded (query-status).
+    assert!(
+        metrics.contains("\nqmpgate_qemu_round_trip_seconds_count{upstream=\"qemu\"} 1\n"),
         "{metrics}"
     );
     assert!(
@@ -104,7 +155,7 @@ fn status_endpoints_report_upstream_chardevs_clients_and_plugins() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("qmpgate_clients_connected 1\n"),
+        metrics.contains("\nqmpgate_clients_connected{upstream=\"qemu\"} 1\n"),
         "{metrics}"
     );
     // Every call is in the latency histogram (/status and /metrics agree).
@@ -309,23 +360,6 @@ fn control_monitor_adds_listeners_from_fds_passed_at_run_time() {
 }
 
 #[test]
-fn readiness_is_signalled_to_systemd() {
-    let qemu = Qemu::start();
-    let dir = tempdir();
-    let notify_path = dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
-        .unwrap();
-    let _gateway = GatewayBuilder::new(&qemu.upstream_spec())
-        .env("NOTIFY_SOCKET", notify_path.to_str().unwrap())
-        .spawn();
-    let mut buf = [0u8; 64];
-    let n = notify.recv(&mut buf).expect("READY=1 within the timeout");
-    assert_eq!(&buf[..n], b"READY=1");
-}
-
-#[test]
 fn sigterm_under_run_quits_qemu_through_its_monitor() {
     let dir = tempdir();
     let listener = UnixListener::bind(dir.path().join("gate.sock")).unwrap();
@@ -432,4 +466,34 @@ fn events_raised_while_nobody_listens_are_kept_for_the_next_client() {
         .collect();
     assert_eq!(lines[1]["event"], "RESUME");
     assert_eq!(lines[2]["event"], "STOP");
+}
+
+/// `promtool check metrics` (Prometheus' own linter) finds nothing to say.
+fn check_metrics_with_promtool(metrics: &str) {
+    use std::io::Write;
+    let promtool = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/prometheus/usr/bin/promtool");
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} (scripts/setup.sh test): {e}", promtool.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}\n{metrics}"
+    );
 }

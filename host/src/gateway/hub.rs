@@ -20,13 +20,27 @@ use crate::io::{FdTable, Listener, tls};
 use crate::session::{ClientRegistry, Metrics, SessionLimits};
 use crate::upstream::{self, Outcome};
 
+/// A chardev qmpgate serves for itself (the status endpoint, the control
+/// monitor), as status reports it.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// The chardev id.
+    pub id: String,
+    /// `status` or `control`.
+    pub role: &'static str,
+    /// The spec's address (`path=...`, `port=0`, `fd=3`).
+    pub address: String,
+    /// What it is bound to (`port=0` with the real port).
+    pub bound: String,
+}
+
 /// Every upstream, and what they share: services, reloading, chains, shutdown.
 pub struct Hub {
     upstreams: Mutex<BTreeMap<String, Arc<Vm>>>,
     chains: Mutex<Chains>,
     limits: Arc<SessionLimits>,
     /// The status endpoint's and control monitor's chardevs: (id, role, address).
-    services: Mutex<Vec<(String, &'static str, String)>>,
+    services: Mutex<Vec<Service>>,
     /// Upstreams whose QEMU went away stay listed (`qmpgate run`, which reports the
     /// exit to their clients before it stops).
     keep_ended: bool,
@@ -209,7 +223,7 @@ impl Hub {
             || upstreams
                 .values()
                 .any(|u| lock::mutex(&u.listeners).contains_key(id))
-            || lock::mutex(&self.services).iter().any(|(s, _, _)| s == id)
+            || lock::mutex(&self.services).iter().any(|s| s.id == id)
     }
 
     /// Whether `spec` could be added as a listener now (its id is free, it names
@@ -361,12 +375,12 @@ impl Hub {
     }
 
     /// Records a service chardev (`status`, `control`) for status.
-    pub fn register_service(&self, id: &str, role: &'static str, address: String) {
-        lock::mutex(&self.services).push((id.to_string(), role, address));
+    pub fn register_service(&self, service: Service) {
+        lock::mutex(&self.services).push(service);
     }
 
-    /// The service chardevs: (id, role, address).
-    pub fn services(&self) -> Vec<(String, &'static str, String)> {
+    /// The service chardevs.
+    pub fn services(&self) -> Vec<Service> {
         lock::mutex(&self.services).clone()
     }
 

@@ -36,7 +36,7 @@ mod hub;
 mod vm;
 
 pub use chains::{BuildError, Chains, load_chain};
-pub use hub::Hub;
+pub use hub::{Hub, Service};
 pub use vm::{ListenerInfo, Vm};
 
 /// How long sessions get to finish at shutdown before they are dropped.

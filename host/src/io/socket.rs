@@ -182,9 +182,15 @@ impl Listener {
         }
     }
 
-    /// The bound address, for logs (`port=0` becomes the real port).
+    /// The bound address, for logs and status (`port=0` becomes the real port).
     pub fn local_description(&self) -> String {
         match self {
+            // qmpgate binds in a private folder and renames the socket into place;
+            // the kernel still reports the name it was bound with.
+            Listener::Unix {
+                unlink: Some(unlink),
+                ..
+            } => format!("unix:{}", unlink.path.display()),
             Listener::Unix { listener, .. } => match listener.local_addr() {
                 Ok(addr) => match addr.as_pathname() {
                     Some(p) => format!("unix:{}", p.display()),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use qmpgate_plugin_host::{self as plugin, Decision};
 
-use super::{Context, FAULTING, faulting, run_command, write_within};
+use super::{Context, FAULTING, Verdict, faulting, run_command, write_within};
 use crate::io::Stream;
 
 const PROMPT_TEXT: &str = "(qemu) ";
@@ -121,8 +121,11 @@ pub async fn serve(
 
 /// Decides on one line and, if allowed, runs it in QEMU; returns what to print.
 async fn run_line(ctx: &Context, client: &plugin::Client, line: &str) -> String {
+    // HMP lines are counted as what QEMU runs them with.
+    const HMP: &str = "human-monitor-command";
     match ctx.chain().on_hmp(client, line, None).await {
         Decision::Forward(command) => {
+            ctx.count_command(HMP, Verdict::Forwarded);
             let limit = ctx.limits.timeouts.for_command(&command.name);
             let reply = run_command(&ctx.upstream, command, limit)
                 .await
@@ -139,10 +142,16 @@ async fn run_line(ctx: &Context, client: &plugin::Client, line: &str) -> String 
             }
         }
         Decision::Deny(error) => {
+            ctx.count_command(HMP, Verdict::Denied);
             ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
             format!("Error: {}\r\n", error.desc)
         }
-        Decision::Reply(Value::String(text)) => text,
-        Decision::Reply(value) => format!("{value}\r\n"),
+        Decision::Reply(reply) => {
+            ctx.count_command(HMP, Verdict::Answered);
+            match reply {
+                Value::String(text) => text,
+                value => format!("{value}\r\n"),
+            }
+        }
     }
 }

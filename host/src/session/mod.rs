@@ -59,11 +59,63 @@ impl Context {
     pub fn chain(&self) -> PluginChain {
         lock::read(&self.chain).clone()
     }
+
+    /// Counts `command` (as the client named it) with what became of it.
+    pub fn count_command(&self, command: &str, verdict: Verdict) {
+        let known = matches!(
+            command,
+            "qmp_capabilities" | "query-qmpgate-events" | "human-monitor-command"
+        ) || self
+            .upstream
+            .schema()
+            .is_some_and(|schema| schema.has_command(command));
+        let name = if known { command } else { OTHER_COMMAND };
+        let mut counts = lock::mutex(&self.metrics.by_command);
+        // No allocation once a name has been seen.
+        let slot = match counts.get_mut(name) {
+            Some(slot) => slot,
+            None => counts.entry(name.to_string()).or_default(),
+        };
+        slot[verdict as usize] += 1;
+    }
 }
+
+/// What became of a client's command, for [`Metrics::count_command`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Sent to QEMU (as the plugins left it).
+    Forwarded,
+    /// Refused by a plugin (or the gateway's own checks).
+    Denied,
+    /// Answered by a plugin or by qmpgate itself, without QEMU.
+    Answered,
+}
+
+impl Verdict {
+    /// Every verdict, in the order of [`Metrics::by_command`]'s counts.
+    pub const ALL: [Verdict; 3] = [Verdict::Forwarded, Verdict::Denied, Verdict::Answered];
+
+    /// The `verdict` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Forwarded => "forwarded",
+            Verdict::Denied => "denied",
+            Verdict::Answered => "answered",
+        }
+    }
+}
+
+/// The command label for names QEMU's schema does not have: a client chooses the
+/// names it sends, and must not grow the label set without bound.
+pub const OTHER_COMMAND: &str = "other";
 
 /// One upstream's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Commands by name and verdict. Names are QEMU's (in its schema) or
+    /// qmpgate's own; any other is counted as [`OTHER_COMMAND`], so the set is
+    /// bounded by QEMU's command set.
+    pub by_command: Mutex<BTreeMap<String, [u64; Verdict::ALL.len()]>>,
     /// Clients connected now.
     pub clients_connected: AtomicU64,
     /// Clients accepted since start.

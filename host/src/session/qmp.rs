@@ -36,7 +36,7 @@ use qmpgate_plugin_host::{self as plugin, Decision, EventDecision};
 use qmpgate_protocol::qjson::{Input, Reader};
 use qmpgate_protocol::qmp::{self, Answer, Command, ErrorClass, QmpError, Request};
 
-use super::{Context, FAULTING, deadline_passed, faulting, within};
+use super::{Context, FAULTING, Verdict, deadline_passed, faulting, within};
 use crate::io::Stream;
 use crate::upstream::UpstreamEvent;
 
@@ -318,13 +318,16 @@ impl Session {
                 // QEMU's schema first: a command QEMU does not have, or arguments
                 // that do not fit it, get QEMU's own answer before any plugin sees
                 // them (qmpgate's own command has its own checks).
+                let label = name.clone();
                 if name == QUERY_EVENTS {
                     if let Err(error) = check_query_events(&arguments) {
+                        self.ctx.count_command(&label, Verdict::Answered);
                         return self.answer(id, error);
                     }
                 } else if let Some(schema) = self.ctx.upstream.schema()
                     && let Err(error) = schema.check_arguments(&name, &arguments)
                 {
+                    self.ctx.count_command(&label, Verdict::Answered);
                     return self.answer(id, qmp::error_response(&error.to_qmp_error(), None));
                 }
                 // HMP inside QMP gets the same interpretation and policy as an HMP
@@ -363,15 +366,21 @@ impl Session {
                 };
                 match decision {
                     Decision::Forward(command) if command.name == QUERY_EVENTS => {
+                        self.ctx.count_command(&label, Verdict::Answered);
                         let reply = self.query_events(&command.arguments).await;
                         self.answer(id, reply)
                     }
-                    Decision::Forward(command) => self.forward(id, command, size),
+                    Decision::Forward(command) => {
+                        self.ctx.count_command(&label, Verdict::Forwarded);
+                        self.forward(id, command, size)
+                    }
                     Decision::Deny(e) => {
+                        self.ctx.count_command(&label, Verdict::Denied);
                         self.ctx.metrics.denied.fetch_add(1, Ordering::Relaxed);
                         self.answer_as(id, qmp::error_response(&e, None), oob)
                     }
                     Decision::Reply(value) => {
+                        self.ctx.count_command(&label, Verdict::Answered);
                         self.answer_as(id, qmp::return_response(value, None), oob)
                     }
                 }

@@ -26,6 +26,8 @@ pub(super) struct InFlight {
     in_band: bool,
     /// For the error message if the link drops first.
     name: String,
+    /// When it was written to QEMU, for [`RoundTrips`].
+    sent: tokio::time::Instant,
 }
 
 /// The upstream task's state.
@@ -41,6 +43,7 @@ pub(super) struct LinkTask {
     pub(super) pending: HashMap<u64, InFlight>,
     pub(super) in_flight: usize,
     pub(super) discarded: Arc<AtomicU64>,
+    pub(super) round_trips: Arc<RoundTrips>,
     /// Numbers replies and events, keeps recent events (QEMU keeps none).
     pub(super) log: Arc<EventLog>,
     pub(super) liveness: Liveness,
@@ -235,6 +238,7 @@ impl LinkTask {
                 reply: submit.reply,
                 in_band: !oob,
                 name,
+                sent: tokio::time::Instant::now(),
             },
         );
         // A QEMU that stops reading must not hold this task (and every client
@@ -269,6 +273,7 @@ impl LinkTask {
                 }
                 match self.pending.remove(&id) {
                     Some(in_flight) => {
+                        self.round_trips.observe(in_flight.sent.elapsed());
                         if in_flight.in_band {
                             self.in_flight -= 1;
                         }

@@ -17,7 +17,7 @@
 //!
 //! Layout: [`connect`] opens and negotiates (`negotiation`); [`UpstreamHandle`]
 //! is the sessions' side; `link::LinkTask` is the task that owns the socket;
-//! [`EventLog`] numbers and keeps events.
+//! [`EventLog`] numbers and keeps events; [`RoundTrips`] times QEMU's answers.
 
 use qmpgate_protocol::lock;
 use std::collections::HashMap;
@@ -175,10 +175,12 @@ pub struct UpstreamEvent {
 }
 
 mod events;
+mod latency;
 mod link;
 mod negotiation;
 
 pub use events::EventLog;
+pub use latency::RoundTrips;
 use link::LinkTask;
 use negotiation::open;
 
@@ -224,6 +226,8 @@ pub struct UpstreamHandle {
     info: watch::Receiver<UpstreamInfo>,
     /// Replies that came after their client stopped waiting (timeout or gone).
     discarded: Arc<AtomicU64>,
+    /// How long QEMU takes to answer.
+    round_trips: Arc<RoundTrips>,
     /// Events, numbered and kept.
     log: Arc<EventLog>,
 }
@@ -273,6 +277,11 @@ impl UpstreamHandle {
     /// Replies QEMU sent after their client stopped waiting, since start.
     pub fn discarded_replies(&self) -> u64 {
         self.discarded.load(Ordering::Relaxed)
+    }
+
+    /// How long QEMU has taken to answer commands, since start.
+    pub fn round_trips(&self) -> &RoundTrips {
+        &self.round_trips
     }
 
     /// QEMU's QMP schema, when it gave one.
@@ -349,6 +358,7 @@ pub async fn connect(
     let (oob_tx, oob) = mpsc::channel(64);
     let (info_tx, info) = watch::channel(link.info.clone());
     let discarded = Arc::new(AtomicU64::new(0));
+    let round_trips = Arc::new(RoundTrips::default());
     let log = Arc::new(EventLog::new(history_limit));
     let handle = UpstreamHandle {
         id: spec.id.as_str().into(),
@@ -356,6 +366,7 @@ pub async fn connect(
         oob: oob_tx,
         info,
         discarded: discarded.clone(),
+        round_trips: round_trips.clone(),
         log: log.clone(),
     };
     let task = LinkTask {
@@ -369,6 +380,7 @@ pub async fn connect(
         pending: HashMap::new(),
         in_flight: 0,
         discarded,
+        round_trips,
         log,
         liveness,
         probe: None,

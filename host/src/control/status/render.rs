@@ -115,6 +115,10 @@ fn counters_json(upstreams: &[Arc<Vm>]) -> Value {
     )
 }
 
+/// The version of the `/status` document's shape: raised when a field changes
+/// meaning or goes away (new fields do not raise it).
+pub const STATUS_SCHEMA_VERSION: u64 = 1;
+
 /// The `/status` document.
 pub fn status_json(hub: &Hub) -> Value {
     let upstreams = hub.upstreams();
@@ -162,10 +166,14 @@ pub fn status_json(hub: &Hub) -> Value {
             "counters": counters_json(std::slice::from_ref(shared)),
         }));
     }
-    for (id, role, address) in hub.services() {
-        chardevs.push(
-            json!({ "id": id, "role": role, "origin": origin(&address), "address": address }),
-        );
+    for service in hub.services() {
+        chardevs.push(json!({
+            "id": service.id,
+            "role": service.role,
+            "origin": origin(&service.address),
+            "address": service.address,
+            "bound": service.bound,
+        }));
     }
     clients.sort_by_key(|c| c["id"].as_u64());
     let mut plugins = Vec::new();
@@ -191,6 +199,7 @@ pub fn status_json(hub: &Hub) -> Value {
         }
     }
     json!({
+        "schema_version": STATUS_SCHEMA_VERSION,
         "qmpgate": {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": hub.started().elapsed().as_secs(),
@@ -203,26 +212,37 @@ pub fn status_json(hub: &Hub) -> Value {
     })
 }
 
-/// The `/metrics` document (Prometheus text format 0.0.4): totals, then the same per
-/// upstream (label `upstream`), then per plugin (labels `plugin`, and `policy` for
-/// the chain it runs in).
+/// The `/metrics` document (Prometheus text format 0.0.4). Per-upstream series
+/// carry an `upstream` label and no unlabelled total (a dashboard's `sum()` is
+/// the total); per-plugin ones carry `plugin` and `policy` (the chain's).
 pub fn metrics_text(hub: &Hub) -> String {
     let mut out = String::new();
     let upstreams = hub.upstreams();
     let _ = writeln!(
         out,
+        "# HELP qmpgate_build_info The running qmpgate: its version and the plugin contracts it loads.\n\
+         # TYPE qmpgate_build_info gauge\n\
+         qmpgate_build_info{{version=\"{}\",plugin_contracts=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        qmpgate_plugin_host::SUPPORTED_VERSIONS.join(","),
+    );
+    let _ = writeln!(
+        out,
         "# HELP qmpgate_upstreams Upstreams served.\n# TYPE qmpgate_upstreams gauge\nqmpgate_upstreams {}",
         upstreams.len()
     );
+    let labelled: Vec<(String, &Arc<Vm>)> = upstreams
+        .iter()
+        .map(|u| (escape_label(&u.upstream_spec.id), u))
+        .collect();
     let _ = writeln!(
         out,
         "# HELP qmpgate_upstream_connected Whether QEMU is connected.\n# TYPE qmpgate_upstream_connected gauge"
     );
-    for u in &upstreams {
+    for (id, u) in &labelled {
         let _ = writeln!(
             out,
-            "qmpgate_upstream_connected{{upstream=\"{}\"}} {}",
-            escape_label(&u.upstream_spec.id),
+            "qmpgate_upstream_connected{{upstream=\"{id}\"}} {}",
             u.upstream.info().connected as u64
         );
     }
@@ -234,19 +254,50 @@ pub fn metrics_text(hub: &Hub) -> String {
         ..
     } in &COUNTERS
     {
-        let total: u64 = upstreams.iter().map(|u| read(u)).sum();
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {total}"
-        );
-        for u in &upstreams {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, u) in &labelled {
+            let _ = writeln!(out, "{name}{{upstream=\"{id}\"}} {}", read(u));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP qmpgate_commands_total Client commands by name and verdict (forwarded to QEMU, \
+         denied, or answered without QEMU); names QEMU does not have are counted as \"{other}\".\n\
+         # TYPE qmpgate_commands_total counter",
+        other = crate::session::OTHER_COMMAND,
+    );
+    for (id, u) in &labelled {
+        for (command, counts) in lock::mutex(&u.metrics.by_command).iter() {
+            for verdict in crate::session::Verdict::ALL {
+                let _ = writeln!(
+                    out,
+                    "qmpgate_commands_total{{upstream=\"{id}\",command=\"{}\",verdict=\"{}\"}} {}",
+                    escape_label(command),
+                    verdict.as_str(),
+                    counts[verdict as usize]
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP qmpgate_qemu_round_trip_seconds Time from writing a command to QEMU to reading its reply.\n\
+         # TYPE qmpgate_qemu_round_trip_seconds histogram"
+    );
+    for (id, u) in &labelled {
+        let (buckets, count, sum) = u.upstream.round_trips().snapshot();
+        for (le, cumulative) in buckets {
             let _ = writeln!(
                 out,
-                "{name}{{upstream=\"{}\"}} {}",
-                escape_label(&u.upstream_spec.id),
-                read(u)
+                "qmpgate_qemu_round_trip_seconds_bucket{{upstream=\"{id}\",le=\"{le}\"}} {cumulative}"
             );
         }
+        let _ = writeln!(
+            out,
+            "qmpgate_qemu_round_trip_seconds_bucket{{upstream=\"{id}\",le=\"+Inf\"}} {count}\n\
+             qmpgate_qemu_round_trip_seconds_sum{{upstream=\"{id}\"}} {sum}\n\
+             qmpgate_qemu_round_trip_seconds_count{{upstream=\"{id}\"}} {count}"
+        );
     }
     // A chain is named by the policy of the upstreams that share it.
     let chains: Vec<(qmpgate_plugin_host::PluginChain, String)> = hub
