@@ -1,6 +1,7 @@
 // Shared by the build scripts of `host/plugin` (which embeds the built-in plugins) and
 // `tests` (which loads the fixtures): builds the guest workspace for
-// wasm32-wasip2 and returns the directory holding the `.wasm` components.
+// wasm32-wasip2 into the outer build's target folder and returns the directory
+// holding the `.wasm` components.
 //
 // It is `include!`d rather than a crate because build scripts cannot share a
 // dependency that lives in a workspace they are not part of.
@@ -23,7 +24,15 @@ fn build_guest_plugins() -> std::path::PathBuf {
     }
     println!("cargo:rerun-if-changed={}", wit.display());
 
-    let target_dir = guests.join("target");
+    // Under the outer build's own target folder (OUT_DIR is
+    // <target>/<profile>/build/<package>-<hash>/out), never in the source tree, and
+    // shared by both build scripts of one profile, so the guests build once.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let target_dir = out_dir
+        .ancestors()
+        .nth(3)
+        .map(|profile| profile.join("guest-plugins"))
+        .unwrap_or_else(|| out_dir.join("guest-plugins"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guests)
