@@ -21,14 +21,22 @@ use qmpgate::upstream::{self, Outcome};
 /// A sandboxed gateway for the QEMU monitor.
 ///
 /// qmpgate sits between QMP clients and QEMU's monitor socket. Many clients may
-/// connect at once; every command passes a chain of WebAssembly policy plugins before
-/// QEMU sees it. Sockets are given in QEMU's -chardev syntax, e.g.
+/// connect at once; every command passes a chain of WebAssembly policy plugins
+/// before QEMU sees it. Sockets are given in QEMU's -chardev syntax, e.g.
+///
 ///   socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off
 ///   socket,id=qmp,host=127.0.0.1,port=4444,server=on
-///   socket,id=qmp,fd=3,server=on        (a socket inherited from the parent)
-///   socket,id=qmp,systemd=qmp           (systemd socket activation, by FileDescriptorName)
+///   socket,id=qmp,fd=3,server=on       (a socket inherited from the parent)
+///   socket,id=qmp,systemd=qmp          (systemd socket activation, by FileDescriptorName)
+///
+/// Examples:
+///
+///   qmpgate --upstream socket,id=qemu,path=/run/vm1/qmp.sock \
+///           --listen socket,id=qmp,path=/run/vm1/gate.sock,server=on,wait=off
+///   qmpgate run --listen socket,id=qmp,path=vm.sock,server=on -- qemu-system-x86_64 -M none
 #[derive(Debug, Parser)]
 #[command(
+    verbatim_doc_comment,
     name = "qmpgate",
     version = concat!(
         env!("CARGO_PKG_VERSION"),
@@ -161,6 +169,10 @@ struct GatewayArgs {
     /// Load a plugin component (NAME=PATH). Repeatable; run in the order given.
     #[arg(long, value_name = "NAME=PATH")]
     plugin: Vec<String>,
+    /// Give plugin NAME (from --plugin or the configuration file) its
+    /// configuration: a JSON file, or TOML by extension. Repeatable.
+    #[arg(long, value_name = "NAME=FILE")]
+    plugin_config: Vec<String>,
     /// Profile of the built-in policy when no plugin is configured: safe, readonly, permissive.
     #[arg(long, value_name = "PROFILE")]
     profile: Option<String>,
@@ -274,6 +286,7 @@ impl GatewayArgs {
             listen: self.listen.clone(),
             upstreams: self.upstream.clone(),
             plugins: self.plugin.clone(),
+            plugin_configs: self.plugin_config.clone(),
             profile: self.profile.clone(),
             no_default_policy: self.no_default_policy,
             max_message: self.max_message,

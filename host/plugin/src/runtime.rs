@@ -191,9 +191,19 @@ impl Runtime {
         if let Some(component) = self.cache.as_ref().and_then(|c| c.load(&self.engine, key)) {
             return Ok(component);
         }
+        if let Some(reason) = not_a_component(bytes) {
+            return Err(PluginError::Compile {
+                name: name.into(),
+                reason: reason.into(),
+            });
+        }
         let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
             name: name.into(),
-            reason: format!("{e:#}"),
+            // wasmparser's messages may hold multi-line dumps of bytes.
+            reason: format!("{e:#}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })?;
         if let Some(cache) = &self.cache {
             cache.store(key, &component);
@@ -296,5 +306,44 @@ mod tests {
         runtime.forget_compiled();
         let again = runtime.compile("a", bytes).unwrap();
         assert_ne!(first.image_range(), again.image_range());
+    }
+}
+
+/// Why `bytes` is plainly not a WebAssembly component, in the words a plugin
+/// author needs (before wasmtime's parser says it in terms of magic numbers).
+fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
+    const MAGIC: &[u8] = b"\0asm";
+    // The version field: 1 for a core module; a component's layer is 1.
+    const CORE_MODULE: &[u8] = &[1, 0, 0, 0];
+    if !bytes.starts_with(MAGIC) {
+        return Some(
+            "the file is not WebAssembly (it does not start with \\0asm); build the plugin with `cargo build --release --target wasm32-wasip2`",
+        );
+    }
+    if bytes.get(4..8) == Some(CORE_MODULE) {
+        return Some(
+            "the file is a core WebAssembly module, not a component; build for the wasm32-wasip2 target (not wasm32-unknown-unknown or wasm32-wasip1)",
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::not_a_component;
+
+    #[test]
+    fn text_files_and_core_modules_are_named_for_what_they_are() {
+        assert!(
+            not_a_component(b"hello\n")
+                .unwrap()
+                .contains("not WebAssembly")
+        );
+        assert!(
+            not_a_component(b"\0asm\x01\0\0\0")
+                .unwrap()
+                .contains("core WebAssembly module")
+        );
+        assert_eq!(not_a_component(b"\0asm\x0d\0\x01\0"), None);
     }
 }

@@ -37,6 +37,22 @@ pub struct PluginSpec {
     pub limits: Limits,
 }
 
+/// The built-in policy's profiles.
+pub const PROFILES: [&str; 3] = ["safe", "readonly", "permissive"];
+
+/// `profile` if it is one of [`PROFILES`]; otherwise an error that lists them
+/// (before the policy plugin would report it in terms of its JSON).
+pub fn check_profile(profile: &str) -> Result<&str, ChainError> {
+    if PROFILES.contains(&profile) {
+        Ok(profile)
+    } else {
+        Err(ChainError(format!(
+            "no profile '{profile}' (profiles: {})",
+            PROFILES.join(", ")
+        )))
+    }
+}
+
 /// The plugins `policy` selects from the configured ones, in chain order.
 pub fn select(
     plugins: &[PluginSpec],
@@ -47,6 +63,7 @@ pub fn select(
         // The profile replaces the built-in policy's; the operator's other plugins
         // (audit, say) stay in the chain.
         ChainSelector::Profile(profile) => {
+            check_profile(profile)?;
             let mut chain = plugins.to_vec();
             let mut found = false;
             for p in chain.iter_mut().filter(|p| is_builtin(p, builtin::POLICY)) {
@@ -110,6 +127,9 @@ pub fn compose(
             ));
         }
         return Ok(configured);
+    }
+    if let Some(profile) = profile {
+        check_profile(profile)?;
     }
     let own_policy = configured.iter().any(|p| is_builtin(p, builtin::POLICY));
     if own_policy && profile.is_some() {

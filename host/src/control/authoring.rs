@@ -1,8 +1,6 @@
 //! `qmpgate plugin test`: a plugin's verdicts over a transcript of commands, HMP
 //! lines and events read from stdin, one JSON line each, for plugin authors.
 
-use std::path::PathBuf;
-
 use serde_json::{Value, json};
 use thiserror::Error;
 use tokio::io::AsyncBufReadExt;
@@ -16,23 +14,9 @@ use qmpgate_protocol::qmp;
 /// Why a transcript could not be run.
 #[derive(Debug, Error)]
 pub enum TranscriptError {
-    /// The plugin's configuration file cannot be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The configuration file is not valid TOML or JSON.
-    #[error("{path}: {reason}")]
-    Config {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// The plugin's configuration file cannot be read or parsed.
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
     /// The plugin does not load or start.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -51,23 +35,7 @@ pub async fn plugin_test(
 ) -> Result<u8, TranscriptError> {
     let config: Value = match config {
         None => json!({}),
-        Some(file) => {
-            let text = std::fs::read_to_string(file).map_err(|source| TranscriptError::Read {
-                path: file.to_path_buf(),
-                source,
-            })?;
-            let invalid = |reason: String| TranscriptError::Config {
-                path: file.to_path_buf(),
-                reason,
-            };
-            if file.extension().is_some_and(|e| e == "toml") {
-                let table =
-                    toml::from_str::<toml::Table>(&text).map_err(|e| invalid(e.to_string()))?;
-                serde_json::to_value(table).map_err(|e| invalid(e.to_string()))?
-            } else {
-                serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?
-            }
-        }
+        Some(file) => super::config::read_plugin_config(file)?,
     };
     let name = path
         .file_stem()

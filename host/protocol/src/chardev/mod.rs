@@ -239,6 +239,20 @@ impl ChardevSpec {
                     "expected the backend 'socket' first, found '{other}'"
                 )));
             }
+            // QEMU's older -qmp/-monitor address forms.
+            Some(other) if other.starts_with("unix:") || other.starts_with("tcp:") => {
+                let (kind, address) = other.split_once(':').expect("checked");
+                let keys = match kind {
+                    "unix" => format!("path={address}"),
+                    _ => match address.rsplit_once(':') {
+                        Some((host, port)) => format!("host={host},port={port}"),
+                        None => format!("port={address}"),
+                    },
+                };
+                return Err(fail(format!(
+                    "'{other}' is QEMU's -qmp address form; qmpgate takes -chardev specs: socket,id=ID,{keys},server=on"
+                )));
+            }
             Some(other) => {
                 return Err(fail(format!(
                     "chardev backend '{other}' is not supported by qmpgate (only 'socket')"
@@ -249,7 +263,17 @@ impl ChardevSpec {
         let mut pairs = Vec::new();
         for part in parts {
             let Some((key, value)) = part.split_once('=') else {
-                return Err(fail(format!("'{part}' is not of the form key=value")));
+                // QEMU's short boolean forms (deprecated there since 6.0).
+                let hint = match &*part {
+                    "server" | "wait" | "nodelay" | "telnet" | "websocket" => {
+                        format!(" (QEMU's short form: write {part}=on)")
+                    }
+                    "nowait" | "noserver" => {
+                        format!(" (QEMU's short form: write {}=off)", &part[2..])
+                    }
+                    _ => String::new(),
+                };
+                return Err(fail(format!("'{part}' is not of the form key=value{hint}")));
             };
             pairs.push((key.to_string(), value.to_string()));
         }

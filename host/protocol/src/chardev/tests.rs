@@ -35,6 +35,21 @@ fn parses_qemu_style_specs() {
 fn rejects_bad_specs_with_clear_reasons() {
     assert!(err("socket,path=/x").contains("Parameter 'id' is missing"));
     assert!(err("file,id=x,path=/x").contains("backend 'file' is not supported"));
+    // QEMU's older spellings get the spelling qmpgate takes.
+    let e = err("socket,id=q,path=/x,server,nowait");
+    assert!(
+        e.ends_with("'server' is not of the form key=value (QEMU's short form: write server=on)"),
+        "{e}"
+    );
+    let e = err("socket,id=q,path=/x,server=on,nowait");
+    assert!(e.contains("(QEMU's short form: write wait=off)"), "{e}");
+    let e = err("unix:/run/q.sock,server,nowait");
+    assert!(e.contains("socket,id=ID,path=/run/q.sock,server=on"), "{e}");
+    let e = err("tcp:127.0.0.1:4444,server");
+    assert!(
+        e.contains("socket,id=ID,host=127.0.0.1,port=4444,server=on"),
+        "{e}"
+    );
     assert!(err("socket,id=x,fd=3,path=/x").contains("'fd' cannot be combined"));
     assert!(err("socket,id=x,fd=myfd").contains("Unable to parse FD number 'myfd'"));
     assert!(err("socket,id=x,path=/x,server=maybe").contains("expects 'on' or 'off'"));

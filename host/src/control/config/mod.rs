@@ -152,16 +152,51 @@ pub struct PluginConfig {
 }
 
 impl FileConfig {
-    /// Reads and parses a TOML file.
+    /// Reads and parses a TOML file. Relative paths in it (plugins, the audit log,
+    /// the cache directory) are taken from the file's folder, as a configuration
+    /// file installed in /etc would expect, not from wherever qmpgate was started.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut config: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = folder.join(&*p);
+            }
+        };
+        config
+            .plugins
+            .iter_mut()
+            .filter_map(|p| p.path.as_mut())
+            .for_each(anchor);
+        config.audit_log.as_mut().map(anchor);
+        config.cache_dir.as_mut().map(anchor);
+        Ok(config)
+    }
+}
+
+/// A plugin's configuration from a file: TOML if its name ends in `.toml`,
+/// otherwise JSON (`--plugin-config`, `qmpgate plugin test --config`).
+pub fn read_plugin_config(path: &Path) -> Result<Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parse = |message: String| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    };
+    if path.extension().is_some_and(|e| e == "toml") {
+        let table = toml::from_str::<toml::Table>(&text).map_err(|e| parse(e.to_string()))?;
+        serde_json::to_value(table).map_err(|e| parse(e.to_string()))
+    } else {
+        serde_json::from_str(&text).map_err(|e| parse(format!("not JSON: {e}")))
     }
 }
 
@@ -206,6 +241,8 @@ pub struct Overrides {
     pub upstreams: Vec<String>,
     /// `--plugin NAME=PATH`.
     pub plugins: Vec<String>,
+    /// `--plugin-config NAME=FILE`.
+    pub plugin_configs: Vec<String>,
     /// `--profile`.
     pub profile: Option<String>,
     /// `--no-default-policy`.
@@ -266,11 +303,29 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         ));
     }
 
-    let plugins = compose(
-        configured_plugins(file.plugins, &cli.plugins)?,
-        cli.profile.as_deref(),
-        cli.no_default_policy,
-    )?;
+    let mut configured = configured_plugins(file.plugins, &cli.plugins)?;
+    for text in &cli.plugin_configs {
+        let (name, path) = text.split_once('=').ok_or_else(|| {
+            ConfigError::Invalid(format!("--plugin-config expects NAME=FILE, got '{text}'"))
+        })?;
+        let known: Vec<&str> = configured.iter().map(|p| p.name.as_str()).collect();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        let plugin = configured
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "--plugin-config: no plugin named '{name}' is configured (configured: {known}; \
+                     the built-in policy takes --profile)"
+                ))
+            })?;
+        plugin.config = read_plugin_config(Path::new(path))?;
+    }
+    let plugins = compose(configured, cli.profile.as_deref(), cli.no_default_policy)?;
 
     for upstream in &upstreams {
         select(&plugins, &upstream.policy)
