@@ -248,6 +248,12 @@ impl Qemu {
         Qemu::start_version(QemuVersion::under_test(), &[QEMU_NONE, extra].concat())
     }
 
+    /// The QEMU under test on [`QEMU_PC`]: a machine where the harmful commands a
+    /// security test sends would work (a screendump writes its file).
+    pub fn start_pc() -> Qemu {
+        Qemu::start_version(QemuVersion::under_test(), QEMU_PC)
+    }
+
     /// QEMU `version` with `args` (e.g. [`QEMU_PC`]) instead of [`QEMU_NONE`].
     pub fn start_version(version: QemuVersion, args: &[&str]) -> Qemu {
         let dir = tempdir();

@@ -48,6 +48,12 @@ except Exception as e:
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Whether user `nobody` gets a QMP greeting on `path`.
+fn greets_nobody(path: &Path) -> bool {
+    serde_json::from_str::<serde_json::Value>(&as_nobody(path))
+        .is_ok_and(|greeting| greeting.get("QMP").is_some())
+}
+
 /// A folder `nobody` can reach into.
 fn shared_dir() -> tempfile::TempDir {
     let dir = tempdir();
@@ -86,8 +92,10 @@ fn the_control_socket_is_the_owners_alone_whatever_the_umask() {
     );
     // A listener without perm= follows the umask, as QEMU's sockets do.
     assert_eq!(mode(&plain), 0o777);
-    // The file system keeps nobody out of the control monitor...
+    // The file system keeps nobody out of the control monitor (and the socket's
+    // mode is all that does: through the umask's 0777 socket, nobody is greeted)...
     assert_eq!(as_nobody(&control), "PermissionError");
+    assert!(greets_nobody(&plain));
     // ...and no staging folder is left behind.
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -136,11 +144,7 @@ fn the_control_monitor_serves_only_qmpgates_uid_and_the_listed_ones() {
         ])
         .spawn();
     let _ = second.negotiated();
-    let greeting: serde_json::Value = serde_json::from_str(&as_nobody(&listed)).unwrap();
-    assert!(
-        greeting.get("QMP").is_some(),
-        "a listed uid gets the greeting: {greeting}"
-    );
+    assert!(greets_nobody(&listed), "a listed uid gets the greeting");
 }
 
 #[test]
@@ -148,6 +152,7 @@ fn a_listener_with_uids_serves_only_those_peers() {
     let qemu = Qemu::start();
     let dir = shared_dir();
     let path = dir.path().join("tenant.sock");
+    let open = dir.path().join("open.sock");
     let gateway = GatewayBuilder::new(&qemu.upstream_spec())
         .args([
             "--listen",
@@ -155,10 +160,14 @@ fn a_listener_with_uids_serves_only_those_peers() {
                 "socket,id=tenant,path={},server=on,perm=0666,uids=0",
                 path.display()
             ),
+            "--listen",
+            &format!("socket,id=open,path={},server=on,perm=0666", open.display()),
         ])
         .spawn();
     let _ = gateway.negotiated();
     assert_eq!(as_nobody(&path), "EOF", "no greeting for an unlisted uid");
+    // The same listener without uids= greets nobody: uids= is what turned it away.
+    assert!(greets_nobody(&open));
     let mut root = qmpgate_tests::QmpClient::negotiated(&path);
     assert!(
         root.execute("query-status", serde_json::json!({}))

@@ -42,6 +42,7 @@ fn screendump_refused() -> Value {
 }
 
 /// The policy is the built-in one, and it works: a refusal and an allowed command.
+/// (On [`Qemu::start_pc`], where a screendump that got through writes its file.)
 fn assert_policy_holds(client: &mut QmpClient, dir: &Path) {
     let shot = dir.join("shot.ppm");
     assert_eq!(
@@ -127,7 +128,7 @@ fn a_cache_directory_others_could_write_or_own_is_not_used() {
     let running: Vec<_> = cases
         .iter()
         .map(|(cache, _)| {
-            let qemu = Qemu::start();
+            let qemu = Qemu::start_pc();
             let gate = spawn(&qemu, cache, &[]);
             (qemu, gate)
         })
@@ -183,7 +184,7 @@ fn a_cache_directory_swapped_in_after_start_up_is_neither_read_nor_written() {
     let cache = top.path().join("cache");
     let config = top.path().join("qmpgate.toml");
     std::fs::write(&config, "").unwrap();
-    let qemu = Qemu::start();
+    let qemu = Qemu::start_pc();
     let gate = spawn(&qemu, &cache, &["--config", config.to_str().unwrap()]);
     let mut client = gate.negotiated();
     assert_policy_holds(&mut client, top.path());
@@ -244,6 +245,24 @@ fn a_cache_directory_swapped_in_after_start_up_is_neither_read_nor_written() {
         "the audit plugin went where the cache was checked"
     );
     assert!(!stderr.contains("ignoring plugin cache entry"), "{stderr}");
+
+    // The forgery is good: a qmpgate whose own cache holds the same entries runs
+    // the trap in place of its policy, and the screendump refused above writes its
+    // file. Checking the directory once, at start-up, is what kept it out.
+    let trusted = private_dir();
+    for (name, content) in &planted {
+        std::fs::write(trusted.path().join(name), content).unwrap();
+    }
+    let qemu = Qemu::start_pc();
+    let fooled = spawn(&qemu, trusted.path(), &[]);
+    let shot = top.path().join("fooled.ppm");
+    assert_eq!(
+        fooled
+            .negotiated()
+            .execute("screendump", json!({"filename": shot})),
+        json!({"return": {}})
+    );
+    eventually("the screendump the trap let through", || shot.exists());
 }
 
 #[test]

@@ -216,7 +216,15 @@ fn adopted_fds_are_not_leaked_into_qemu() {
         })
         .collect();
     let sockets = fds.iter().filter(|f| f.contains(":socket:")).count();
-    // QEMU's monitor listener, the accepted monitor connection, and nothing of ours.
+    // QEMU's monitor listener, the accepted monitor connection, and nothing of ours:
+    // not the listener qmpgate adopted (its fd 5), nor the client's connection.
+    let adopted = std::fs::read_link(format!("/proc/{}/fd/5", gateway.pid())).unwrap();
+    assert!(
+        !fds.iter()
+            .any(|f| f.ends_with(&format!(":{}", adopted.display()))),
+        "QEMU inherited the adopted listener {}: {fds:?}",
+        adopted.display()
+    );
     assert!(sockets <= 2, "QEMU has unexpected sockets: {fds:?}");
     c.send(&json!({"execute": "quit"}));
     assert_eq!(gateway.wait().0, Some(0));

@@ -71,7 +71,11 @@ const SAFE: &str = "is refused by the safe profile: ";
 const UNREADABLE: &str = "HMP command line refused: ";
 
 /// The safe profile, line by line: each line's meaning is judged by the same table
-/// as QMP (the host effects of the refused ones are checked in `policy.rs`).
+/// as QMP. This table checks what clients of both protocols read; what the refused
+/// lines would do to the host, and that they do it without the policy, is checked
+/// in `policy.rs` (its HMP vectors: screendump, dump-guest-memory, memsave, migrate
+/// to a program or a socket, chardev-add, object_add, netdev_add and hostfwd_add
+/// listeners, gdbserver, drive_add).
 const TABLE: &[(&str, Expect)] = &[
     (
         "screendump /nonexistent/shot.ppm",
@@ -229,7 +233,7 @@ fn one_policy_decides_qmp_and_hmp_alike() {
 
 #[test]
 fn quit_on_hmp_is_denied_exactly_when_qmp_quit_is() {
-    let qemu = Qemu::start();
+    let mut qemu = Qemu::start();
     let (builder, hmp_path) = GatewayBuilder::new(&qemu.upstream_spec())
         .args(["--profile", "readonly"])
         .listener_with("hmp", 4, "mode=readline");
@@ -262,6 +266,18 @@ fn quit_on_hmp_is_denied_exactly_when_qmp_quit_is() {
             .starts_with(qemu.version().prefix()),
         "{version}"
     );
+    assert!(qemu.is_running(), "a refused quit stopped QEMU");
+
+    // The same line where no profile stands in the way stops QEMU: the refusal is
+    // what kept it running.
+    drop((qmp, hmp, gateway));
+    let (builder, hmp_path) = GatewayBuilder::new(&qemu.upstream_spec())
+        .args(["--profile", "permissive"])
+        .listener_with("hmp", 4, "mode=readline");
+    let _gateway = builder.spawn();
+    let mut hmp = Hmp::connect(&hmp_path);
+    hmp.writer.write_all(b"quit\r\n").unwrap();
+    assert!(qemu.wait().success());
 }
 
 #[test]

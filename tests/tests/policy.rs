@@ -61,6 +61,7 @@ fn vectors(sb: &Sandbox) -> Vec<Vector> {
         only: None,
     };
     let (port1, port2, port3, port4) = (free_port(), free_port(), free_port(), free_port());
+    let (port5, port6) = (free_port(), free_port());
     vec![
         // Programs.
         v(
@@ -299,6 +300,56 @@ fn vectors(sb: &Sandbox) -> Vec<Vector> {
             hmp(&format!("screendump {}", p("new-hmp-shot.ppm"))),
             Effect::Creates("new-hmp-shot.ppm"),
         ),
+        // The HMP forms of hmp.rs's table, and HMP-only commands.
+        v(
+            "HMP dump-guest-memory",
+            hmp(&format!("dump-guest-memory {} 0 4096", p("new-hmp-dump"))),
+            Effect::Creates("new-hmp-dump"),
+        ),
+        v(
+            "HMP memsave",
+            hmp(&format!("memsave 0 4096 \"{}\"", p("new-hmp-memsave"))),
+            Effect::Creates("new-hmp-memsave"),
+        ),
+        v(
+            "HMP migrate to a host socket",
+            hmp(&format!("migrate -d unix:{}", p("listening.sock"))),
+            Effect::Connects,
+        ),
+        v(
+            "HMP chardev-add socket server",
+            hmp(&format!(
+                "chardev-add socket,id=hs,path={},server=on,wait=off",
+                p("new-hmp-chardev-sock")
+            )),
+            Effect::Creates("new-hmp-chardev-sock"),
+        ),
+        v(
+            "HMP object_add secret file=",
+            hmp(&format!("object_add secret,id=hsec,file={}", p("secret"))),
+            Effect::Opens("secret"),
+        ),
+        v(
+            "HMP gdbserver",
+            hmp(&format!("gdbserver tcp:127.0.0.1:{port5}")),
+            Effect::Listens(port5),
+        ),
+        v(
+            "HMP drive_add over a host file",
+            hmp(&format!(
+                "drive_add 0 if=none,id=hd,format=raw,file={}",
+                p("secret")
+            )),
+            Effect::Opens("secret"),
+        ),
+        Vector {
+            setup: vec![qmp("netdev_add", json!({"type": "user", "id": "hf"}))],
+            ..v(
+                "HMP hostfwd_add",
+                hmp(&format!("hostfwd_add hf tcp:127.0.0.1:{port6}-:22")),
+                Effect::Listens(port6),
+            )
+        },
     ]
 }
 

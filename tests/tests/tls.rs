@@ -157,7 +157,7 @@ fn tls_clients_are_verified_and_their_identity_reaches_the_policy() {
         })),
     );
     let (builder, port) = with_tls_listener(builder, creds.path());
-    let _gateway = builder.spawn();
+    let gateway = builder.spawn();
 
     let admin = client(port, creds.path(), Some("admin"), &["query-status", "stop"]);
     assert_eq!(admin[0], json!({"return": {}}));
@@ -180,11 +180,24 @@ fn tls_clients_are_verified_and_their_identity_reaches_the_policy() {
             .any(|r| r.get("tls-error").is_some()),
         "{anonymous}"
     );
+    // The same anonymous client is served by a listener without a CA: the CA is
+    // what turned it away.
+    let no_ca = tempdir();
+    for file in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(creds.path().join(file), no_ca.path().join(file)).unwrap();
+    }
+    let (builder, port) =
+        with_tls_listener(GatewayBuilder::new(&qemu.upstream_spec()), no_ca.path());
+    drop(gateway);
+    let _gateway = builder.spawn();
+    let anonymous = client(port, creds.path(), None, &["query-status"]);
+    assert_eq!(anonymous[1]["return"]["status"], "prelaunch", "{anonymous}");
 }
 
 #[test]
 fn tls_on_a_client_socket_given_as_an_fd_is_refused() {
     let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dir = tempdir();
     GatewayBuilder::base()
         .fd(ours, 3)
         .args([
@@ -193,7 +206,10 @@ fn tls_on_a_client_socket_given_as_an_fd_is_refused() {
         ])
         .args([
             "--listen",
-            "socket,id=l,path=/tmp/qmpgate-never.sock,server=on",
+            &format!(
+                "socket,id=l,path={},server=on",
+                dir.path().join("never.sock").display()
+            ),
         ])
         .fails_with(
             "TLS is not allowed on a client socket given as an fd: there is no host name to verify",
