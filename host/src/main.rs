@@ -195,6 +195,11 @@ struct GatewayArgs {
     /// Write plugins' audit records to this JSON-lines file.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// How long a plugin's audit call waits for its record to be written, in ms;
+    /// past it (a stalled disk) the call fails and the command is refused, never
+    /// run unrecorded.
+    #[arg(long, value_name = "MS", default_value_t = qmpgate::plugin::AUDIT_WAIT.as_millis() as u64)]
+    audit_wait_ms: u64,
     /// Serve read-only HTTP status (/healthz, /status, /metrics, /events) on this chardev.
     #[arg(long, value_name = "SPEC|ID")]
     status: Option<String>,
@@ -437,8 +442,11 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
 
     let audit = match &resolved.audit_log {
         Some(path) => Some(Arc::new(
-            qmpgate::plugin::audit::AuditSink::open(path)
-                .with_context(|| format!("cannot open audit log {}", path.display()))?,
+            qmpgate::plugin::audit::AuditSink::open(
+                path,
+                Duration::from_millis(args.audit_wait_ms),
+            )
+            .with_context(|| format!("cannot open audit log {}", path.display()))?,
         )),
         None => None,
     };

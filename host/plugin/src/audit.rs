@@ -29,6 +29,8 @@ enum Job {
 #[derive(Debug)]
 pub struct AuditSink {
     queue: SyncSender<Job>,
+    /// How long a hook waits for its record to be written.
+    wait: std::time::Duration,
 }
 
 /// Opens (creating, 0600) `path` for appending.
@@ -42,8 +44,10 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 impl AuditSink {
-    /// Opens (creating, 0600) the file for appending.
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    /// Opens (creating, 0600) the file for appending; a hook's record not
+    /// written within `wait` fails its call closed ([`crate::AUDIT_WAIT`] by
+    /// default).
+    pub fn open(path: &Path, wait: std::time::Duration) -> std::io::Result<Self> {
         let mut file = open_append(path)?;
         let path = path.to_path_buf();
         let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
@@ -64,7 +68,12 @@ impl AuditSink {
                     }
                 }
             })?;
-        Ok(AuditSink { queue })
+        Ok(AuditSink { queue, wait })
+    }
+
+    /// How long a hook waits for its record to be written.
+    pub fn wait(&self) -> std::time::Duration {
+        self.wait
     }
 
     /// Opens the file again by its path, after the records queued before; blocks

@@ -16,8 +16,7 @@ use crate::audit::AuditSink;
 use crate::stats::PluginStats;
 use crate::wit::{self, Client, Level, v0_1};
 use crate::{
-    AUDIT_ENTRY_MAX, AUDIT_PER_CALL, AUDIT_WAIT, DESC_MAX, LOG_BURST, LOG_MESSAGE_MAX,
-    LOG_PER_SECOND,
+    AUDIT_ENTRY_MAX, AUDIT_PER_CALL, DESC_MAX, LOG_BURST, LOG_MESSAGE_MAX, LOG_PER_SECOND,
 };
 
 /// Per-store host state: the empty WASI context and the plugin's limits.
@@ -102,9 +101,9 @@ impl wit::host_imports::Host for HostState {
     }
 
     /// Waits until the record is on disk (yielding the task meanwhile): no
-    /// decision goes on unrecorded. A log that does not take a record within
-    /// [`AUDIT_WAIT`] fails the call closed; that fault is the disk's, charged to
-    /// nobody.
+    /// decision goes on unrecorded. A log that does not take a record within the
+    /// sink's wait ([`crate::AUDIT_WAIT`] by default) fails the call closed; that
+    /// fault is the disk's, charged to nobody.
     async fn audit(&mut self, entry: String) -> wasmtime::Result<()> {
         self.audits_this_call += 1;
         if self.audits_this_call > AUDIT_PER_CALL {
@@ -131,11 +130,12 @@ impl wit::host_imports::Host for HostState {
             tracing::info!(target: "qmpgate::audit", record = %record, "audit");
             return Ok(());
         };
+        let wait = sink.wait();
         let stalled = |store: &mut Self| {
             store.audit_stalled = true;
             wasmtime::Error::msg(format!(
-                "the audit log did not take the record within {} s",
-                AUDIT_WAIT.as_secs()
+                "the audit log did not take the record within {}",
+                crate::instance::seconds(wait)
             ))
         };
         let Some(written) = sink.write(&record) else {
@@ -143,7 +143,7 @@ impl wit::host_imports::Host for HostState {
         };
         // Outside a runtime (a chain's start) there is no timer: wait.
         let result = match tokio::runtime::Handle::try_current() {
-            Ok(_) => match tokio::time::timeout(AUDIT_WAIT, written).await {
+            Ok(_) => match tokio::time::timeout(wait, written).await {
                 Ok(result) => result,
                 Err(_) => return Err(stalled(self)),
             },

@@ -53,8 +53,8 @@ pub enum Fault {
     #[error("could not be restarted: {0}")]
     Restart(String),
     /// The audit log did not take a record the call wrote (a stalled disk).
-    #[error("could not record its audit entry: the audit log did not take it within {0} s")]
-    AuditStalled(u64),
+    #[error("could not record its audit entry: the audit log did not take it within {}", seconds(*.0))]
+    AuditStalled(std::time::Duration),
     /// It returned something invalid (e.g. a reply that is not JSON).
     #[error("returned an invalid result: {0}")]
     Invalid(String),
@@ -410,7 +410,8 @@ impl Instance {
                 let live = self.live.take().expect("still there");
                 let stalled = live.store.data().audit_stalled;
                 let fault = if stalled {
-                    Fault::AuditStalled(crate::AUDIT_WAIT.as_secs())
+                    let wait = live.store.data().audit.as_ref().map(|a| a.wait());
+                    Fault::AuditStalled(wait.unwrap_or(crate::AUDIT_WAIT))
                 } else {
                     self.describe(&live.store, e)
                 };
@@ -484,4 +485,14 @@ pub struct PluginInfo {
     pub profile: Option<String>,
     /// Its counters.
     pub stats: Arc<PluginStats>,
+}
+
+/// A wait as an operator wrote it: whole seconds as `5 s`, else `1500 ms`.
+pub(crate) fn seconds(wait: std::time::Duration) -> String {
+    let ms = wait.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
 }

@@ -85,8 +85,8 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// before the call fails closed, unless the chain's CPU limits need longer.
 pub const CHAIN_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a hook's `audit` call waits for its record to be written before
-/// the call fails closed (a stalled audit disk).
+/// How long a hook's `audit` call waits, by default (`--audit-wait-ms`), for its
+/// record to be written before the call fails closed (a stalled audit disk).
 pub const AUDIT_WAIT: Duration = CHAIN_WAIT;
 
 /// Calls waiting for one instance set at most; more fail closed at once.
