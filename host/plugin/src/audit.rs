@@ -139,6 +139,16 @@ pub fn record(plugin: &str, upstream: Option<&str>, client: Option<Value>, entry
     Value::Object(record).to_string()
 }
 
+/// A wait as an operator wrote it: whole seconds as `5 s`, else `1500 ms`.
+pub(crate) fn wait_text(wait: std::time::Duration) -> String {
+    let ms = wait.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,7 +135,7 @@ impl wit::host_imports::Host for HostState {
             store.audit_stalled = true;
             wasmtime::Error::msg(format!(
                 "the audit log did not take the record within {}",
-                crate::instance::seconds(wait)
+                crate::audit::wait_text(wait)
             ))
         };
         let Some(written) = sink.write(&record) else {

@@ -53,7 +53,7 @@ pub enum Fault {
     #[error("could not be restarted: {0}")]
     Restart(String),
     /// The audit log did not take a record the call wrote (a stalled disk).
-    #[error("could not record its audit entry: the audit log did not take it within {}", seconds(*.0))]
+    #[error("could not record its audit entry: the audit log did not take it within {}", crate::audit::wait_text(*.0))]
     AuditStalled(std::time::Duration),
     /// It returned something invalid (e.g. a reply that is not JSON).
     #[error("returned an invalid result: {0}")]
@@ -485,14 +485,4 @@ pub struct PluginInfo {
     pub profile: Option<String>,
     /// Its counters.
     pub stats: Arc<PluginStats>,
-}
-
-/// A wait as an operator wrote it: whole seconds as `5 s`, else `1500 ms`.
-pub(crate) fn seconds(wait: std::time::Duration) -> String {
-    let ms = wait.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{} s", ms / 1000)
-    } else {
-        format!("{ms} ms")
-    }
 }
