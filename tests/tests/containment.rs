@@ -620,4 +620,9 @@ fn a_stalled_audit_log_fails_audited_commands_closed_and_stalls_nobody_else() {
     // and is refused again while the log stays stalled.
     let again = audited.read_reply();
     assert!(again["error"]["desc"].as_str().is_some(), "{again}");
+    // A reload (logrotate's SIGHUP) cannot reopen a log that takes nothing: it
+    // says so within the wait, and the reload itself goes on.
+    gateway.signal(nix::sys::signal::Signal::SIGHUP);
+    gateway.logged("cannot reopen the audit log");
+    gateway.logged("reloaded");
 }

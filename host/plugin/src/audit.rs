@@ -77,16 +77,31 @@ impl AuditSink {
     }
 
     /// Opens the file again by its path, after the records queued before; blocks
-    /// until done (call it off the async workers). On error the old file stays in
-    /// use.
+    /// (call it off the async workers) for at most the sink's wait, as a hook's
+    /// record would: a stalled log fails the reopen rather than holding a reload.
+    /// On error the old file stays in use.
     pub fn reopen(&self) -> std::io::Result<()> {
+        let stalled = || {
+            std::io::Error::other(format!(
+                "the audit log did not take the records queued before within {}",
+                wait_text(self.wait)
+            ))
+        };
         let (done, result) = std::sync::mpsc::channel();
         self.queue
-            .send(Job::Reopen(done))
-            .map_err(|_| std::io::Error::other("the audit writer has stopped"))?;
-        result
-            .recv()
-            .map_err(|_| std::io::Error::other("the audit writer has stopped"))?
+            .try_send(Job::Reopen(done))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => stalled(),
+                TrySendError::Disconnected(_) => {
+                    std::io::Error::other("the audit writer has stopped")
+                }
+            })?;
+        result.recv_timeout(self.wait).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => stalled(),
+            std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                std::io::Error::other("the audit writer has stopped")
+            }
+        })?
     }
 
     /// Queues one record (a line from [`record`]); the receiver says when it has
