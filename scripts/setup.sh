@@ -34,7 +34,9 @@ prom="$(cd "$(dirname "$0")/.." && pwd)/.tools/prometheus"
 if [ ! -x "$prom/usr/bin/promtool" ]; then
     debs="$(mktemp -d)"
     chmod 0777 "$debs"
-    (cd "$debs" && apt-get download -qq prometheus)
+    # Package lists may be missing on a fresh machine where nothing above installed.
+    (cd "$debs" && apt-get download -qq prometheus) \
+        || { as_root apt-get update -qq && (cd "$debs" && apt-get download -qq prometheus); }
     mkdir -p "$prom"
     dpkg -x "$debs"/prometheus_*.deb "$prom"
     rm -rf "$debs"
