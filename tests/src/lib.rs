@@ -872,6 +872,57 @@ impl QmpClient {
     }
 }
 
+/// A client typing on an HMP (`mode=readline`) listener.
+pub struct HmpClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The banner before the first prompt.
+    pub banner: String,
+}
+
+impl HmpClient {
+    /// Connects and reads the banner up to the first prompt.
+    pub fn connect(path: &Path) -> HmpClient {
+        let stream =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut hmp = HmpClient {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            banner: String::new(),
+        };
+        hmp.banner = hmp.until_prompt();
+        hmp
+    }
+
+    /// Reads up to and without the next `(qemu) ` prompt.
+    pub fn until_prompt(&mut self) -> String {
+        let mut out = Vec::new();
+        while !out.ends_with(b"(qemu) ") {
+            let mut byte = [0u8];
+            self.reader
+                .read_exact(&mut byte)
+                .expect("HMP output ends with a prompt");
+            out.push(byte[0]);
+        }
+        out.truncate(out.len() - 7);
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Types `line` without waiting for what it prints.
+    pub fn type_line(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .unwrap();
+    }
+
+    /// Types `line` and returns what was printed before the next prompt.
+    pub fn run(&mut self, line: &str) -> String {
+        self.type_line(line);
+        self.until_prompt()
+    }
+}
+
 /// A scripted QMP server on one connection, for faults real QEMU will not produce.
 pub struct FakeQemu {
     /// The listening path.

@@ -2,59 +2,22 @@
 //! `human-monitor-command` and typed on an HMP (`mode=readline`) listener, against
 //! real QEMU.
 
-use std::io::{BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use qmpgate_tests::{GatewayBuilder, Qemu, QemuVersion, QmpClient};
+use qmpgate_tests::{GatewayBuilder, HmpClient, Qemu, QemuVersion, QmpClient};
 use serde_json::{Value, json};
 
-/// A client typing on an HMP listener.
-struct Hmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Hmp {
-    fn connect(path: &Path) -> Hmp {
-        let stream = UnixStream::connect(path).unwrap();
-        stream
-            .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
-            .unwrap();
-        let mut hmp = Hmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
-        let banner = hmp.until_prompt();
-        let version = QemuVersion::under_test().prefix();
-        assert!(banner.starts_with(&format!("QEMU {version}")), "{banner:?}");
-        assert!(
-            banner.ends_with("monitor - type 'help' for more information\r\n"),
-            "{banner:?}"
-        );
-        hmp
-    }
-
-    /// Reads up to and without the next `(qemu) ` prompt.
-    fn until_prompt(&mut self) -> String {
-        let mut out = Vec::new();
-        while !out.ends_with(b"(qemu) ") {
-            let mut byte = [0u8];
-            self.reader
-                .read_exact(&mut byte)
-                .expect("HMP output ends with a prompt");
-            out.push(byte[0]);
-        }
-        out.truncate(out.len() - 7);
-        String::from_utf8(out).unwrap()
-    }
-
-    fn run(&mut self, line: &str) -> String {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-        self.until_prompt()
-    }
+/// Connects to an HMP listener and checks QEMU's banner.
+fn connect(path: &Path) -> HmpClient {
+    let hmp = HmpClient::connect(path);
+    let version = QemuVersion::under_test().prefix();
+    let banner = &hmp.banner;
+    assert!(banner.starts_with(&format!("QEMU {version}")), "{banner:?}");
+    assert!(
+        banner.ends_with("monitor - type 'help' for more information\r\n"),
+        "{banner:?}"
+    );
+    hmp
 }
 
 enum Expect {
@@ -200,7 +163,7 @@ fn one_policy_decides_qmp_and_hmp_alike() {
         GatewayBuilder::new(&qemu.upstream_spec()).listener_with("hmp", 4, "mode=readline");
     let gateway = builder.spawn();
     let mut qmp = gateway.negotiated();
-    let mut hmp = Hmp::connect(&hmp_path);
+    let mut hmp = connect(&hmp_path);
 
     for (line, expect) in TABLE {
         let reply = qmp.execute("human-monitor-command", json!({"command-line": line}));
@@ -239,7 +202,7 @@ fn quit_on_hmp_is_denied_exactly_when_qmp_quit_is() {
         .listener_with("hmp", 4, "mode=readline");
     let gateway = builder.spawn();
     let mut qmp = gateway.negotiated();
-    let mut hmp = Hmp::connect(&hmp_path);
+    let mut hmp = connect(&hmp_path);
     let refusal = "Command 'quit' is refused by the readonly profile: it needs the 'safe' profile";
     assert_eq!(qmp.execute("quit", json!({}))["error"]["desc"], refusal);
     assert_eq!(
@@ -275,8 +238,8 @@ fn quit_on_hmp_is_denied_exactly_when_qmp_quit_is() {
         .args(["--profile", "permissive"])
         .listener_with("hmp", 4, "mode=readline");
     let _gateway = builder.spawn();
-    let mut hmp = Hmp::connect(&hmp_path);
-    hmp.writer.write_all(b"quit\r\n").unwrap();
+    let mut hmp = connect(&hmp_path);
+    hmp.type_line("quit");
     assert!(qemu.wait().success());
 }
 
@@ -287,7 +250,7 @@ fn an_hmp_listener_survives_bad_input() {
         .args(["--max-message", "4096"])
         .listener_with("hmp", 4, "mode=readline");
     let gateway = builder.spawn();
-    let mut hmp = Hmp::connect(&hmp_path);
+    let mut hmp = connect(&hmp_path);
     assert_eq!(
         hmp.run(&"x".repeat(100_000)),
         "Error: command line exceeds the limit of 4096 bytes\r\n"
@@ -329,7 +292,7 @@ fn snapshots_work_under_safe_on_an_image_the_vm_has() {
     let (builder, hmp_path) =
         GatewayBuilder::new(&qemu.upstream_spec()).listener_with("hmp", 4, "mode=readline");
     let gateway = builder.spawn();
-    let mut hmp = Hmp::connect(&hmp_path);
+    let mut hmp = connect(&hmp_path);
     let snapshots = || {
         let out = std::process::Command::new("qemu-img")
             .args(["snapshot", "-U", "-l"])

@@ -5,13 +5,15 @@
 //! policy off, against the same kind of QEMU, to show that it *does* have the effect
 //! there (so a passing test means the policy stopped it, not that QEMU could not).
 //! Both QEMU versions the project supports are tried (7.2 and 10.0), on `-M pc`.
+//! HMP lines are tried twice: through `human-monitor-command` and typed on an HMP
+//! listener.
 //!
 //! The same file checks that `safe` still lets everyday management through, and
 //! that the table classifies every command and union variant of both QEMUs' schemas
 //! (`qmpgate policy check`).
 
 use qmpgate_tests::effects::{Sandbox, fd_table, free_port, tcp_listening};
-use qmpgate_tests::{GatewayBuilder, QEMU_PC, Qemu, QemuVersion, QmpClient};
+use qmpgate_tests::{GatewayBuilder, HmpClient, QEMU_PC, Qemu, QemuVersion, QmpClient};
 use serde_json::{Value, json};
 
 /// What a vector does to the host when nothing stops it.
@@ -273,6 +275,39 @@ fn vectors(sb: &Sandbox) -> Vec<Vector> {
             Effect::Creates("ran-hmp-quoted"),
         ),
         v(
+            "HMP migrate with a glued flag and no quotes",
+            hmp(&format!(
+                "migrate -dexec:touch${{IFS}}{}",
+                p("ran-hmp-bare")
+            )),
+            Effect::Creates("ran-hmp-bare"),
+        ),
+        v(
+            "HMP chardev-add with the implied key repeated",
+            hmp(&format!(
+                "chardev-add null,id=hr,backend=file,path={}",
+                p("new-hmp-repeat")
+            )),
+            Effect::Creates("new-hmp-repeat"),
+        ),
+        Vector {
+            // QEMU 10.0 dropped the aliases.
+            only: Some(QemuVersion::V7_2),
+            ..v(
+                "HMP chardev-add by an alias (tty = serial)",
+                hmp(&format!("chardev-add tty,id=ht,path={}", p("secret"))),
+                Effect::Opens("secret"),
+            )
+        },
+        Vector {
+            only: Some(QemuVersion::V7_2),
+            ..v(
+                "HMP chardev-add by an alias (parport = parallel)",
+                hmp(&format!("chardev-add parport,id=hpp,path={}", p("secret"))),
+                Effect::Opens("secret"),
+            )
+        },
+        v(
             "HMP chardev-add with a quoted spec",
             hmp(&format!(
                 "chardev-add \"file,id=hq,path={}\"",
@@ -359,21 +394,26 @@ struct Target {
     qemu: Qemu,
     _gateway: qmpgate_tests::Gateway,
     client: QmpClient,
+    /// A client on the gateway's HMP (`mode=readline`) listener.
+    hmp: HmpClient,
 }
 
 impl Target {
     fn start(version: QemuVersion, policy: bool) -> Target {
         let qemu = Qemu::start_version(version, QEMU_PC);
-        let mut builder = GatewayBuilder::new(&qemu.upstream_spec());
+        let (mut builder, hmp_path) =
+            GatewayBuilder::new(&qemu.upstream_spec()).listener_with("hmp", 4, "mode=readline");
         if !policy {
             builder = builder.args(["--no-default-policy"]);
         }
         let gateway = builder.spawn();
         let client = gateway.negotiated();
+        let hmp = HmpClient::connect(&hmp_path);
         Target {
             qemu,
             _gateway: gateway,
             client,
+            hmp,
         }
     }
 
@@ -441,6 +481,29 @@ fn promise_holds(version: QemuVersion) {
             vector.effect,
             sb.new_entries()
         );
+
+        // An HMP line is typed on the HMP listener too (on a fresh QEMU and sandbox).
+        if vector.command["execute"] != "human-monitor-command" {
+            continue;
+        }
+        let sb = Sandbox::new();
+        let vector = vectors(&sb).remove(index);
+        let line = vector.command["arguments"]["command-line"]
+            .as_str()
+            .unwrap();
+        let mut open = Target::start(version, false);
+        for step in &vector.setup {
+            open.run(step);
+        }
+        let fds = fd_table(open.qemu.pid()).len();
+        let output = open.hmp.run(line);
+        assert!(
+            happened(&vector.effect, &sb, fds, open.qemu.pid()),
+            "QEMU {version:?} without policy, on the HMP listener: '{}' should have had {:?}, output {output:?}, sandbox {:?}",
+            vector.name,
+            vector.effect,
+            sb.new_entries()
+        );
     }
 
     // Through `safe`: refused by the gateway, and nothing happened on the host. One
@@ -473,6 +536,39 @@ fn promise_holds(version: QemuVersion) {
             fd_table(pid),
             fds,
             "QEMU {version:?}: '{}' changed QEMU's fds",
+            vector.name
+        );
+        assert!(gated.link_up(), "'{}' cut the gateway's link", vector.name);
+    }
+
+    // The HMP lines again, typed on the HMP listener: the same refusal, the same
+    // absence of effects.
+    for vector in vectors(&sb) {
+        let Some(line) = vector.command["arguments"]["command-line"].as_str() else {
+            continue;
+        };
+        if vector.only.is_some_and(|only| only != version) {
+            continue;
+        }
+        let pid = gated.qemu.pid();
+        let fds = fd_table(pid);
+        let output = gated.hmp.run(line);
+        assert!(
+            output.starts_with("Error: ")
+                && (output.contains("refused by the safe profile")
+                    || output.contains("HMP command line refused")),
+            "QEMU {version:?}: '{}' was not refused on the HMP listener: {output:?}",
+            vector.name
+        );
+        assert!(
+            !happened(&vector.effect, &sb, fds.len(), pid),
+            "QEMU {version:?}: '{}' had its effect on the HMP listener",
+            vector.name
+        );
+        assert_eq!(
+            fd_table(pid),
+            fds,
+            "QEMU {version:?}: '{}' changed QEMU's fds (HMP listener)",
             vector.name
         );
         assert!(gated.link_up(), "'{}' cut the gateway's link", vector.name);
