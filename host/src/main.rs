@@ -396,7 +396,7 @@ fn man(out: Option<&Path>) -> anyhow::Result<u8> {
     // Gives each subcommand its full name (qmpgate-policy-show), the page's name.
     cli.build();
     let Some(dir) = out else {
-        std::io::stdout().write_all(manual_page(cli)?.1.as_bytes())?;
+        std::io::stdout().write_all(&manual_page(cli)?.1)?;
         return Ok(0);
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -415,31 +415,15 @@ fn man(out: Option<&Path>) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// One command's page: its file name (qmpgate-run.1) and its roff source.
-///
-/// The footer names qmpgate's version alone (the `--version` text has a second
-/// line, which a `.TH` line cannot hold). The help's indented lines (examples,
-/// chardev specs) are kept as written: clap_mangen would fill them like prose.
-fn manual_page(command: clap::Command) -> anyhow::Result<(String, String)> {
+/// One command's page: its file name (qmpgate-run.1) and its roff source. The
+/// footer names qmpgate's version alone: the `--version` text has a second line,
+/// which a `.TH` line cannot hold.
+fn manual_page(command: clap::Command) -> anyhow::Result<(String, Vec<u8>)> {
     let page =
         clap_mangen::Man::new(command).source(concat!("qmpgate ", env!("CARGO_PKG_VERSION")));
     let mut roff = Vec::new();
     page.render(&mut roff)?;
-    let mut text = String::new();
-    let mut verbatim = false;
-    for line in String::from_utf8(roff)?.lines() {
-        let indented = line.starts_with("  ");
-        if indented != verbatim {
-            text.push_str(if indented { ".nf\n" } else { ".fi\n" });
-            verbatim = indented;
-        }
-        text.push_str(line);
-        text.push('\n');
-    }
-    if verbatim {
-        text.push_str(".fi\n");
-    }
-    Ok((page.get_filename(), text))
+    Ok((page.get_filename(), roff))
 }
 
 fn main() -> ExitCode {
