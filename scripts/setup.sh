@@ -2,8 +2,8 @@
 # Installs what qmpgate needs on a Debian machine with the Rust toolchain.
 #   scripts/setup.sh run    what building and running needs (./run.sh)
 #   scripts/setup.sh test   that plus what the tests need (./test.sh): socat, openssl,
-#                           qemu-img, systemd-analyze, promtool, QEMU 10.0 beside 7.2,
-#                           qemu.qmp, cargo-fuzz
+#                           qemu-img, systemd-analyze, make, man, promtool, QEMU 10.0
+#                           beside 7.2, qemu.qmp, cargo-fuzz
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 mode="${1:-test}"
@@ -20,12 +20,14 @@ fi
 
 # socat is the plain relay in the benchmark; openssl makes the TLS tests' certificates;
 # qemu-img (qemu-utils) the qcow2 disks the snapshot tests save into;
-# systemd-analyze checks the units in contrib/systemd.
+# systemd-analyze checks the units in contrib/systemd; make runs `make install` and
+# man (man-db) renders the pages it installed.
 if ! command -v socat >/dev/null || ! command -v openssl >/dev/null || ! command -v qemu-img >/dev/null \
-    || ! command -v systemd-analyze >/dev/null; then
+    || ! command -v systemd-analyze >/dev/null || ! command -v make >/dev/null \
+    || ! command -v man >/dev/null; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        socat openssl qemu-utils systemd
+        socat openssl qemu-utils systemd make man-db
 fi
 
 # promtool checks /metrics; it is unpacked from Debian's prometheus package under

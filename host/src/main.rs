@@ -2,13 +2,14 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use qmpgate::control::config::{self, FileConfig, Overrides};
@@ -26,14 +27,16 @@ use qmpgate::upstream::{self, Outcome};
 ///
 ///   socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off
 ///   socket,id=qmp,host=127.0.0.1,port=4444,server=on
-///   socket,id=qmp,fd=3,server=on       (a socket inherited from the parent)
-///   socket,id=qmp,systemd=qmp          (systemd socket activation, by FileDescriptorName)
+///   socket,id=qmp,fd=3,server=on   (a socket inherited from the parent)
+///   socket,id=qmp,systemd=qmp      (systemd socket activation, by its
+///                                   FileDescriptorName=)
 ///
 /// Examples:
 ///
 ///   qmpgate --upstream socket,id=qemu,path=/run/vm1/qmp.sock \
-///           --listen socket,id=qmp,path=/run/vm1/gate.sock,server=on,wait=off
-///   qmpgate run --listen socket,id=qmp,path=vm.sock,server=on -- qemu-system-x86_64 -M none
+///       --listen socket,id=qmp,path=/run/vm1/gate.sock,server=on
+///   qmpgate run --listen socket,id=qmp,path=vm.sock,server=on \
+///       -- qemu-system-x86_64 -M none
 #[derive(Debug, Parser)]
 #[command(
     verbatim_doc_comment,
@@ -101,6 +104,35 @@ enum Command {
     Policy {
         #[command(subcommand)]
         action: PolicyAction,
+    },
+    /// Print a shell's completion script for qmpgate.
+    ///
+    /// Where each shell finds it, for every user (`make install` puts it there, under
+    /// its PREFIX) or for one:
+    ///
+    ///   bash: /usr/share/bash-completion/completions/qmpgate
+    ///         ~/.local/share/bash-completion/completions/qmpgate
+    ///   zsh:  /usr/share/zsh/site-functions/_qmpgate
+    ///         _qmpgate in any folder of $fpath
+    ///   fish: /usr/share/fish/vendor_completions.d/qmpgate.fish
+    ///         ~/.config/fish/completions/qmpgate.fish
+    #[command(
+        verbatim_doc_comment,
+        about = "Print a shell's completion script for qmpgate"
+    )]
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print qmpgate's manual page, or write one page per subcommand into a folder.
+    ///
+    /// With --out DIR: qmpgate.1, qmpgate-run.1, qmpgate-policy-show.1, ... (the
+    /// folder is created if missing). Read one with `man -l qmpgate.1`.
+    Man {
+        /// Write every page into this folder instead of printing the main page.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -347,6 +379,53 @@ fn policy(action: &PolicyAction) -> anyhow::Result<u8> {
     }
 }
 
+/// `qmpgate completions SHELL`: the script, generated from this command line's
+/// definition, on stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "qmpgate", &mut script);
+    std::io::stdout().write_all(&script)?;
+    Ok(0)
+}
+
+/// `qmpgate man [--out DIR]`: the manual pages, rendered from this command line's
+/// definition: the main page on stdout, or it and one page per subcommand in DIR.
+fn man(out: Option<&Path>) -> anyhow::Result<u8> {
+    // No page for `help`: each page already says what `--help` would.
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    // Gives each subcommand its full name (qmpgate-policy-show), the page's name.
+    cli.build();
+    let Some(dir) = out else {
+        std::io::stdout().write_all(&manual_page(cli)?.1)?;
+        return Ok(0);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut pending = vec![cli];
+    while let Some(command) = pending.pop() {
+        pending.extend(
+            command
+                .get_subcommands()
+                .filter(|c| !c.is_hide_set())
+                .cloned(),
+        );
+        let (name, page) = manual_page(command)?;
+        let path = dir.join(name);
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(0)
+}
+
+/// One command's page: its file name (qmpgate-run.1) and its roff source. The
+/// footer names qmpgate's version alone: the `--version` text has a second line,
+/// which a `.TH` line cannot hold.
+fn manual_page(command: clap::Command) -> anyhow::Result<(String, Vec<u8>)> {
+    let page =
+        clap_mangen::Man::new(command).source(concat!("qmpgate ", env!("CARGO_PKG_VERSION")));
+    let mut roff = Vec::new();
+    page.render(&mut roff)?;
+    Ok((page.get_filename(), roff))
+}
+
 fn main() -> ExitCode {
     // Before anything opens a file: every fd above stderr now is one the parent
     // passed, and none may be confused with, or leak like, one of our own.
@@ -412,6 +491,8 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
             .await?);
         }
         Some(Command::Policy { action }) => return policy(action),
+        Some(Command::Completions { shell }) => return completions(*shell),
+        Some(Command::Man { out }) => return man(out.as_deref()),
         None => (&cli.gateway, None, None, false),
     };
     let file = match &args.config {

@@ -59,6 +59,10 @@ pub fn qmpgate_bin() -> PathBuf {
     bin
 }
 
+/// qmpgate's subcommands as a user types them: each has a line in `--help`, a
+/// manual page and a completion.
+pub const SUBCOMMANDS: &[&str] = &["run", "plugin", "policy", "completions", "man"];
+
 /// A plugin component built by `build.rs`, e.g. `guest("fixture_spin")`.
 pub fn guest(name: &str) -> PathBuf {
     let path = Path::new(env!("QMPGATE_GUEST_DIR")).join(format!("{name}.wasm"));

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, guest, qmpgate_bin, tempdir};
+use qmpgate_tests::{GatewayBuilder, Qemu, QmpClient, SUBCOMMANDS, guest, qmpgate_bin, tempdir};
 
 /// Runs qmpgate with `args`; returns its exit code and what it printed on stderr.
 fn qmpgate(args: &[&str], cwd: &std::path::Path) -> (Option<i32>, String) {
@@ -19,6 +19,35 @@ fn qmpgate(args: &[&str], cwd: &std::path::Path) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `qmpgate --help` lists every subcommand, each with what it does, and no other
+/// but `help`.
+#[test]
+fn help_lists_every_subcommand_with_what_it_does() {
+    let out = Command::new(qmpgate_bin()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let commands = help
+        .split_once("\nCommands:\n")
+        .and_then(|(_, rest)| rest.split_once("\n\n"))
+        .map(|(commands, _)| commands)
+        .unwrap_or_else(|| panic!("no Commands section:\n{help}"));
+    // `  NAME  description`; a description's continuation lines start with spaces only.
+    let listed: Vec<(&str, &str)> = commands
+        .lines()
+        .filter_map(|line| line.strip_prefix("  "))
+        .filter(|line| !line.starts_with(' '))
+        .map(|line| line.split_once(' ').unwrap_or((line, "")))
+        .map(|(name, description)| (name, description.trim()))
+        .collect();
+    let names: Vec<&str> = listed.iter().map(|(name, _)| *name).collect();
+    let mut expected = SUBCOMMANDS.to_vec();
+    expected.push("help");
+    assert_eq!(names, expected, "{help}");
+    for (name, description) in listed {
+        assert!(description.len() > 10, "{name} has no description:\n{help}");
+    }
 }
 
 #[test]
