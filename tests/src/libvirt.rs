@@ -142,7 +142,7 @@ impl DomainBuilder {
         let dir = crate::tempdir();
         let emulator = match &self.emulator {
             Emulator::Qemu => PathBuf::from(SYSTEM_QEMU),
-            Emulator::Qmpgate(args) => qmpgate_emulator(dir.path(), args),
+            Emulator::Qmpgate(args) => qmpgate_emulator(args),
         };
         let serial = dir.path().join("serial.log");
         let guest = guest_dir();
@@ -188,9 +188,14 @@ impl DomainBuilder {
     }
 }
 
-/// Writes the emulator libvirt runs for [`Emulator::Qmpgate`]: a script that sets the
+/// The emulator libvirt runs for [`Emulator::Qmpgate`]: a script that sets the
 /// wrapper's variables (libvirt clears the environment) and runs the wrapper.
-fn qmpgate_emulator(dir: &Path, args: &[String]) -> PathBuf {
+///
+/// Its path is named after its content and the file is never rewritten: libvirt
+/// probes every new emulator (starting QEMU twice, ~4 s) and probes again when the
+/// file's ctime changes, so tests with the same script share one probe.
+fn qmpgate_emulator(args: &[String]) -> PathBuf {
+    use std::hash::{Hash, Hasher};
     use std::os::unix::fs::PermissionsExt;
     let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/libvirt/qmpgate-emulator");
     let cache = std::env::temp_dir().join("qmpgate-test-cache");
@@ -202,9 +207,18 @@ fn qmpgate_emulator(dir: &Path, args: &[String]) -> PathBuf {
         args = args.join(" "),
         wrapper = wrapper.display(),
     );
-    let path = dir.join("emulator");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    script.hash(&mut hasher);
+    let dir = std::env::temp_dir().join("qmpgate-test-libvirt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("emulator-{:016x}", hasher.finish()));
+    if !path.exists() {
+        // Written whole under another name first: libvirt may run it at once.
+        let partial = dir.join(format!("emulator.{}.partial", std::process::id()));
+        std::fs::write(&partial, script).unwrap();
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&partial, &path).unwrap();
+    }
     path
 }
 
@@ -219,7 +233,7 @@ pub struct Domain {
     /// [`Domain::wait_ready`] waits for this boot's marker.
     boots: usize,
     boot_timeout: Duration,
-    /// Holds the XML, the serial log and the emulator script.
+    /// Holds the XML and the serial log.
     _dir: tempfile::TempDir,
 }
 

@@ -8,7 +8,7 @@
 //! libvirt's QEMU 7.2 whatever `QMPGATE_TEST_QEMU` says, hence `qemu_7_2` in their
 //! names.
 
-use qmpgate_tests::libvirt::{Domain, DomainBuilder, GUEST_POWER_OFF};
+use qmpgate_tests::libvirt::{Domain, DomainBuilder, Emulator, GUEST_POWER_OFF};
 use serde_json::json;
 
 /// The operations libvirt performs on every VM, checked by their effects.
@@ -56,4 +56,14 @@ fn lifecycle(mut domain: Domain) {
 #[test]
 fn a_domain_on_plain_qemu_7_2_starts_pauses_answers_and_shuts_down() {
     lifecycle(DomainBuilder::new().define());
+}
+
+#[test]
+#[ignore = "qmpgate run closes the fds libvirt passes for QEMU (-add-fd for the file serial console): issue 19 item 1"]
+fn a_domain_through_qmpgate_qemu_7_2_behaves_as_on_plain_qemu() {
+    lifecycle(
+        DomainBuilder::new()
+            .emulator(Emulator::Qmpgate(Vec::new()))
+            .define(),
+    );
 }
