@@ -14,9 +14,14 @@ use serde_json::json;
 /// The operations libvirt performs on every VM, checked by their effects.
 fn lifecycle(mut domain: Domain) {
     assert_eq!(domain.state(), "shut off");
+    let started = std::time::Instant::now();
     domain.start();
     let boot = domain.wait_ready();
-    eprintln!("{}: booted in {boot:?}", domain.name);
+    eprintln!(
+        "{}: started in {:?}, booted in {boot:?}",
+        domain.name,
+        started.elapsed() - boot
+    );
     assert_eq!(domain.state(), "running");
 
     domain.run("suspend", &[]);
@@ -39,8 +44,10 @@ fn lifecycle(mut domain: Domain) {
     assert_eq!(domain.hmp("info status"), "VM status: running");
 
     // The guest powers off on the button: libvirt sees QEMU exit.
+    let shutdown = std::time::Instant::now();
     domain.run("shutdown", &[]);
     domain.wait_state("shut off");
+    eprintln!("{}: shut down in {:?}", domain.name, shutdown.elapsed());
     assert!(
         domain.serial_text().contains(GUEST_POWER_OFF),
         "{}",
@@ -49,7 +56,9 @@ fn lifecycle(mut domain: Domain) {
 
     domain.start();
     domain.wait_ready();
+    let destroy = std::time::Instant::now();
     domain.run("destroy", &[]);
+    eprintln!("{}: destroyed in {:?}", domain.name, destroy.elapsed());
     assert_eq!(domain.state(), "shut off");
 }
 
@@ -59,7 +68,6 @@ fn a_domain_on_plain_qemu_7_2_starts_pauses_answers_and_shuts_down() {
 }
 
 #[test]
-#[ignore = "qmpgate run closes the fds libvirt passes for QEMU (-add-fd for the file serial console): issue 19 item 1"]
 fn a_domain_through_qmpgate_qemu_7_2_behaves_as_on_plain_qemu() {
     lifecycle(
         DomainBuilder::new()
