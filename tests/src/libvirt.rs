@@ -57,17 +57,24 @@ pub fn virsh<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<String, String> {
 /// built: a machine without libvirt fails these tests rather than skipping them.
 /// Also removes domains left by test processes that died without cleaning up.
 fn require_libvirt() {
-    static CHECKED: std::sync::Once = std::sync::Once::new();
-    CHECKED.call_once(|| {
+    // Checked once per test process; every test that needs libvirt gets the message.
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let checked = CHECKED.get_or_init(|| {
         if let Err(e) = virsh(&["version"]) {
-            panic!("libvirt is not running here ({e}): {SETUP}");
+            return Err(format!("libvirt is not running here ({e}): {SETUP}"));
         }
         for file in ["vmlinuz", "initrd.img"] {
             let path = guest_dir().join(file);
-            assert!(path.exists(), "{} is missing: {SETUP}", path.display());
+            if !path.exists() {
+                return Err(format!("{} is missing: {SETUP}", path.display()));
+            }
         }
         sweep_stale_domains();
+        Ok(())
     });
+    if let Err(e) = checked {
+        panic!("{e}");
+    }
 }
 
 /// Destroys and undefines test domains whose test process is gone (killed tests
