@@ -8,10 +8,10 @@
 //! `-netdev tap,fd=32,vhostfd=33` or its JSON form `-netdev
 //! {"type":"tap","fd":"32"}`, `-incoming fd:34`. This module finds those numbers
 //! with QEMU's own readings of the arguments:
-//! - `-add-fd` and `-chardev` are QemuOpts strings; `-netdev`, `-nic`, `-object`,
-//!   `-device` and `-blockdev` are QemuOpts/keyval strings or, when they start with
-//!   `{`, JSON (read with [`crate::qjson`], QEMU's dialect), flattened here to
-//!   keyval's dotted keys (`addr.type`);
+//! - `-add-fd`, `-chardev` and `-drive` are QemuOpts strings; `-netdev`, `-nic`,
+//!   `-object`, `-device` and `-blockdev` are QemuOpts/keyval strings or, when they
+//!   start with `{`, JSON (read with [`crate::qjson`], QEMU's dialect), flattened
+//!   here to keyval's dotted keys (`addr.type`);
 //! - a key whose last part is `fd` or `vhostfd` names one fd, `fds` or `vhostfds`
 //!   a colon-separated list (QEMU's tap options), and a socket address of `type`
 //!   `fd` names one with `str` (QAPI's `SocketAddress`, as in `-netdev stream` and
@@ -23,7 +23,9 @@
 //! option's argument is the word after it, as QEMU reads it; a word is taken as an
 //! option only where an option can stand, so the value of an option this module
 //! does not know (`-append "-add-fd"`) is misread only if it is itself one of the
-//! options above, which no real command line does.
+//! options above, which no real command line does. Not read: `-readconfig` files
+//! and `-set`, which can give an option group keys of their own; an fd named only
+//! there does not reach QEMU.
 
 use std::os::fd::RawFd;
 
@@ -49,7 +51,7 @@ impl std::fmt::Display for FdUse {
 /// How QEMU reads the argument of an option that can name fds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Syntax {
-    /// QemuOpts only (`-add-fd`, `-chardev`).
+    /// QemuOpts only (`-add-fd`, `-chardev`, `-drive`).
     Opts,
     /// QemuOpts/keyval, or JSON when it starts with `{`.
     OptsOrJson,
@@ -60,8 +62,8 @@ enum Syntax {
 /// The options whose arguments can name fds, without their leading dash.
 fn syntax(option: &str) -> Option<Syntax> {
     match option {
-        "add-fd" | "chardev" => Some(Syntax::Opts),
-        "netdev" | "nic" | "object" | "device" | "blockdev" | "drive" => Some(Syntax::OptsOrJson),
+        "add-fd" | "chardev" | "drive" => Some(Syntax::Opts),
+        "netdev" | "nic" | "object" | "device" | "blockdev" => Some(Syntax::OptsOrJson),
         "incoming" => Some(Syntax::Incoming),
         _ => None,
     }
