@@ -3,7 +3,8 @@
 #   scripts/setup.sh run    what building and running needs (./run.sh)
 #   scripts/setup.sh test   that plus what the tests need (./test.sh): socat, openssl,
 #                           qemu-img, systemd-analyze, make, man, promtool, QEMU 10.0
-#                           beside 7.2, qemu.qmp, cargo-fuzz
+#                           beside 7.2, qemu.qmp, cargo-fuzz, and libvirt with a tiny
+#                           guest (scripts/setup-libvirt.sh: starts libvirtd)
 # Idempotent: each step is skipped when already done.
 set -euo pipefail
 mode="${1:-test}"
@@ -78,3 +79,7 @@ fi
 if ! command -v cargo-fuzz >/dev/null; then
     cargo install -q --locked cargo-fuzz
 fi
+
+# libvirt 9.0 (libvirtd started by hand) and a guest kernel + initramfs for
+# tests/tests/libvirt.rs.
+"$(dirname "$0")/setup-libvirt.sh"

@@ -511,7 +511,8 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
             let runas = runas
                 .map(qmpgate::control::launcher::RunAs::lookup)
                 .transpose()?;
-            let prepared = (qmpgate::control::launcher::prepare()?, runas);
+            let argv = qemu.as_deref().unwrap_or_default();
+            let prepared = (qmpgate::control::launcher::prepare(argv, &mut fds)?, runas);
             // `,,` escapes a comma inside a chardev value.
             let path = prepared.0.monitor.display().to_string().replace(',', ",,");
             overrides.upstreams = vec![format!("socket,id=qemu,path={path}")];

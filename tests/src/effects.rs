@@ -27,6 +27,21 @@ pub fn fd_table(pid: u32) -> BTreeMap<i32, String> {
     table
 }
 
+/// The fd numbers under which process `pid` holds the file or socket that `ours`
+/// is open on (same device and inode), from its /proc fd links.
+pub fn fds_open_on(pid: u32, ours: &impl std::os::fd::AsFd) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = nix::sys::stat::fstat(ours.as_fd()).expect("fstat");
+    fd_table(pid)
+        .into_keys()
+        .filter(|fd| {
+            // stat() follows the link to the open file itself, sockets included.
+            std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+                .is_ok_and(|m| m.dev() == ours.st_dev as u64 && m.ino() == ours.st_ino as u64)
+        })
+        .collect()
+}
+
 /// Whether anything on the host listens on TCP `port` (IPv4 or IPv6).
 pub fn tcp_listening(port: u16) -> bool {
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {

@@ -9,7 +9,8 @@
 //! - [`QmpClient`]: a small blocking QMP client that shows the bytes a user sees;
 //! - [`FakeQemu`]: a scripted QMP server for faults real QEMU will not produce;
 //! - [`guest`]: paths of the plugin components built from source by `build.rs`;
-//! - [`effects`]: what QEMU did to the host (files, listeners, fds), for security tests.
+//! - [`effects`]: what QEMU did to the host (files, listeners, fds), for security tests;
+//! - [`libvirt`]: a small TCG domain driven with `virsh`, on QEMU or through qmpgate.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use command_fds::{CommandFdExt, FdMapping};
 
 pub mod effects;
+pub mod libvirt;
 use serde_json::{Value, json};
 
 /// How long any single wait in a test may take before the test fails.

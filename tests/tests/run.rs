@@ -391,3 +391,180 @@ fn a_silent_qemu_is_killed_only_with_kill_qemu_on_link_loss() {
         }
     }
 }
+
+/// QEMU's arguments for [`QEMU_NONE`] plus what a parent such as libvirt passes
+/// by number: a file behind fd set 0 (`-add-fd`) and a listening socket for a
+/// chardev, each with an HMP monitor on it, which greets (in the file at start, on
+/// the socket to whoever connects): proof that QEMU uses what it was passed.
+fn qemu_with_passed_fds(file_fd: i32, socket_fd: i32) -> Vec<String> {
+    let set = format!("set=0,fd={file_fd},opaque=serial0-source");
+    let socket = format!("socket,id=passed,fd={socket_fd},server=on,wait=off");
+    qemu_argv(
+        &[
+            QEMU_NONE,
+            &["-add-fd", &set],
+            &["-chardev", "file,id=out,path=/dev/fdset/0,append=on"],
+            &["-mon", "chardev=out,mode=readline"],
+            &["-chardev", &socket],
+            &["-mon", "chardev=passed,mode=readline"],
+        ]
+        .concat(),
+    )
+}
+
+/// What an HMP monitor listening at `path` says first.
+fn hmp_greeting(path: &Path) -> String {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(qmpgate_tests::TIMEOUT))
+        .unwrap();
+    let mut greeting = Vec::new();
+    let mut buf = [0u8; 256];
+    while !greeting.ends_with(b"(qemu) ") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => greeting.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&greeting).into_owned()
+}
+
+/// A file opened as libvirt opens a file serial console's log: write-only, append.
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap()
+}
+
+/// A listening socket, non-blocking as QEMU needs its listening fds (see above).
+fn passed_listener(path: &Path) -> std::os::unix::net::UnixListener {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    listener
+}
+
+/// What a parent opened for QEMU and named in its arguments reaches QEMU under the
+/// same number, and works there; what it did not name stays qmpgate's.
+#[test]
+fn fds_that_qemus_arguments_name_reach_qemu_and_no_other() {
+    let dir = tempdir();
+    let log = dir.path().join("serial.log");
+    let socket = dir.path().join("passed.sock");
+    let unnamed = dir.path().join("unnamed");
+    // Copies kept by the test, to recognise the open files in QEMU's fd table.
+    let (log_fd, socket_fd, unnamed_fd) =
+        (log_file(&log), passed_listener(&socket), log_file(&unnamed));
+    let builder = GatewayBuilder::base()
+        .fd(log_fd.try_clone().unwrap(), 30)
+        .fd(socket_fd.try_clone().unwrap(), 31)
+        .fd(unnamed_fd.try_clone().unwrap(), 40);
+    let gateway = run(dir.path(), builder, &qemu_with_passed_fds(30, 31));
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    let qemu = qemu_pid(&gateway);
+    use qmpgate_tests::effects::fds_open_on;
+    assert_eq!(fds_open_on(qemu, &socket_fd), [31], "the chardev's socket");
+    // QEMU keeps an -add-fd fd in its fd set under a number of its own (it dups
+    // it and closes fd 30); the path is /dev/fdset/0, so QEMU can hold this file only
+    // because it was passed.
+    assert!(
+        !fds_open_on(qemu, &log_fd).is_empty(),
+        "QEMU holds the -add-fd file: {:?}",
+        qmpgate_tests::effects::fd_table(qemu)
+    );
+    assert_eq!(
+        fds_open_on(qemu, &unnamed_fd),
+        [] as [i32; 0],
+        "an inherited fd QEMU's arguments do not name reached QEMU"
+    );
+    // They work there: the HMP monitor greets through the fd set into the file, and
+    // the chardev accepts on the socket.
+    eventually("QEMU's HMP monitor to write into the passed file", || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("monitor - type 'help'")
+    });
+    assert!(hmp_greeting(&socket).contains("monitor - type 'help'"));
+}
+
+/// QEMU's monitor socket gets a number above every passed fd: a parent may pass
+/// fd 3 (the number qmpgate used to give the monitor) without a clash.
+#[test]
+fn a_passed_fd_3_does_not_collide_with_qemus_monitor() {
+    let dir = tempdir();
+    let log = dir.path().join("serial.log");
+    let log_fd = log_file(&log);
+    let passed = passed_listener(&dir.path().join("passed.sock"));
+    let gate = std::os::unix::net::UnixListener::bind(dir.path().join("gate.sock")).unwrap();
+    let gateway = GatewayBuilder::base()
+        .fd(gate, 5)
+        .fd(log_fd.try_clone().unwrap(), 3)
+        .fd(passed.try_clone().unwrap(), 4)
+        .args(["--listen", "socket,id=qmp,fd=5,server=on"])
+        .spawn_run(&qemu_with_passed_fds(3, 4));
+    let mut c = QmpClient::negotiated(&dir.path().join("gate.sock"));
+    assert_eq!(
+        c.execute("query-status", json!({}))["return"]["status"],
+        "prelaunch"
+    );
+    let qemu = qemu_pid(&gateway);
+    assert!(!qmpgate_tests::effects::fds_open_on(qemu, &log_fd).is_empty());
+    assert_eq!(qmpgate_tests::effects::fds_open_on(qemu, &passed), [4]);
+    assert!(hmp_greeting(&dir.path().join("passed.sock")).contains("monitor - type 'help'"));
+    eventually("QEMU's HMP monitor to write into the passed file", || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("monitor - type 'help'")
+    });
+    // The monitor went to the number after the highest passed fd.
+    let table = qmpgate_tests::effects::fd_table(qemu);
+    assert!(
+        table.get(&5).is_some_and(|t| t.starts_with("socket:")),
+        "{table:?}"
+    );
+}
+
+/// An fd QEMU's arguments name that qmpgate was not given is a start-up error that
+/// names it, before QEMU starts (QEMU's own error would name only the number).
+#[test]
+fn an_fd_named_for_qemu_but_not_inherited_stops_start_up() {
+    let dir = tempdir();
+    let (program, marker) = marking_program(dir.path());
+    let mut gateway = run(
+        dir.path(),
+        GatewayBuilder::base(),
+        &[program.to_str().unwrap(), "-add-fd", "set=0,fd=40,opaque=x"],
+    );
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "QEMU's argument '-add-fd set=0,fd=40,opaque=x' names fd 40, which qmpgate did \
+             not inherit"
+        ),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "QEMU was started");
+
+    // An fd that one of qmpgate's own listeners has is no more QEMU's.
+    std::fs::remove_file(dir.path().join("gate.sock")).unwrap();
+    let mut gateway = run(
+        dir.path(),
+        GatewayBuilder::base(),
+        &[
+            program.to_str().unwrap(),
+            "-chardev",
+            "socket,id=c,fd=3,server=on",
+        ],
+    );
+    let (code, stderr) = gateway.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("fd 3 is already used by"), "{stderr}");
+    assert!(!marker.exists(), "QEMU was started");
+}

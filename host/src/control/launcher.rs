@@ -3,10 +3,15 @@
 //!
 //! [`prepare`] binds a listening unix socket in a fresh private directory (created
 //! 0700 and the socket chmod-ed 0600 whatever the umask: whoever reaches QEMU's
-//! monitor skips every policy). `main` then checks everything that can fail
+//! monitor skips every policy), and claims the inherited fds that QEMU's own
+//! arguments name (`-add-fd set=0,fd=30`, found by [`cmdline`]): a parent such as
+//! libvirt opens files and sockets for QEMU and names them by number, so those
+//! reach QEMU under the same numbers, untouched; every other inherited fd stays
+//! qmpgate's, close-on-exec. `main` then checks everything that can fail
 //! (configuration, plugins, listeners) before [`Prepared::spawn`] starts QEMU with
-//! the socket as an inherited fd (`-chardev socket,id=qmpgate-mon,fd=3,server=on,
-//! wait=off -mon chardev=qmpgate-mon,mode=control`) and closes its own copy.
+//! the socket as an inherited fd (`-chardev socket,id=qmpgate-mon,fd=M,server=on,
+//! wait=off -mon chardev=qmpgate-mon,mode=control`, M above every passed fd so the
+//! numbers cannot collide) and closes its own copy.
 //! Because the socket is listening before QEMU starts, the one `connect()` cannot
 //! race QEMU's start-up; and because qmpgate keeps no copy, a QEMU that dies at
 //! start-up makes that connect fail at once instead of hanging in the backlog.
@@ -18,17 +23,22 @@
 //! [`DEFAULT_SANDBOX`], as libvirt starts QEMU.
 //!
 //! [`spawn`]: Prepared::spawn
+//! [`cmdline`]: qmpgate_protocol::cmdline
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
 use command_fds::{CommandFdExt, FdMapping};
+use qmpgate_protocol::cmdline;
 use thiserror::Error;
 
-/// The fd number QEMU sees its monitor socket on.
-const QEMU_MONITOR_FD: i32 = 3;
+use crate::io::{FdTable, PassError};
+
+/// The lowest fd number QEMU sees its monitor socket on: the first after stderr.
+/// It is raised above every fd passed to QEMU (see [`monitor_fd`]).
+const FIRST_MONITOR_FD: RawFd = 3;
 
 /// QEMU's seccomp sandbox as libvirt starts QEMU: no obsolete system calls, no
 /// privilege changes, no new processes, no resource-control calls. It does not stop
@@ -53,14 +63,19 @@ pub enum LaunchError {
     /// The `--runas` user cannot be used.
     #[error("--runas: {0}")]
     User(String),
-    /// Mapping the fd into the child failed.
+    /// Mapping the fds into the child failed.
     #[error("cannot pass the monitor socket to QEMU: {0}")]
     Fd(String),
+    /// An fd that QEMU's arguments name cannot be passed to it.
+    #[error(transparent)]
+    Pass(#[from] PassError),
 }
 
 /// The monitor socket, bound and listening, before QEMU starts.
 pub struct Prepared {
     listener: std::os::unix::net::UnixListener,
+    /// Inherited fds that QEMU's arguments name, to reach QEMU under these numbers.
+    passed: Vec<(RawFd, OwnedFd)>,
     /// The monitor socket's path, in a private directory.
     pub monitor: PathBuf,
     /// Removed when dropped (with the socket in it).
@@ -77,8 +92,24 @@ pub struct Launched {
     _dir: tempfile::TempDir,
 }
 
-/// Creates the private directory and binds the monitor socket in it.
-pub fn prepare() -> Result<Prepared, LaunchError> {
+/// Claims from `fds` the inherited fds that `argv` (QEMU's program and arguments)
+/// names, then creates the private directory and binds the monitor socket in it.
+/// An fd named but not inherited, or already a chardev's, is an error naming it.
+pub fn prepare(argv: &[String], fds: &mut FdTable) -> Result<Prepared, LaunchError> {
+    let mut passed: Vec<(RawFd, OwnedFd)> = Vec::new();
+    for named in cmdline::fds_named(argv.get(1..).unwrap_or_default()) {
+        // QEMU inherits qmpgate's stdin, stdout and stderr anyway; and an fd named
+        // twice (two -add-fd of one file) is passed once.
+        if named.fd <= 2 || passed.iter().any(|(fd, _)| *fd == named.fd) {
+            continue;
+        }
+        let owned = fds.take_for_qemu(named.fd, &named.to_string())?;
+        passed.push((named.fd, owned));
+    }
+    if !passed.is_empty() {
+        let numbers: Vec<RawFd> = passed.iter().map(|(fd, _)| *fd).collect();
+        tracing::info!(fds = ?numbers, "passing the fds QEMU's arguments name");
+    }
     // mkdir's mode is masked by the umask, so 0700 is never widened; the chmod
     // that follows also undoes a umask that took the owner's own bits.
     let dir = tempfile::Builder::new()
@@ -103,9 +134,22 @@ pub fn prepare() -> Result<Prepared, LaunchError> {
         .map_err(LaunchError::Socket)?;
     Ok(Prepared {
         listener,
+        passed,
         monitor: path,
         dir,
     })
+}
+
+/// The fd number QEMU gets its monitor socket on: [`FIRST_MONITOR_FD`], or the
+/// number after the highest fd passed, so that the monitor never takes the number
+/// of an fd QEMU's arguments name.
+fn monitor_fd(passed: &[RawFd]) -> RawFd {
+    passed
+        .iter()
+        .map(|fd| fd + 1)
+        .max()
+        .unwrap_or(FIRST_MONITOR_FD)
+        .max(FIRST_MONITOR_FD)
 }
 
 /// Whether QEMU's own arguments choose its sandbox.
@@ -150,11 +194,13 @@ impl RunAs {
 impl Prepared {
     /// Starts `argv` (QEMU's program and arguments) with the monitor appended, and
     /// [`DEFAULT_SANDBOX`] unless `argv` has a `-sandbox` of its own; as `runas`
-    /// when given.
+    /// when given. The fds [`prepare`] claimed reach QEMU under their numbers.
     pub fn spawn(self, argv: &[String], runas: Option<RunAs>) -> Result<Launched, LaunchError> {
         let (program, args) = argv
             .split_first()
             .expect("clap requires the QEMU command line");
+        let numbers: Vec<RawFd> = self.passed.iter().map(|(fd, _)| *fd).collect();
+        let monitor_fd = monitor_fd(&numbers);
         let mut command = tokio::process::Command::new(program);
         command.args(args);
         if !sets_sandbox(args) {
@@ -163,7 +209,7 @@ impl Prepared {
         command
             .arg("-chardev")
             .arg(format!(
-                "socket,id=qmpgate-mon,fd={QEMU_MONITOR_FD},server=on,wait=off"
+                "socket,id=qmpgate-mon,fd={monitor_fd},server=on,wait=off"
             ))
             .arg("-mon")
             .arg("chardev=qmpgate-mon,mode=control")
@@ -174,18 +220,30 @@ impl Prepared {
             .env_remove("NOTIFY_SOCKET")
             .kill_on_drop(true);
         in_child(&mut command, runas);
+        // Each passed fd keeps its number (command_fds clears its close-on-exec flag
+        // in the child only); distinct numbers, so the mappings cannot collide.
+        let mut mappings: Vec<FdMapping> = self
+            .passed
+            .into_iter()
+            .map(|(fd, owned)| FdMapping {
+                parent_fd: owned,
+                child_fd: fd,
+            })
+            .collect();
+        mappings.push(FdMapping {
+            parent_fd: OwnedFd::from(self.listener),
+            child_fd: monitor_fd,
+        });
         command
-            .fd_mappings(vec![FdMapping {
-                parent_fd: OwnedFd::from(self.listener),
-                child_fd: QEMU_MONITOR_FD,
-            }])
+            .fd_mappings(mappings)
             .map_err(|e| LaunchError::Fd(e.to_string()))?;
         let child = command.spawn().map_err(|source| LaunchError::Spawn {
             program: program.clone(),
             source,
         })?;
-        // `command` (and with it our copy of the listening socket) is dropped here, so
-        // QEMU holds the only copy: if it dies, connecting fails instead of hanging.
+        // `command` (and with it our copy of the listening socket and of every passed
+        // fd) is dropped here, so QEMU holds the only copies: if it dies, connecting
+        // fails instead of hanging, and a passed socket's peer sees it close.
         drop(command);
         Ok(Launched {
             child,
@@ -239,4 +297,16 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monitor_fd_is_above_every_passed_fd() {
+        assert_eq!(monitor_fd(&[]), 3);
+        assert_eq!(monitor_fd(&[3]), 4);
+        assert_eq!(monitor_fd(&[30, 4, 31]), 32);
+    }
 }

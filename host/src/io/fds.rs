@@ -6,20 +6,42 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use qmpgate_protocol::chardev::{Address, ChardevSpec};
 
+use thiserror::Error;
+
 use super::SocketError;
 use super::adopt;
+
+/// Why an inherited fd that QEMU's own arguments name cannot be passed to QEMU.
+#[derive(Debug, Error)]
+#[allow(missing_docs)] // Each variant documents itself; the fields are its message.
+pub enum PassError {
+    /// The parent did not pass qmpgate that fd (or it is not open).
+    #[error(
+        "QEMU's argument '{named_by}' names fd {fd}, which qmpgate did not inherit (did the parent process pass it?)"
+    )]
+    NotInherited { fd: RawFd, named_by: String },
+    /// A chardev of qmpgate's own claimed that fd.
+    #[error("QEMU's argument '{named_by}' names fd {fd}, which is already used by {other}")]
+    InUse {
+        fd: RawFd,
+        named_by: String,
+        other: String,
+    },
+}
 
 /// Fds this process was given at start. qmpgate takes ownership of every one of
 /// them before it opens anything itself (so `fd=N` can never name one of qmpgate's
 /// own descriptors) and marks them close-on-exec (so none leaks into QEMU). Each
-/// is then claimed at most once, by an `fd=N` or `systemd=NAME` chardev.
+/// is then claimed at most once: by an `fd=N` or `systemd=NAME` chardev, or, under
+/// `qmpgate run`, by QEMU's own arguments (`-add-fd fd=N`), to be passed on.
 #[derive(Debug, Default)]
 pub struct FdTable {
     /// FdTable fds not claimed yet.
     fds: HashMap<RawFd, OwnedFd>,
     /// systemd's fds with their LISTEN_FDNAMES names, not yet claimed.
     systemd: Vec<(String, RawFd)>,
-    /// Every fd claimed so far, with the chardev that claimed it.
+    /// Every fd claimed so far, with who claimed it (`chardev 'qmp'`, `QEMU's
+    /// -add-fd fd=30,set=0`), for the error a second claim gets.
     claimed: Vec<(RawFd, String)>,
     /// Fds received at run time with `getfd`, by name.
     named: HashMap<String, OwnedFd>,
@@ -136,7 +158,29 @@ impl FdTable {
             id: spec.id.clone(),
             fd,
         })?;
-        self.claimed.push((fd, spec.id.clone()));
+        self.claimed.push((fd, format!("chardev '{}'", spec.id)));
+        Ok(owned)
+    }
+
+    /// Claims an inherited fd that QEMU's own arguments name (`named_by`, e.g.
+    /// `-add-fd set=0,fd=30`), for `qmpgate run` to pass on to QEMU as it is.
+    pub fn take_for_qemu(&mut self, fd: RawFd, named_by: &str) -> Result<OwnedFd, PassError> {
+        if let Some((_, other)) = self.claimed.iter().find(|(c, _)| *c == fd) {
+            return Err(PassError::InUse {
+                fd,
+                named_by: named_by.to_string(),
+                other: other.clone(),
+            });
+        }
+        let owned = self
+            .fds
+            .remove(&fd)
+            .ok_or_else(|| PassError::NotInherited {
+                fd,
+                named_by: named_by.to_string(),
+            })?;
+        self.claimed
+            .push((fd, format!("QEMU's argument '{named_by}'")));
         Ok(owned)
     }
 }
@@ -144,6 +188,43 @@ impl FdTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_fd_for_qemu_is_claimed_once_and_only_if_inherited() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let (r, w) = (read.as_raw_fd(), write.as_raw_fd());
+        let mut table = FdTable::from_fds([read, write]);
+        let passed = table.take_for_qemu(r, "-add-fd set=0,fd=N").unwrap();
+        assert_eq!(passed.as_raw_fd(), r);
+        let again = table.take_for_qemu(r, "-add-fd set=1,fd=N").unwrap_err();
+        assert_eq!(
+            again.to_string(),
+            format!(
+                "QEMU's argument '-add-fd set=1,fd=N' names fd {r}, which is already used by \
+                 QEMU's argument '-add-fd set=0,fd=N'"
+            )
+        );
+        let chardev = ChardevSpec::parse(&format!("socket,id=qmp,fd={r},server=on")).unwrap();
+        let Err(e) = table.take(&chardev) else {
+            panic!("a chardev took QEMU's fd");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "chardev 'qmp': fd {r} is already used by QEMU's argument '-add-fd set=0,fd=N'"
+            )
+        );
+        let chardev = ChardevSpec::parse(&format!("socket,id=qmp,fd={w},server=on")).unwrap();
+        table.take(&chardev).unwrap();
+        assert!(matches!(
+            table.take_for_qemu(w, "-chardev socket,id=c,fd=N"),
+            Err(PassError::InUse { other, .. }) if other == "chardev 'qmp'"
+        ));
+        assert!(matches!(
+            table.take_for_qemu(9999, "-incoming fd:9999"),
+            Err(PassError::NotInherited { fd: 9999, .. })
+        ));
+    }
 
     #[test]
     fn systemd_fds_are_ignored_when_meant_for_another_process() {

@@ -17,7 +17,7 @@ pub mod socket;
 pub mod tls;
 
 pub use adopt::recv_with_fds;
-pub use fds::FdTable;
+pub use fds::{FdTable, PassError};
 pub use socket::{Listener, Stream, connect, listen};
 
 /// What went wrong opening or adopting a chardev's socket.
@@ -49,8 +49,9 @@ pub enum SocketError {
         fd: String,
         family: String,
     },
-    /// Two chardevs name the same fd.
-    #[error("chardev '{id}': fd {fd} is already used by chardev '{other}'")]
+    /// Two chardevs, or a chardev and QEMU's arguments (`qmpgate run`), name the
+    /// same fd; `other` says who has it (`chardev 'qmp'`, `QEMU's -add-fd ...`).
+    #[error("chardev '{id}': fd {fd} is already used by {other}")]
     FdInUse {
         id: String,
         fd: RawFd,

@@ -230,7 +230,7 @@ impl ChardevSpec {
             spec: spec.to_string(),
             reason,
         };
-        let mut parts = split_opts(spec).into_iter();
+        let mut parts = crate::qemuopts::split(spec).into_iter();
         match parts.next().as_deref() {
             Some("socket") => {}
             Some("") | None => return Err(fail("empty spec; expected 'socket,id=...'".into())),
@@ -528,25 +528,6 @@ fn parse_u64(key: &str, value: &str) -> Result<u64, String> {
     value
         .parse()
         .map_err(|_| format!("Parameter '{key}' expects a number, got '{value}'"))
-}
-
-/// Splits QemuOpts-style `a,b=c,,d` into `["a", "b=c,d"]`.
-fn split_opts(spec: &str) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = spec.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                parts.last_mut().expect("never empty").push(',');
-            } else {
-                parts.push(String::new());
-            }
-        } else {
-            parts.last_mut().expect("never empty").push(c);
-        }
-    }
-    parts
 }
 
 /// Who connected.
