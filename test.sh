@@ -9,7 +9,7 @@ scripts/setup.sh test
 cargo build --release --locked --workspace --bins
 # `cargo install --path host` as a user runs it, from another folder into a scratch
 # root, writes nothing into the source tree. CARGO_TARGET_DIR reuses the build above
-# (what it recompiles is what nix's features, unified over the workspace, change).
+# (the members share nix's features for this).
 repo="$PWD"
 scratch="$(mktemp -d)"
 tree_before="$(git status --porcelain --ignored)"
