@@ -162,17 +162,49 @@ enum PolicyAction {
 
 #[derive(Debug, Subcommand)]
 enum PluginAction {
-    /// Run a plugin's hooks over a transcript on stdin and print its verdicts.
+    /// Run a plugin's hooks, or a whole chain's, over a transcript on stdin and print
+    /// the verdicts.
     ///
     /// Each stdin line is one JSON object: a QMP command ({"execute": ..., "arguments": ...}),
     /// an HMP line ({"hmp": "info status"}), or an event ({"event": "STOP", "data": {...}}).
-    /// Each output line is the input with the plugin's verdict.
+    /// Each output line is the input with the verdict.
+    ///
+    /// Examples:
+    ///   qmpgate plugin test target/wasm32-wasip2/release/my_plugin.wasm --config my.toml
+    ///   qmpgate plugin test qmp-policy --config readonly.toml
+    ///   qmpgate plugin test --chain --plugin my=my_plugin.wasm --profile safe
+    #[command(verbatim_doc_comment)]
     Test {
-        /// The plugin component (.wasm).
-        plugin: PathBuf,
+        /// The plugin: a component (.wasm) or a built-in's name (hmp, qmp-policy,
+        /// audit; write ./hmp for a file of that name).
+        #[arg(
+            value_name = "PLUGIN",
+            required_unless_present = "chain",
+            conflicts_with = "chain"
+        )]
+        component: Option<PathBuf>,
         /// The plugin's configuration: a JSON file, or a TOML file (by extension).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "chain")]
         config: Option<PathBuf>,
+        /// Run the chain the gateway would run with the options below (the
+        /// built-in hmp first, the configured plugins, the built-in policy last).
+        #[arg(long)]
+        chain: bool,
+        /// With --chain: the gateway's configuration file (its [[plugin]] entries).
+        #[arg(long, value_name = "FILE", requires = "chain")]
+        gateway_config: Option<PathBuf>,
+        /// With --chain: a plugin, as for the gateway (repeatable).
+        #[arg(long = "plugin", value_name = "NAME=PATH", requires = "chain")]
+        plugins: Vec<String>,
+        /// With --chain: a plugin's configuration, as for the gateway (repeatable).
+        #[arg(long = "plugin-config", value_name = "NAME=FILE", requires = "chain")]
+        plugin_configs: Vec<String>,
+        /// With --chain: the built-in policy's profile (safe, readonly, permissive).
+        #[arg(long, requires = "chain")]
+        profile: Option<String>,
+        /// With --chain: leave the built-in hmp and policy out.
+        #[arg(long, requires = "chain")]
+        no_default_policy: bool,
         /// The listener id the simulated client connected through.
         #[arg(long, default_value = "qmp")]
         listener: String,
@@ -476,19 +508,37 @@ async fn run(cli: Cli, mut fds: FdTable) -> anyhow::Result<u8> {
         Some(Command::Plugin {
             action:
                 PluginAction::Test {
-                    plugin,
+                    component,
                     config,
+                    chain,
+                    gateway_config,
+                    plugins,
+                    plugin_configs,
+                    profile,
+                    no_default_policy,
                     listener,
                     uid,
                 },
         }) => {
-            return Ok(qmpgate::control::authoring::plugin_test(
-                plugin,
-                config.as_deref(),
-                listener,
-                *uid,
-            )
-            .await?);
+            use qmpgate::control::authoring;
+            let specs = if *chain {
+                let file = match gateway_config {
+                    Some(path) => FileConfig::load(path)?,
+                    None => FileConfig::default(),
+                };
+                let overrides = Overrides {
+                    plugins: plugins.clone(),
+                    plugin_configs: plugin_configs.clone(),
+                    profile: profile.clone(),
+                    no_default_policy: *no_default_policy,
+                    ..Overrides::default()
+                };
+                config::plugin_chain(file.plugins, &overrides)?
+            } else {
+                let component = component.as_deref().expect("clap requires it");
+                vec![authoring::single(component, config.as_deref())?]
+            };
+            return Ok(authoring::plugin_test(specs, listener, *uid).await?);
         }
         Some(Command::Policy { action }) => return policy(action),
         Some(Command::Completions { shell }) => return completions(*shell),

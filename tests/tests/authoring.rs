@@ -1,5 +1,6 @@
-//! Plugin authoring: the template builds as a user would build it, `qmpgate plugin
-//! test` runs a plugin over a transcript, the audit plugin writes one record per
+//! Plugin authoring: README's tutorial runs as written, the template builds inside
+//! and outside the repository, `qmpgate plugin test` runs a plugin, a built-in or a
+//! whole chain over a transcript, the audit plugin writes one record per
 //! decision, reloads swap plugins without dropping clients, and a plugin built for
 //! another WIT version is refused by name.
 
@@ -63,19 +64,73 @@ not json
     assert_eq!(lines[3], json!({"line": 4, "error": "not a JSON object"}));
 }
 
+/// The first fenced block of `kind` after `from` in the README's tutorial section.
+fn readme_block(readme: &str, from: usize, kind: &str) -> (String, usize) {
+    let open = format!("```{kind}\n");
+    let start = readme[from..].find(&open).expect("a fenced block") + from + open.len();
+    let end = readme[start..].find("```\n").unwrap() + start;
+    (readme[start..end].to_string(), end)
+}
+
 #[test]
-fn the_template_builds_on_its_own_and_works() {
-    // Build the template as a user who copied it would: its own package, the SDK
-    // by path, the same dependency versions as qmpgate's guests.
+fn the_tutorial_works_as_written() {
+    // README's commands, run as written by bash from the top folder, with qmpgate on
+    // PATH and a fresh HOME (where the tutorial puts the plugin): what they print
+    // is README's output block, line for line.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let section = readme
+        .find("## Writing a plugin in five minutes")
+        .expect("the tutorial section");
+    let (script, after) = readme_block(&readme, section, "sh");
+    let (expected, _) = readme_block(&readme, after, "text");
+    let home = tempdir();
+    let bin_dir = qmpgate_bin().parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&repo)
+        .env("HOME", home.path())
+        .env("PATH", path)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the tutorial failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout, expected);
+    // It built where it says, and nothing landed in the checkout.
+    assert!(
+        home.path()
+            .join("my-plugin/target/wasm32-wasip2/release/my_plugin.wasm")
+            .exists()
+    );
+    assert!(!repo.join("guest-plugins/template/target").exists());
+}
+
+#[test]
+fn the_template_builds_inside_the_repository_and_refuses_bad_configuration() {
+    // Copied into a folder under qmpgate's own workspace (its manifest says it is a
+    // workspace of its own, so Cargo does not take it for a stray member).
     let guests = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../guest-plugins")
         .canonicalize()
         .unwrap();
-    let work = tempdir();
-    let copy = work.path().join("my-plugin");
+    let inside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/template-inside");
+    let _ = std::fs::remove_dir_all(&inside);
+    let copy = inside.join("my-plugin");
     std::fs::create_dir_all(copy.join("src")).unwrap();
-    std::fs::copy(guests.join("template/src/lib.rs"), copy.join("src/lib.rs")).unwrap();
-    std::fs::copy(guests.join("Cargo.lock"), copy.join("Cargo.lock")).unwrap();
+    for file in ["src/lib.rs", "Cargo.lock"] {
+        std::fs::copy(guests.join("template").join(file), copy.join(file)).unwrap();
+    }
     let manifest = std::fs::read_to_string(guests.join("template/Cargo.toml"))
         .unwrap()
         .replace(
@@ -89,6 +144,7 @@ fn the_template_builds_on_its_own_and_works() {
         .current_dir(&copy)
         .args([
             "build",
+            "--locked",
             "--release",
             "--target",
             "wasm32-wasip2",
@@ -100,25 +156,14 @@ fn the_template_builds_on_its_own_and_works() {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
         .unwrap();
-    assert!(status.success(), "the template does not build");
+    assert!(
+        status.success(),
+        "the template does not build inside the repository"
+    );
     let wasm = target.join("wasm32-wasip2/release/my_plugin.wasm");
 
-    let config = work.path().join("my.toml");
-    std::fs::write(
-        &config,
-        "deny = [\"system_reset\"]\nmessage = \"ask the operator\"\n",
-    )
-    .unwrap();
-    let (code, lines) = plugin_test(
-        &wasm,
-        &config,
-        "{\"execute\": \"system_reset\"}\n{\"execute\": \"cont\"}\n",
-    );
-    assert_eq!(code, 0);
-    assert_eq!(lines[0]["error"]["desc"], "system_reset: ask the operator");
-    assert_eq!(lines[1]["verdict"], "forward");
-
     // A bad configuration is refused at load time with serde's reason.
+    let config = inside.join("my.toml");
     std::fs::write(&config, "deny = \"system_reset\"\n").unwrap();
     let output = Command::new(qmpgate_bin())
         .args(["plugin", "test"])
@@ -131,6 +176,84 @@ fn the_template_builds_on_its_own_and_works() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("init failed: invalid plugin configuration: invalid type: string \"system_reset\", expected a sequence"), "{stderr}");
+}
+
+#[test]
+fn plugin_test_runs_the_built_in_plugins_and_whole_chains() {
+    let work = tempdir();
+    let readonly = work.path().join("readonly.toml");
+    std::fs::write(&readonly, "profile = \"readonly\"\n").unwrap();
+    let run = |args: &[&str], transcript: &str| -> Vec<Value> {
+        let mut child = Command::new(qmpgate_bin())
+            .args(["plugin", "test"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(transcript.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let desc = |v: &Value| v["error"]["desc"].as_str().unwrap_or_default().to_string();
+
+    // The built-in policy alone, with its configuration file.
+    let policy = run(
+        &["qmp-policy", "--config", readonly.to_str().unwrap()],
+        "{\"execute\": \"stop\"}\n{\"execute\": \"query-status\"}\n",
+    );
+    assert_eq!(
+        desc(&policy[0]),
+        "Command 'stop' is refused by the readonly profile: it needs the 'safe' profile"
+    );
+    assert_eq!(policy[1]["verdict"], "forward");
+
+    // The built-in HMP interpreter alone: the canonical line, and QEMU's reading.
+    let hmp = run(&["hmp"], "{\"hmp\": \"info   status\"}\n");
+    assert_eq!(
+        hmp[0]["command"],
+        json!({"execute": "human-monitor-command", "arguments": {"command-line": "info status"}})
+    );
+
+    // The default chain: HMP lines are judged by the policy as QEMU reads them.
+    let chain = run(
+        &["--chain"],
+        "{\"hmp\": \"migrate -d\\\"exec:true\\\"\"}\n{\"hmp\": \"stop\"}\n",
+    );
+    assert!(
+        desc(&chain[0]).starts_with("Command 'migrate' is refused by the safe profile"),
+        "{chain:?}"
+    );
+    assert_eq!(chain[1]["verdict"], "forward");
+    // The same chain with a profile, and without the built-ins.
+    let chain = run(
+        &["--chain", "--profile", "readonly"],
+        "{\"hmp\": \"stop\"}\n",
+    );
+    assert!(
+        desc(&chain[0]).contains("refused by the readonly profile"),
+        "{chain:?}"
+    );
+    let bare = run(
+        &["--chain", "--no-default-policy"],
+        "{\"execute\": \"screendump\", \"arguments\": {\"filename\": \"/x\"}}\n",
+    );
+    assert_eq!(bare[0]["verdict"], "forward");
 }
 
 #[test]

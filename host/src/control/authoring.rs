@@ -1,13 +1,15 @@
-//! `qmpgate plugin test`: a plugin's verdicts over a transcript of commands, HMP
-//! lines and events read from stdin, one JSON line each, for plugin authors.
+//! `qmpgate plugin test`: a plugin's verdicts, or a whole chain's, over a transcript
+//! of commands, HMP lines and events read from stdin, one JSON line each, for plugin
+//! authors and for operators trying a policy.
 
 use serde_json::{Value, json};
 use thiserror::Error;
 use tokio::io::AsyncBufReadExt;
 
+use qmpgate_plugin_host::spec::{PluginSource, PluginSpec};
 use qmpgate_plugin_host::{
-    Client, Decision, EventDecision, Limits, Peer, PluginChain, PluginError, Protocol, Runtime,
-    UnixPeer,
+    Client, Decision, EventDecision, Limits, Peer, PluginError, Protocol, Runtime, UnixPeer,
+    builtin,
 };
 use qmpgate_protocol::qmp;
 
@@ -25,26 +27,45 @@ pub enum TranscriptError {
     Stdin(#[source] std::io::Error),
 }
 
-/// Runs the plugin at `path` (with `config`) over stdin's transcript, as a client
-/// of `listener` with `uid`; exit status 2 if a line was not understood.
-pub async fn plugin_test(
-    path: &std::path::Path,
+/// One plugin to test alone: a built-in's name (`hmp`, `qmp-policy`, `audit`) or a
+/// component's path, with its configuration file.
+pub fn single(
+    plugin: &std::path::Path,
     config: Option<&std::path::Path>,
-    listener: &str,
-    uid: u32,
-) -> Result<u8, TranscriptError> {
+) -> Result<PluginSpec, TranscriptError> {
     let config: Value = match config {
         None => json!({}),
         Some(file) => super::config::read_plugin_config(file)?,
     };
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("plugin")
-        .to_string();
+    let text = plugin.to_str().unwrap_or_default();
+    let (name, source) = match builtin::by_name(text) {
+        Some(bytes) => (text.to_string(), PluginSource::Builtin(bytes)),
+        None => (
+            plugin
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("plugin")
+                .to_string(),
+            PluginSource::File(plugin.to_path_buf()),
+        ),
+    };
+    Ok(PluginSpec {
+        name,
+        source,
+        config,
+        limits: Limits::default(),
+    })
+}
+
+/// Runs `specs` as one chain over stdin's transcript, as a client of `listener`
+/// with `uid`; exit status 2 if a line was not understood.
+pub async fn plugin_test(
+    specs: Vec<PluginSpec>,
+    listener: &str,
+    uid: u32,
+) -> Result<u8, TranscriptError> {
     let wasm = Runtime::new(None, None)?;
-    let loaded = wasm.load(&name, path, &config, Limits::default())?;
-    let chain = PluginChain::start(vec![loaded])?;
+    let chain = crate::gateway::load_chain(&wasm, &specs)?;
     let client = |protocol| Client {
         id: 1,
         listener: listener.to_string(),

@@ -303,29 +303,7 @@ pub fn resolve(file: FileConfig, cli: Overrides) -> Result<Resolved, ConfigError
         ));
     }
 
-    let mut configured = configured_plugins(file.plugins, &cli.plugins)?;
-    for text in &cli.plugin_configs {
-        let (name, path) = text.split_once('=').ok_or_else(|| {
-            ConfigError::Invalid(format!("--plugin-config expects NAME=FILE, got '{text}'"))
-        })?;
-        let known: Vec<&str> = configured.iter().map(|p| p.name.as_str()).collect();
-        let known = if known.is_empty() {
-            "none".to_string()
-        } else {
-            known.join(", ")
-        };
-        let plugin = configured
-            .iter_mut()
-            .find(|p| p.name == name)
-            .ok_or_else(|| {
-                ConfigError::Invalid(format!(
-                    "--plugin-config: no plugin named '{name}' is configured (configured: {known}; \
-                     the built-in policy takes --profile)"
-                ))
-            })?;
-        plugin.config = read_plugin_config(Path::new(path))?;
-    }
-    let plugins = compose(configured, cli.profile.as_deref(), cli.no_default_policy)?;
+    let plugins = plugin_chain(file.plugins, &cli)?;
 
     for upstream in &upstreams {
         select(&plugins, &upstream.policy)
@@ -454,6 +432,42 @@ fn service(
     }
     ids.claim(&spec.id)?;
     Ok(Some(spec))
+}
+
+/// The plugins a gateway runs, in chain order: the file's and `--plugin`'s, with
+/// `--plugin-config` applied, composed with the built-in chain (`--profile`,
+/// `--no-default-policy`). `qmpgate plugin test --chain` runs the same list.
+pub fn plugin_chain(
+    file_plugins: Vec<PluginConfig>,
+    cli: &Overrides,
+) -> Result<Vec<PluginSpec>, ConfigError> {
+    let mut configured = configured_plugins(file_plugins, &cli.plugins)?;
+    for text in &cli.plugin_configs {
+        let (name, path) = text.split_once('=').ok_or_else(|| {
+            ConfigError::Invalid(format!("--plugin-config expects NAME=FILE, got '{text}'"))
+        })?;
+        let known: Vec<&str> = configured.iter().map(|p| p.name.as_str()).collect();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        let plugin = configured
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "--plugin-config: no plugin named '{name}' is configured (configured: {known}; \
+                     the built-in policy takes --profile)"
+                ))
+            })?;
+        plugin.config = read_plugin_config(Path::new(path))?;
+    }
+    Ok(compose(
+        configured,
+        cli.profile.as_deref(),
+        cli.no_default_policy,
+    )?)
 }
 
 /// The file's `[[plugin]]` tables, then `--plugin NAME=PATH`s, in order.
