@@ -237,6 +237,11 @@ struct GatewayArgs {
     /// configuration: a JSON file, or TOML by extension. Repeatable.
     #[arg(long, value_name = "NAME=FILE")]
     plugin_config: Vec<String>,
+    /// Run plugin NAME of the chain in audit mode (the built-in policy is
+    /// `policy`): its refusals are logged, audited and counted, not enforced, to
+    /// try a policy on live traffic. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    audit_only: Vec<String>,
     /// Profile of the built-in policy when no plugin is configured: safe, readonly, permissive.
     #[arg(long, value_name = "PROFILE")]
     profile: Option<String>,
@@ -356,6 +361,7 @@ impl GatewayArgs {
             upstreams: self.upstream.clone(),
             plugins: self.plugin.clone(),
             plugin_configs: self.plugin_config.clone(),
+            audit_only: self.audit_only.clone(),
             profile: self.profile.clone(),
             no_default_policy: self.no_default_policy,
             max_message: self.max_message,

@@ -278,6 +278,15 @@ impl PluginChain {
             }
             match hook!(worker, Blame::Plugin, |g, s| g.call_on_connect(s, client)) {
                 Ok(Ok(())) => {}
+                Ok(Err(e)) if worker.audit_only => {
+                    if let Err(why) = worker.record_would_deny(client, "connection", &e).await {
+                        return Err(QmpError::generic(format!(
+                            "plugin '{}' (audit mode) could not record its refusal: {why}; \
+                             the connection was refused",
+                            worker.name
+                        )));
+                    }
+                }
                 Ok(Err(e)) => {
                     worker.stats.denials.fetch_add(1, Ordering::Relaxed);
                     return Err(QmpError {
@@ -600,6 +609,14 @@ async fn run_chain(
                     return Decision::Deny(fault_error(worker, &fault, not_run));
                 }
             },
+            Ok(Verdict::Deny(e)) if worker.audit_only => {
+                if let Err(why) = worker.record_would_deny(client, &command.name, &e).await {
+                    return Decision::Deny(QmpError::generic(format!(
+                        "plugin '{}' (audit mode) could not record its refusal: {why}; {not_run}",
+                        worker.name
+                    )));
+                }
+            }
             Ok(Verdict::Deny(e)) => {
                 worker.stats.denials.fetch_add(1, Ordering::Relaxed);
                 return Decision::Deny(QmpError {

@@ -166,6 +166,8 @@ pub(crate) struct Instance {
     /// the caller dropped that call half-way (it stopped waiting): the instance
     /// may be in any state, so it is recreated.
     pub(crate) in_call: bool,
+    /// Audit mode: its refusals are recorded, not enforced.
+    pub(crate) audit_only: bool,
 }
 
 impl Instance {
@@ -183,8 +185,8 @@ impl Instance {
     }
 
     /// Another instance of the same plugin, not instantiated yet (for another
-    /// instance set of the chain): same component, configuration, limits, counters
-    /// and declared hooks; its own faults.
+    /// instance set of the chain): same component, configuration, limits, counters,
+    /// declared hooks and mode; its own faults.
     pub(crate) fn spare(&self) -> Instance {
         Instance {
             name: self.name.clone(),
@@ -202,6 +204,7 @@ impl Instance {
             schema: None,
             hooks: self.hooks,
             in_call: false,
+            audit_only: self.audit_only,
         }
     }
 
@@ -485,4 +488,66 @@ pub struct PluginInfo {
     pub profile: Option<String>,
     /// Its counters.
     pub stats: Arc<PluginStats>,
+}
+
+impl Loaded {
+    /// Runs the plugin in audit mode: its refusals are recorded, not enforced.
+    pub fn audit_only(mut self) -> Self {
+        self.0.audit_only = true;
+        self
+    }
+}
+
+impl Instance {
+    /// Records a refusal this audit-mode plugin would have made (`what`: the
+    /// command or `connection`): a warning in the log, a record in the audit log
+    /// (or the log's audit target), and its counter. `Err` when the audit log did
+    /// not take the record in time: as for any decision, nothing goes on
+    /// unrecorded, so the caller refuses. `&mut self` for the same reason as
+    /// [`Instance::instantiate`]: its future holds the instance across an await.
+    pub(crate) async fn record_would_deny(
+        &mut self,
+        client: &Client,
+        what: &str,
+        error: &WitError,
+    ) -> Result<(), String> {
+        self.stats.would_deny.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            plugin = &*self.name,
+            client = client.id,
+            listener = %client.listener,
+            upstream = %client.upstream,
+            what,
+            reason = %error.desc,
+            "audit mode: would refuse; let through"
+        );
+        let entry = serde_json::json!({
+            "would-deny": what,
+            "error": {"class": &error.class, "desc": &error.desc},
+            "mode": "audit",
+        });
+        let record = crate::audit::record(
+            &self.name,
+            Some(&client.upstream),
+            Some(wit::client_json(client)),
+            &entry.to_string(),
+        );
+        let Some(sink) = &self.audit else {
+            tracing::info!(target: "qmpgate::audit", record = %record, "audit");
+            return Ok(());
+        };
+        let stalled = || {
+            format!(
+                "the audit log did not take the record within {}",
+                crate::audit::wait_text(sink.wait())
+            )
+        };
+        let written = sink.write(&record).ok_or_else(stalled)?;
+        match tokio::time::timeout(sink.wait(), written).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("the audit log could not be written: {e}")),
+            Ok(Err(_)) => Err("the audit writer has stopped".into()),
+            Err(_) => Err(stalled()),
+        }
+    }
 }

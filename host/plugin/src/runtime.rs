@@ -168,6 +168,7 @@ impl Runtime {
             // Until the first `init` says otherwise.
             hooks: Hooks::all(),
             in_call: false,
+            audit_only: false,
         }))
     }
 

@@ -24,6 +24,18 @@ pub enum PluginSource {
     Builtin(&'static [u8]),
 }
 
+/// Whether a plugin's refusals are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Its refusals refuse.
+    #[default]
+    Enforce,
+    /// Its refusals (of a command or a connection) are logged, audited and
+    /// counted, and the command goes on through the chain: to try a policy on
+    /// live traffic before it refuses anything.
+    Audit,
+}
+
 /// A plugin ready to load.
 #[derive(Debug, Clone)]
 pub struct PluginSpec {
@@ -35,6 +47,8 @@ pub struct PluginSpec {
     pub config: Value,
     /// Its limits.
     pub limits: Limits,
+    /// Whether its refusals are enforced.
+    pub mode: Mode,
 }
 
 /// The built-in policy's profiles.
@@ -131,7 +145,10 @@ pub fn compose(
     if let Some(profile) = profile {
         check_profile(profile)?;
     }
-    let own_policy = configured.iter().any(|p| is_builtin(p, builtin::POLICY));
+    // A policy tried in audit mode refuses nothing: the built-in one stays.
+    let own_policy = configured
+        .iter()
+        .any(|p| is_builtin(p, builtin::POLICY) && p.mode == Mode::Enforce);
     if own_policy && profile.is_some() {
         return Err(ChainError(
             "--profile applies to the built-in policy; the configuration places its own 'qmp-policy' plugin (set its config's profile there)".into(),
@@ -169,12 +186,14 @@ fn builtin_policy(profile: &str) -> Vec<PluginSpec> {
             source: PluginSource::Builtin(builtin::HMP),
             config: serde_json::json!({}),
             limits: Limits::default(),
+            mode: Mode::Enforce,
         },
         PluginSpec {
             name: "policy".into(),
             source: PluginSource::Builtin(builtin::POLICY),
             config: serde_json::json!({ "profile": profile }),
             limits: Limits::default(),
+            mode: Mode::Enforce,
         },
     ]
 }

@@ -10,6 +10,8 @@ pub struct PluginStats {
     pub calls: AtomicU64,
     /// Commands denied.
     pub denials: AtomicU64,
+    /// Refusals not enforced because the plugin runs in audit mode.
+    pub would_deny: AtomicU64,
     /// Calls that trapped (including deadline and memory kills).
     pub traps: AtomicU64,
     /// Calls stopped by the CPU deadline.

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 use tokio::io::AsyncBufReadExt;
 
-use qmpgate_plugin_host::spec::{PluginSource, PluginSpec};
+use qmpgate_plugin_host::spec::{Mode, PluginSource, PluginSpec};
 use qmpgate_plugin_host::{
     Client, Decision, EventDecision, Limits, Peer, PluginError, Protocol, Runtime, UnixPeer,
     builtin,
@@ -54,6 +54,7 @@ pub fn single(
         source,
         config,
         limits: Limits::default(),
+        mode: Mode::Enforce,
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use qmpgate_plugin_host::spec::{ChainError, PluginSource, PluginSpec, select};
+use qmpgate_plugin_host::spec::{ChainError, Mode, PluginSource, PluginSpec, select};
 use qmpgate_plugin_host::{PluginChain, PluginError, Runtime};
 use qmpgate_protocol::chardev::ChainSelector;
 
@@ -56,10 +56,20 @@ impl Chains {
 pub fn load_chain(wasm: &Runtime, specs: &[PluginSpec]) -> Result<PluginChain, PluginError> {
     let mut plugins = Vec::new();
     for spec in specs {
-        plugins.push(match &spec.source {
+        let loaded = match &spec.source {
             PluginSource::File(path) => wasm.load(&spec.name, path, &spec.config, spec.limits)?,
             PluginSource::Builtin(bytes) => {
                 wasm.load_bytes(&spec.name, bytes, &spec.config, spec.limits)?
+            }
+        };
+        plugins.push(match spec.mode {
+            Mode::Enforce => loaded,
+            Mode::Audit => {
+                tracing::warn!(
+                    plugin = %spec.name,
+                    "audit mode: its refusals are logged, audited and counted, not enforced"
+                );
+                loaded.audit_only()
             }
         });
     }

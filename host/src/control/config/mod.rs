@@ -35,7 +35,7 @@ use thiserror::Error;
 
 use qmpgate_plugin_host::Limits;
 use qmpgate_plugin_host::builtin;
-use qmpgate_plugin_host::spec::{ChainError, PluginSource, PluginSpec, compose, select};
+use qmpgate_plugin_host::spec::{ChainError, Mode, PluginSource, PluginSpec, compose, select};
 use qmpgate_protocol::chardev::{ChardevSpec, RoleError, SpecError};
 use qmpgate_protocol::framing::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE};
 
@@ -146,6 +146,9 @@ pub struct PluginConfig {
     pub memory_mib: Option<usize>,
     /// CPU time per hook call, milliseconds.
     pub cpu_ms: Option<u64>,
+    /// `enforce` (the default) or `audit`: refusals logged, audited and counted,
+    /// not enforced.
+    pub mode: Option<String>,
     /// Handed to the plugin's `init` as JSON.
     #[serde(default)]
     pub config: toml::Table,
@@ -243,6 +246,8 @@ pub struct Overrides {
     pub plugins: Vec<String>,
     /// `--plugin-config NAME=FILE`.
     pub plugin_configs: Vec<String>,
+    /// `--audit-only NAME`.
+    pub audit_only: Vec<String>,
     /// `--profile`.
     pub profile: Option<String>,
     /// `--no-default-policy`.
@@ -463,11 +468,18 @@ pub fn plugin_chain(
             })?;
         plugin.config = read_plugin_config(Path::new(path))?;
     }
-    Ok(compose(
-        configured,
-        cli.profile.as_deref(),
-        cli.no_default_policy,
-    )?)
+    let mut chain = compose(configured, cli.profile.as_deref(), cli.no_default_policy)?;
+    for name in &cli.audit_only {
+        let names: Vec<&str> = chain.iter().map(|p| p.name.as_str()).collect();
+        let names = names.join(", ");
+        let plugin = chain.iter_mut().find(|p| &p.name == name).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "--audit-only: no plugin named '{name}' in the chain (chain: {names})"
+            ))
+        })?;
+        plugin.mode = Mode::Audit;
+    }
+    Ok(chain)
 }
 
 /// The file's `[[plugin]]` tables, then `--plugin NAME=PATH`s, in order.
@@ -492,6 +504,16 @@ fn configured_plugins(
                 )));
             }
         };
+        let mode = match p.mode.as_deref() {
+            None | Some("enforce") => Mode::Enforce,
+            Some("audit") => Mode::Audit,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "plugin '{}': mode '{other}' (modes: enforce, audit)",
+                    p.name
+                )));
+            }
+        };
         let defaults = Limits::default();
         plugins.push(PluginSpec {
             name: p.name,
@@ -505,6 +527,7 @@ fn configured_plugins(
                     .unwrap_or(defaults.memory_bytes),
                 cpu: p.cpu_ms.map(Duration::from_millis).unwrap_or(defaults.cpu),
             },
+            mode,
         });
     }
     for text in cli {
@@ -516,6 +539,7 @@ fn configured_plugins(
             source: PluginSource::File(path.into()),
             config: Value::Object(Default::default()),
             limits: Limits::default(),
+            mode: Mode::Enforce,
         });
     }
     if plugins

@@ -186,6 +186,7 @@ pub fn status_json(hub: &Hub) -> Value {
                 "upstreams": users,
                 "calls": load(&s.calls),
                 "denials": load(&s.denials),
+                "would_deny": load(&s.would_deny),
                 "traps": load(&s.traps),
                 "deadline_kills": load(&s.deadline_kills),
                 "memory_kills": load(&s.memory_kills),
@@ -305,7 +306,7 @@ pub fn metrics_text(hub: &Hub) -> String {
         .into_iter()
         .map(|(chain, policy, _)| (chain, escape_label(&policy.to_string())))
         .collect();
-    let per_plugin: [PerPlugin; 10] = [
+    let per_plugin: [PerPlugin; 11] = [
         (
             "qmpgate_plugin_calls_total",
             "counter",
@@ -317,6 +318,12 @@ pub fn metrics_text(hub: &Hub) -> String {
             "counter",
             "Commands denied.",
             |s| s.denials.load(Ordering::Relaxed),
+        ),
+        (
+            "qmpgate_plugin_would_deny_total",
+            "counter",
+            "Refusals not enforced: the plugin runs in audit mode.",
+            |s| s.would_deny.load(Ordering::Relaxed),
         ),
         (
             "qmpgate_plugin_traps_total",
