@@ -11,13 +11,12 @@ use std::process::{Command, Stdio};
 use qmpgate_tests::{GatewayBuilder, Plugin, Qemu, eventually, guest, qmpgate_bin, tempdir};
 use serde_json::{Value, json};
 
-/// Runs `qmpgate plugin test` with a transcript on stdin; returns the output lines.
-fn plugin_test(plugin: &Path, config: &Path, transcript: &str) -> (i32, Vec<Value>) {
+/// Runs `qmpgate plugin test ARGS` with a transcript on stdin; returns the exit
+/// status and the output lines.
+fn plugin_test<S: AsRef<std::ffi::OsStr>>(args: &[S], transcript: &str) -> (i32, Vec<Value>) {
     let mut child = Command::new(qmpgate_bin())
         .args(["plugin", "test"])
-        .arg(plugin)
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -48,7 +47,14 @@ fn plugin_test_prints_a_verdict_per_transcript_line() {
 {"execute": "migrate", "arguments": {"uri": "exec:true"}}
 not json
 "#;
-    let (code, lines) = plugin_test(&guest("qmp_policy"), &config, transcript);
+    let (code, lines) = plugin_test(
+        &[
+            guest("qmp_policy").as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        transcript,
+    );
     assert_eq!(code, 2, "an unreadable line makes the exit status 2");
     assert_eq!(lines[0]["verdict"], "forward");
     assert_eq!(lines[0]["command"]["execute"], "query-status");
@@ -184,31 +190,9 @@ fn plugin_test_runs_the_built_in_plugins_and_whole_chains() {
     let readonly = work.path().join("readonly.toml");
     std::fs::write(&readonly, "profile = \"readonly\"\n").unwrap();
     let run = |args: &[&str], transcript: &str| -> Vec<Value> {
-        let mut child = Command::new(qmpgate_bin())
-            .args(["plugin", "test"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(transcript.as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        let (code, lines) = plugin_test(args, transcript);
+        assert_eq!(code, 0, "{args:?}");
+        lines
     };
     let desc = |v: &Value| v["error"]["desc"].as_str().unwrap_or_default().to_string();
 

@@ -459,119 +459,114 @@ fn wait_for(mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn promise_holds(version: QemuVersion) {
-    // With the policy off, every vector has its effect: the QEMU under test is able
-    // to do the harm. Each runs on its own QEMU (some change the VM for good).
-    for index in 0..vectors(&Sandbox::new()).len() {
-        let sb = Sandbox::new();
-        let vector = vectors(&sb).remove(index);
-        if vector.only.is_some_and(|only| only != version) {
-            continue;
-        }
-        let mut open = Target::start(version, false);
-        for step in &vector.setup {
-            open.run(step);
-        }
-        let fds = fd_table(open.qemu.pid()).len();
-        let reply = open.run(&vector.command);
-        assert!(
-            happened(&vector.effect, &sb, fds, open.qemu.pid()),
-            "QEMU {version:?} without policy: '{}' should have had {:?}, reply {reply}, sandbox {:?}",
-            vector.name,
-            vector.effect,
-            sb.new_entries()
-        );
+/// How a vector reaches the gateway.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// As a QMP command (HMP lines through `human-monitor-command`).
+    Qmp,
+    /// Typed on the HMP listener (HMP vectors only).
+    HmpListener,
+}
 
-        // An HMP line is typed on the HMP listener too (on a fresh QEMU and sandbox).
-        if vector.command["execute"] != "human-monitor-command" {
+impl Vector {
+    fn is_hmp(&self) -> bool {
+        self.command["execute"] == "human-monitor-command"
+    }
+
+    /// The ways this vector can be sent.
+    fn vias(&self) -> &'static [Via] {
+        if self.is_hmp() {
+            &[Via::Qmp, Via::HmpListener]
+        } else {
+            &[Via::Qmp]
+        }
+    }
+}
+
+/// Sends `vector` to `target` via `via`; returns the reply (QMP) or output (HMP).
+fn send(target: &mut Target, vector: &Vector, via: Via) -> String {
+    match via {
+        Via::Qmp => target.run(&vector.command).to_string(),
+        Via::HmpListener => target.hmp.run(
+            vector.command["arguments"]["command-line"]
+                .as_str()
+                .unwrap(),
+        ),
+    }
+}
+
+fn promise_holds(version: QemuVersion) {
+    // With the policy off, every vector has its effect, each way it can be sent:
+    // the QEMU under test is able to do the harm. Each runs on its own QEMU and
+    // sandbox (some change the VM for good).
+    for index in 0..vectors(&Sandbox::new()).len() {
+        let probe = vectors(&Sandbox::new()).remove(index);
+        if probe.only.is_some_and(|only| only != version) {
             continue;
         }
-        let sb = Sandbox::new();
-        let vector = vectors(&sb).remove(index);
-        let line = vector.command["arguments"]["command-line"]
-            .as_str()
-            .unwrap();
-        let mut open = Target::start(version, false);
-        for step in &vector.setup {
-            open.run(step);
+        for &via in probe.vias() {
+            let sb = Sandbox::new();
+            let vector = vectors(&sb).remove(index);
+            let mut open = Target::start(version, false);
+            for step in &vector.setup {
+                open.run(step);
+            }
+            let fds = fd_table(open.qemu.pid()).len();
+            let answer = send(&mut open, &vector, via);
+            assert!(
+                happened(&vector.effect, &sb, fds, open.qemu.pid()),
+                "QEMU {version:?} without policy ({via:?}): '{}' should have had {:?}, answer {answer}, sandbox {:?}",
+                vector.name,
+                vector.effect,
+                sb.new_entries()
+            );
         }
-        let fds = fd_table(open.qemu.pid()).len();
-        let output = open.hmp.run(line);
-        assert!(
-            happened(&vector.effect, &sb, fds, open.qemu.pid()),
-            "QEMU {version:?} without policy, on the HMP listener: '{}' should have had {:?}, output {output:?}, sandbox {:?}",
-            vector.name,
-            vector.effect,
-            sb.new_entries()
-        );
     }
 
     // Through `safe`: refused by the gateway, and nothing happened on the host. One
-    // QEMU takes every vector in turn, so effects cannot hide behind a fresh start.
+    // QEMU takes every vector in turn, each way it can be sent, so effects cannot
+    // hide behind a fresh start.
     let sb = Sandbox::new();
     let mut gated = Target::start(version, true);
-    for vector in vectors(&sb) {
-        if vector.only.is_some_and(|only| only != version) {
-            continue;
+    for via in [Via::Qmp, Via::HmpListener] {
+        for vector in vectors(&sb) {
+            if vector.only.is_some_and(|only| only != version)
+                || (matches!(via, Via::HmpListener) && !vector.is_hmp())
+            {
+                continue;
+            }
+            for step in &vector.setup {
+                gated.run(step);
+            }
+            let pid = gated.qemu.pid();
+            let fds = fd_table(pid);
+            let answer = send(&mut gated, &vector, via);
+            let refused = match via {
+                Via::Qmp => serde_json::from_str::<Value>(&answer).unwrap()["error"]["desc"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                Via::HmpListener => answer.strip_prefix("Error: ").unwrap_or_default().into(),
+            };
+            assert!(
+                refused.contains("refused by the safe profile")
+                    || refused.contains("HMP command line refused"),
+                "QEMU {version:?} ({via:?}): '{}' was not refused: {answer}",
+                vector.name
+            );
+            assert!(
+                !happened(&vector.effect, &sb, fds.len(), pid),
+                "QEMU {version:?} ({via:?}): '{}' had its effect through safe",
+                vector.name
+            );
+            assert_eq!(
+                fd_table(pid),
+                fds,
+                "QEMU {version:?} ({via:?}): '{}' changed QEMU's fds",
+                vector.name
+            );
+            assert!(gated.link_up(), "'{}' cut the gateway's link", vector.name);
         }
-        for step in &vector.setup {
-            gated.run(step);
-        }
-        let pid = gated.qemu.pid();
-        let fds = fd_table(pid);
-        let reply = gated.run(&vector.command);
-        let desc = reply["error"]["desc"].as_str().unwrap_or_default();
-        assert!(
-            desc.contains("refused by the safe profile")
-                || desc.contains("HMP command line refused"),
-            "QEMU {version:?}: '{}' was not refused: {reply}",
-            vector.name
-        );
-        assert!(
-            !happened(&vector.effect, &sb, fds.len(), pid),
-            "QEMU {version:?}: '{}' had its effect through safe",
-            vector.name
-        );
-        assert_eq!(
-            fd_table(pid),
-            fds,
-            "QEMU {version:?}: '{}' changed QEMU's fds",
-            vector.name
-        );
-        assert!(gated.link_up(), "'{}' cut the gateway's link", vector.name);
-    }
-
-    // The HMP lines again, typed on the HMP listener: the same refusal, the same
-    // absence of effects.
-    for vector in vectors(&sb) {
-        let Some(line) = vector.command["arguments"]["command-line"].as_str() else {
-            continue;
-        };
-        if vector.only.is_some_and(|only| only != version) {
-            continue;
-        }
-        let pid = gated.qemu.pid();
-        let fds = fd_table(pid);
-        let output = gated.hmp.run(line);
-        assert!(
-            output.starts_with("Error: ")
-                && (output.contains("refused by the safe profile")
-                    || output.contains("HMP command line refused")),
-            "QEMU {version:?}: '{}' was not refused on the HMP listener: {output:?}",
-            vector.name
-        );
-        assert!(
-            !happened(&vector.effect, &sb, fds.len(), pid),
-            "QEMU {version:?}: '{}' had its effect on the HMP listener",
-            vector.name
-        );
-        assert_eq!(
-            fd_table(pid),
-            fds,
-            "QEMU {version:?}: '{}' changed QEMU's fds (HMP listener)",
-            vector.name
-        );
-        assert!(gated.link_up(), "'{}' cut the gateway's link", vector.name);
     }
     assert_eq!(sb.new_entries(), Vec::<String>::new());
     assert!(sb.victim_intact());
