@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: set-up, the qmpgate binary (end-to-end tests spawn it),
-# `cargo install` of it, every Rust test in release mode (wasm runs ~10x slower in a
-# debug host) with the end-to-end tests against QEMU 7.2, those again against QEMU
-# 10.0, the guest plugins' own unit tests, and a short fuzz run of each parser.
+# `cargo install` of it, README's quick start (run.sh), every Rust test in release
+# mode (wasm runs ~10x slower in a debug host) with the end-to-end tests against QEMU
+# 7.2, those again against QEMU 10.0, the guest plugins' own unit tests, and a short
+# fuzz run of each parser.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh test
@@ -18,6 +19,8 @@ tree_before="$(git status --porcelain --ignored)"
 [ "$(git status --porcelain --ignored)" = "$tree_before" ] \
     || { echo "cargo install wrote into the source tree:"; git status --porcelain --ignored; exit 1; }
 rm -rf "$scratch"
+# README's quick start (./run.sh) serves a client and stops on SIGTERM.
+scripts/check-quickstart.sh
 # QMPGATE_TEST_QEMU picks the QEMU the end-to-end tests start (tests/src/lib.rs).
 QMPGATE_TEST_QEMU=7.2 cargo test --release --locked --workspace
 # The end-to-end tests again, against QEMU 10.0; those with qemu_7_2 or qemu_10_0 in
