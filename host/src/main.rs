@@ -199,7 +199,7 @@ enum PluginAction {
         /// With --chain: a plugin's configuration, as for the gateway (repeatable).
         #[arg(long = "plugin-config", value_name = "NAME=FILE", requires = "chain")]
         plugin_configs: Vec<String>,
-        /// With --chain: the built-in policy's profile (safe, readonly, permissive).
+        /// With --chain: the built-in policy's profile (safe, readonly, permissive, libvirt).
         #[arg(long, requires = "chain")]
         profile: Option<String>,
         /// With --chain: leave the built-in hmp and policy out.
@@ -242,7 +242,7 @@ struct GatewayArgs {
     /// try a policy on live traffic. Repeatable.
     #[arg(long, value_name = "NAME")]
     audit_only: Vec<String>,
-    /// Profile of the built-in policy when no plugin is configured: safe, readonly, permissive.
+    /// Profile of the built-in policy when no plugin is configured: safe, readonly, permissive, libvirt.
     #[arg(long, value_name = "PROFILE")]
     profile: Option<String>,
     /// Run without the built-in policy when no plugin is configured (everything passes).
@@ -392,8 +392,19 @@ fn policy(action: &PolicyAction) -> anyhow::Result<u8> {
                     );
                     return Ok(0);
                 }
+                "libvirt" => {
+                    println!(
+                        "Profile 'libvirt' (the VM manager's listener) has no table: it decides as \
+                         'permissive', and its listener passes fds (fds=pass) and sets no deadline \
+                         (timeout-ms=0) unless the listener's spec says otherwise."
+                    );
+                    return Ok(0);
+                }
                 other => {
-                    anyhow::bail!("no profile '{other}' (profiles: safe, readonly, permissive)")
+                    anyhow::bail!(
+                        "no profile '{other}' (profiles: {})",
+                        qmpgate::plugin::spec::PROFILES.join(", ")
+                    )
                 }
             };
             let format = if *markdown {

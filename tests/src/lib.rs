@@ -817,6 +817,12 @@ impl QmpClient {
         self.send_raw(message.to_string().as_bytes());
     }
 
+    /// Sends a JSON value with `fds` attached (SCM_RIGHTS), as libvirt sends
+    /// `getfd` and `add-fd`.
+    pub fn send_with_fds(&mut self, message: &Value, fds: &[&dyn std::os::fd::AsRawFd]) {
+        send_with_fds(&self.writer, message.to_string().as_bytes(), fds);
+    }
+
     /// Reads one message; panics on timeout or EOF.
     pub fn read(&mut self) -> Value {
         let line = self
@@ -1032,6 +1038,22 @@ impl Drop for FakeQemu {
     }
 }
 
+/// Writes `bytes` in one `sendmsg` with `fds` attached (SCM_RIGHTS).
+pub fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[&dyn std::os::fd::AsRawFd]) {
+    let fds: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let iov = [std::io::IoSlice::new(bytes)];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let sent = nix::sys::socket::sendmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(stream),
+        &iov,
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(sent, bytes.len(), "a short sendmsg");
+}
+
 /// Runs `python3 tests/py/<script>` with arguments; returns stdout (asserting exit 0).
 pub fn python(script: &str, args: &[&str]) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1109,19 +1131,7 @@ impl Control {
     pub fn execute(&mut self, command: Value, fd: Option<&impl std::os::fd::AsRawFd>) -> Value {
         let bytes = command.to_string();
         match fd {
-            Some(fd) => {
-                let fds = [fd.as_raw_fd()];
-                let iov = [std::io::IoSlice::new(bytes.as_bytes())];
-                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-                nix::sys::socket::sendmsg::<()>(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.stream),
-                    &iov,
-                    &cmsg,
-                    nix::sys::socket::MsgFlags::empty(),
-                    None,
-                )
-                .unwrap();
-            }
+            Some(fd) => send_with_fds(&self.stream, bytes.as_bytes(), &[fd]),
             None => self.stream.write_all(bytes.as_bytes()).unwrap(),
         }
         self.read()

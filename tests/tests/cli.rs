@@ -68,7 +68,7 @@ fn start_up_errors_name_what_was_written_and_how_to_write_it() {
                 "--listen",
                 &listen,
             ],
-            "qmpgate: no profile 'saf' (profiles: safe, readonly, permissive)\n",
+            "qmpgate: no profile 'saf' (profiles: safe, readonly, permissive, libvirt)\n",
         ),
         (
             &[

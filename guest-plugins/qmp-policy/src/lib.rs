@@ -44,6 +44,8 @@
 //! is refused. `readonly` allows what only reads the VM's state; `safe` adds what
 //! changes the VM but cannot make QEMU touch the host. `permissive` has no table:
 //! only the operator's rules, then `default` (allow unless set to `deny`).
+//! `libvirt` decides as `permissive`: it is the profile of the VM manager's own
+//! listener, which the host lets pass fds.
 //!
 //! Layout: [`Config`] and [`Rule`] are the configuration; [`allowlist`] holds the
 //! profiles' table and its checker; [`Policy::decide`] evaluates; [`glob`] and
@@ -221,6 +223,9 @@ enum Profile {
     Safe,
     Readonly,
     Permissive,
+    /// The VM manager's listener (libvirt's): decides as `permissive`; the host
+    /// gives that listener fd passing and no deadline.
+    Libvirt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -291,7 +296,7 @@ impl Policy {
         let level = match config.profile {
             Profile::Safe => Some(Level::Safe),
             Profile::Readonly => Some(Level::Readonly),
-            Profile::Permissive => None,
+            Profile::Permissive | Profile::Libvirt => None,
         };
         if level.is_some() && config.default.is_some() {
             return Err(

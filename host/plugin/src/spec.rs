@@ -51,8 +51,26 @@ pub struct PluginSpec {
     pub mode: Mode,
 }
 
-/// The built-in policy's profiles.
-pub const PROFILES: [&str; 3] = ["safe", "readonly", "permissive"];
+/// The built-in policy's profiles (`libvirt` is the VM manager's: `permissive`'s
+/// decisions, and a listener that passes fds and sets no deadline).
+pub const PROFILES: [&str; 4] = ["safe", "readonly", "permissive", "libvirt"];
+
+/// The allowlist profile (`safe` or `readonly`) an enforced built-in policy of
+/// `chain` runs, if it runs one: such a chain refuses every command that takes an
+/// fd, so a listener that passes fds cannot use it.
+pub fn allowlist_profile(chain: &[PluginSpec]) -> Option<String> {
+    chain
+        .iter()
+        .filter(|p| is_builtin(p, builtin::POLICY) && p.mode == Mode::Enforce)
+        .map(|p| {
+            p.config
+                .get("profile")
+                .and_then(Value::as_str)
+                .unwrap_or("safe")
+                .to_string()
+        })
+        .find(|profile| matches!(profile.as_str(), "safe" | "readonly"))
+}
 
 /// `profile` if it is one of [`PROFILES`]; otherwise an error that lists them
 /// (before the policy plugin would report it in terms of its JSON).

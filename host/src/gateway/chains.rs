@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use qmpgate_plugin_host::spec::{ChainError, Mode, PluginSource, PluginSpec, select};
+use qmpgate_plugin_host::spec::{
+    ChainError, Mode, PluginSource, PluginSpec, allowlist_profile, select,
+};
 use qmpgate_plugin_host::{PluginChain, PluginError, Runtime};
 use qmpgate_protocol::chardev::ChainSelector;
 
@@ -49,6 +51,13 @@ impl Chains {
         let chain = load_chain(&self.wasm, &specs)?;
         self.built.insert(policy.clone(), chain.clone());
         Ok(chain)
+    }
+
+    /// The allowlist profile (`safe`, `readonly`) `policy`'s chain enforces, if any.
+    pub fn allowlist_profile(&self, policy: &ChainSelector) -> Option<String> {
+        select(&self.plugins, policy)
+            .ok()
+            .and_then(|specs| allowlist_profile(&specs))
     }
 }
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use qmpgate_plugin_host::PluginChain;
-use qmpgate_protocol::chardev::{ChainSelector, ChardevSpec};
+use qmpgate_protocol::chardev::{ChainSelector, ChardevSpec, RoleError};
 use qmpgate_protocol::lock;
 
 use super::HubError;
@@ -269,6 +269,9 @@ impl Hub {
             return Err(HubError::IdInUse(spec.id.clone()));
         }
         let id = spec.bound_upstream(upstreams.keys().map(String::as_str))?;
+        if spec.passes_fds() {
+            self.check_fd_listener(spec, &listener, &upstreams[&id].upstream_spec.policy)?;
+        }
         let own_chain = own_chain.map(|chain| chain_for(&chain, &id, &upstreams[&id].upstream));
         if let Some(chain) = &own_chain {
             tracing::info!(
@@ -280,6 +283,38 @@ impl Hub {
         }
         upstreams[&id].add_listener(spec, listener, tls, own_chain);
         Ok(())
+    }
+
+    /// A listener that passes fds to QEMU must be a unix socket, and its clients'
+    /// policy (its own, else its upstream's) must not be an allowlist profile,
+    /// which refuses every command that takes an fd: such a listener is for the
+    /// VM's manager.
+    fn check_fd_listener(
+        &self,
+        spec: &ChardevSpec,
+        listener: &Listener,
+        upstream_policy: &ChainSelector,
+    ) -> Result<(), RoleError> {
+        if matches!(listener, Listener::Tcp(_)) {
+            return Err(RoleError(format!(
+                "listener '{}': fds=pass needs a unix socket; {} is TCP",
+                spec.id, spec.address
+            )));
+        }
+        let policy = match &spec.policy {
+            ChainSelector::Default => upstream_policy,
+            own => own,
+        };
+        match lock::mutex(&self.chains).allowlist_profile(policy) {
+            Some(profile) => Err(RoleError(format!(
+                "listener '{}': fds=pass, but its clients' policy is profile '{profile}', which \
+                 refuses every command that takes an fd; fds are for the VM's manager \
+                 (profile={} or permissive)",
+                spec.id,
+                qmpgate_protocol::chardev::MANAGER_PROFILE
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting on listener `id` (its clients stay connected); false if

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use qmpgate_plugin_host::PluginChain;
-use qmpgate_protocol::chardev::{ChainSelector, ChardevSpec};
+use qmpgate_protocol::chardev::{ChainSelector, ChardevSpec, ListenerTimeout};
 use qmpgate_protocol::lock;
 
 use super::accept::{Listening, accept_loop};
@@ -108,6 +108,11 @@ impl Vm {
             limits: self.limits.clone(),
             metrics: self.metrics.clone(),
             registry: self.registry.clone(),
+            timeouts: match spec.timeout() {
+                ListenerTimeout::Gateway => self.limits.timeouts.clone(),
+                ListenerTimeout::Every(limit) => session::Timeouts::every(limit),
+            },
+            pass_fds: spec.passes_fds(),
         });
         let listening = Arc::new(Listening {
             session,

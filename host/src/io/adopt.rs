@@ -1,5 +1,6 @@
-//! Adopting raw fds: the only `unsafe` code in qmpgate. An fd is checked (open, a
-//! stream socket, in the mode its spec says) before it becomes a tokio socket.
+//! Adopting raw fds, inherited or received over SCM_RIGHTS: the only `unsafe` code
+//! in qmpgate. An inherited fd is checked (open, a stream socket, in the mode its
+//! spec says) before it becomes a tokio socket; a received one is owned at once.
 
 #![allow(unsafe_code)]
 
@@ -137,35 +138,43 @@ pub async fn recv_with_fds(
     stream: &UnixStream,
     buf: &mut [u8],
 ) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
-    use std::io::IoSliceMut;
     loop {
         stream.readable().await?;
         let result = stream.try_io(tokio::io::Interest::READABLE, || {
-            let mut cmsg = nix::cmsg_space!([RawFd; 16]);
-            let mut iov = [IoSliceMut::new(buf)];
-            let msg = recvmsg::<UnixAddr>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?;
-            let mut fds = Vec::new();
-            for message in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(raw) = message {
-                    for fd in raw {
-                        // SAFETY: the kernel just installed this fd in our table for this
-                        // message; nothing else in the process knows its number.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
-                }
-            }
-            Ok((msg.bytes, fds))
+            recv(stream.as_raw_fd(), buf)
         });
         match result {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             other => return other,
         }
     }
+}
+
+/// Fds taken per read, as QEMU's socket chardev (`TCP_MAX_FDS`); the kernel
+/// closes any beyond them.
+const MAX_FDS_PER_READ: usize = 16;
+
+/// One `recvmsg`: the bytes and the fds that came with them, close-on-exec.
+pub(super) fn recv(socket: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(
+        socket,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    for message in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = message {
+            for fd in raw {
+                // SAFETY: the kernel just installed this fd in our table for this
+                // message; nothing else in the process knows its number.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
 }

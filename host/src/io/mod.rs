@@ -1,5 +1,6 @@
 //! Sockets and fds: listeners and streams for chardev specs, the fd table and the
-//! adoption of inherited fds (the only `unsafe` code), and TLS.
+//! adoption of inherited fds (the only `unsafe` code), fds that travel with
+//! messages (SCM_RIGHTS), and TLS.
 //!
 //! An adopted fd is checked before use: it is open, a stream socket, listening when
 //! the spec says `server=on` and connected when it says `server=off`; it is then
@@ -13,6 +14,7 @@ use thiserror::Error;
 
 mod adopt;
 pub mod fds;
+pub mod pass;
 pub mod socket;
 pub mod tls;
 

@@ -126,7 +126,7 @@ async fn run_line(ctx: &Context, client: &plugin::Client, line: &str) -> String 
     match ctx.chain().on_hmp(client, line, None).await {
         Decision::Forward(command) => {
             ctx.count_command(HMP, Verdict::Forwarded);
-            let limit = ctx.limits.timeouts.for_command(&command.name);
+            let limit = ctx.timeouts.for_command(&command.name);
             let reply = run_command(&ctx.upstream, command, limit)
                 .await
                 .body

@@ -52,6 +52,12 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The upstream's connected clients.
     pub registry: Arc<ClientRegistry>,
+    /// How long this listener's clients wait for QEMU: the gateway's timeouts, or
+    /// the listener's own (`timeout-ms=`).
+    pub timeouts: Timeouts,
+    /// Whether fds its clients send with `getfd`/`add-fd` travel on to QEMU
+    /// (`fds=pass`); otherwise the kernel closes them on arrival.
+    pub pass_fds: bool,
 }
 
 impl Context {
@@ -269,6 +275,14 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
+    /// One limit for every command (`None`: no deadline), a listener's `timeout-ms=`.
+    pub fn every(limit: Option<Duration>) -> Self {
+        Timeouts {
+            default: limit,
+            per_command: Default::default(),
+        }
+    }
+
     /// Commands that legitimately take long (they write or read whole images, or run
     /// HMP's synchronous `savevm`/`loadvm`), with their default limit.
     pub const SLOW_COMMANDS: &[&str] = &[

@@ -38,6 +38,7 @@ use qmpgate_protocol::qmp::{self, Answer, Command, ErrorClass, QmpError, Request
 
 use super::{Context, FAULTING, Verdict, deadline_passed, faulting, within};
 use crate::io::Stream;
+use crate::io::pass::HeldFds;
 use crate::upstream::UpstreamEvent;
 
 /// qmpgate's own command: the events it kept (QEMU drops events while no client
@@ -56,6 +57,9 @@ pub const CLIENT_INPUT_BUDGET: usize = 2 << 20;
 /// Commands one client may have inside QEMU at once: half of QEMU's queue, so a
 /// client that floods QEMU with slow commands leaves room for everyone else.
 pub const MAX_CLIENT_UPSTREAM: usize = crate::upstream::MAX_IN_FLIGHT / 2;
+
+/// The commands that take the fds a client sent (SCM_RIGHTS) with them to QEMU.
+pub const FD_COMMANDS: &[&str] = &["getfd", "add-fd"];
 
 /// How long a closing session waits for the replies it still owes (the upstream
 /// answers them at once when it stops; this bounds a wedged one).
@@ -95,11 +99,13 @@ pub(super) async fn serve(
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) -> &'static str {
-    let (reader, writer) = stream.into_split();
+    let held_fds = ctx.pass_fds.then(HeldFds::default);
+    let (reader, writer) = crate::io::pass::split(stream, held_fds.clone());
     let mut session = Session {
         ctx,
         client,
-        writer,
+        writer: Box::new(writer),
+        held_fds,
         phase: Phase::Negotiating,
         in_band: FuturesOrdered::new(),
         oob: FuturesUnordered::new(),
@@ -117,6 +123,8 @@ struct Session {
     /// The client as plugins see it.
     client: plugin::Client,
     writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// The fds this client sent that no command took yet (`fds=pass` listeners).
+    held_fds: Option<HeldFds>,
     phase: Phase,
     /// In-band replies, in the order the commands arrived.
     in_band: FuturesOrdered<Pending>,
@@ -467,7 +475,12 @@ impl Session {
     fn forward(&mut self, id: Option<Value>, command: Command, size: usize) {
         self.input_bytes += size;
         let oob = command.oob;
-        let limit = self.ctx.limits.timeouts.for_command(&command.name);
+        // The commands that take fds take the ones this client sent last, as in QEMU.
+        let fds = match &self.held_fds {
+            Some(held) if FD_COMMANDS.contains(&command.name.as_str()) => held.take(),
+            _ => Vec::new(),
+        };
+        let limit = self.ctx.timeouts.for_command(&command.name);
         let deadline = limit.map(|limit| tokio::time::Instant::now() + limit);
         let upstream = self.ctx.upstream.clone();
         // OOB commands bypass QEMU's queue, so they bypass the turn and the share too.
@@ -489,7 +502,7 @@ impl Session {
                     Some(slots) => slots.acquire_owned().await.ok(),
                     None => None,
                 };
-                let pending = upstream.submit(command.clone()).await;
+                let pending = upstream.submit_with_fds(command.clone(), fds).await;
                 drop(handed_over);
                 (slot, pending)
             })

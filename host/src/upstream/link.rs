@@ -49,6 +49,13 @@ pub(super) struct LinkTask {
     pub(super) liveness: Liveness,
     /// The liveness probe in flight: its id and when it went out.
     pub(super) probe: Option<(u64, tokio::time::Instant)>,
+    /// The command with fds QEMU has not answered yet: QEMU keeps the fds it read
+    /// last until a command takes them, so a second command's fds must not reach
+    /// it before the first command ran.
+    pub(super) fd_command: Option<u64>,
+    /// A command with fds that waits for [`fd_command`](Self::fd_command)'s reply;
+    /// in-band commands queued behind it wait too, so each client's order holds.
+    pub(super) held_back: Option<Submit>,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -176,7 +183,7 @@ impl LinkTask {
                 Some(submit) = self.oob.recv() => {
                     self.send(link, submit, &mut quit_sent).await?;
                 }
-                Some(submit) = self.in_band.recv(), if self.in_flight < MAX_IN_FLIGHT => {
+                Some(submit) = self.in_band.recv(), if self.in_flight < MAX_IN_FLIGHT && self.held_back.is_none() => {
                     self.send(link, submit, &mut quit_sent).await?;
                 }
                 read = link.reader.read(&mut buf) => {
@@ -197,6 +204,11 @@ impl LinkTask {
                     for frame in frames.drain(..) {
                         self.receive(frame);
                     }
+                    if self.fd_command.is_none()
+                        && let Some(submit) = self.held_back.take()
+                    {
+                        self.send(link, submit, &mut quit_sent).await?;
+                    }
                 }
             }
         }
@@ -214,13 +226,32 @@ impl LinkTask {
             tracing::debug!(command = %submit.command.name, "command withdrawn before it was sent");
             return Ok(());
         }
+        if !submit.fds.is_empty() {
+            if !link.writer.passes_fds() {
+                let body = lost(&format!(
+                    "upstream '{}' is not a unix socket: qmpgate cannot pass fds to QEMU over it",
+                    self.spec.id
+                ));
+                let _ = submit.reply.send(Reply { seq: 0, body });
+                return Ok(());
+            }
+            if self.fd_command.is_some() {
+                self.held_back = Some(submit);
+                return Ok(());
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
-        let Command {
-            name,
-            arguments,
-            oob,
-        } = submit.command;
+        let Submit {
+            command:
+                Command {
+                    name,
+                    arguments,
+                    oob,
+                },
+            fds,
+            reply,
+        } = submit;
         let key = if oob { "exec-oob" } else { "execute" };
         let mut message = Map::new();
         message.insert(key.into(), Value::from(name.clone()));
@@ -235,7 +266,7 @@ impl LinkTask {
         self.pending.insert(
             id,
             InFlight {
-                reply: submit.reply,
+                reply,
                 in_band: !oob,
                 name,
                 sent: tokio::time::Instant::now(),
@@ -243,13 +274,20 @@ impl LinkTask {
         );
         // A QEMU that stops reading must not hold this task (and every client
         // behind it) in a write: the liveness deadline bounds writes too.
-        tokio::time::timeout(
-            self.liveness.timeout,
-            link.writer.write_all(&qmp::encode(&Value::Object(message))),
-        )
-        .await
-        .map_err(|_| "QEMU stopped answering: it does not read its monitor".to_string())?
-        .map_err(|e| format!("writing to QEMU: {e}"))
+        let bytes = qmp::encode(&Value::Object(message));
+        let write = async {
+            if fds.is_empty() {
+                link.writer.write_all(&bytes).await
+            } else {
+                self.fd_command = Some(id);
+                link.writer.write_with_fds(&bytes, &fds).await
+            }
+        };
+        // QEMU has its own copies now (or never will): ours close here.
+        tokio::time::timeout(self.liveness.timeout, write)
+            .await
+            .map_err(|_| "QEMU stopped answering: it does not read its monitor".to_string())?
+            .map_err(|e| format!("writing to QEMU: {e}"))
     }
 
     fn receive(&mut self, frame: Frame) {
@@ -270,6 +308,9 @@ impl LinkTask {
                 if self.probe.is_some_and(|(probe, _)| probe == id) {
                     self.probe = None;
                     return;
+                }
+                if self.fd_command == Some(id) {
+                    self.fd_command = None;
                 }
                 match self.pending.remove(&id) {
                     Some(in_flight) => {
@@ -330,9 +371,17 @@ impl LinkTask {
             let _ = in_flight.reply.send(Reply { seq, body });
         }
         self.in_flight = 0;
+        self.fd_command = None;
         self.in_band.close();
         self.oob.close();
-        while let Ok(submit) = self.in_band.try_recv().or_else(|_| self.oob.try_recv()) {
+        let held_back = self.held_back.take();
+        let queued = std::iter::from_fn(|| {
+            self.in_band
+                .try_recv()
+                .or_else(|_| self.oob.try_recv())
+                .ok()
+        });
+        for submit in held_back.into_iter().chain(queued) {
             let body = not_sent(&id, &submit.command.name);
             let _ = submit.reply.send(Reply { seq: 0, body });
         }
@@ -348,5 +397,14 @@ impl LinkTask {
             let _ = in_flight.reply.send(Reply { seq, body });
         }
         self.in_flight = 0;
+        self.fd_command = None;
+        // Not sent: its client hears so, and its fds close.
+        if let Some(submit) = self.held_back.take() {
+            let body = lost(&format!(
+                "qmpgate lost the connection to QEMU before '{}' was sent ({reason}); it was not run",
+                submit.command.name
+            ));
+            let _ = submit.reply.send(Reply { seq: 0, body });
+        }
     }
 }

@@ -22,6 +22,7 @@
 use qmpgate_protocol::lock;
 use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -198,6 +199,9 @@ pub struct Reply {
 /// A submitted command, waiting for QEMU's reply.
 struct Submit {
     command: Command,
+    /// Fds sent with it (SCM_RIGHTS), for `getfd` and `add-fd`; closed here once
+    /// QEMU has them, or if the command is never sent.
+    fds: Vec<OwnedFd>,
     /// Receives the reply. Closed when the submitter stopped waiting (its
     /// deadline passed, or the client left): the command is then not sent at all.
     reply: oneshot::Sender<Reply>,
@@ -237,13 +241,27 @@ impl UpstreamHandle {
     /// order submitted. Waits while the queue is full: callers put a deadline on it.
     /// A command whose [`PendingReply`] is dropped before it is sent is never sent.
     pub async fn submit(&self, command: Command) -> PendingReply {
+        self.submit_with_fds(command, Vec::new()).await
+    }
+
+    /// [`submit`](Self::submit), with fds that travel to QEMU with the command
+    /// (`getfd`, `add-fd`). At most one command with fds is in QEMU at a time:
+    /// QEMU keeps the latest fds it read until a command takes them, so a second
+    /// one read early would replace the first's.
+    pub async fn submit_with_fds(&self, command: Command, fds: Vec<OwnedFd>) -> PendingReply {
         let (tx, rx) = oneshot::channel();
         let queue = if command.oob {
             &self.oob
         } else {
             &self.in_band
         };
-        if let Err(mpsc::error::SendError(submit)) = queue.send(Submit { command, reply: tx }).await
+        if let Err(mpsc::error::SendError(submit)) = queue
+            .send(Submit {
+                command,
+                fds,
+                reply: tx,
+            })
+            .await
         {
             // The upstream is no longer served (removed, or the gateway stops).
             let body = not_sent(&self.id, &submit.command.name);
@@ -384,6 +402,8 @@ pub async fn connect(
         log,
         liveness,
         probe: None,
+        fd_command: None,
+        held_back: None,
         shutdown,
     };
     Ok((handle, tokio::spawn(task.run(link))))

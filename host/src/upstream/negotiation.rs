@@ -3,7 +3,7 @@
 //! step under its own deadline.
 
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use qmpgate_protocol::chardev::ChardevSpec;
 use qmpgate_protocol::framing::{Frame, Framer};
@@ -13,7 +13,7 @@ use super::*;
 use crate::io::{self, FdTable};
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+type Writer = io::pass::LinkWriter;
 
 /// An open, negotiated link.
 pub(super) struct Link {
@@ -100,7 +100,7 @@ pub(super) async fn open(
     let stream = tokio::time::timeout(greeting, io::connect(spec, fds))
         .await
         .map_err(|_| UpstreamError::ConnectTimeout(greeting))??;
-    let (reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = io::pass::split(stream, None);
     let mut negotiation = Negotiation {
         reader,
         step_timeout: liveness.negotiation,

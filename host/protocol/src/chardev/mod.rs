@@ -210,6 +210,31 @@ pub struct ChardevSpec {
     /// `perm=`, `owner=`, `group=`, `uids=`, `gids=` (qmpgate's own keys, unix
     /// listeners only): who may reach it.
     pub access: Access,
+    /// `fds=pass|close` (qmpgate's own key, unix listeners only): whether fds a
+    /// client sends with `getfd`/`add-fd` (SCM_RIGHTS) travel on to QEMU. `None`:
+    /// the profile's default ([`ChardevSpec::passes_fds`]).
+    pub pass_fds: Option<bool>,
+    /// `timeout-ms=` (qmpgate's own key, listeners only): how long this listener's
+    /// clients wait for QEMU's answer to any command, replacing the gateway's
+    /// timeouts; 0: no deadline. `None`: the profile's default
+    /// ([`ChardevSpec::timeout`]).
+    pub timeout_ms: Option<u64>,
+}
+
+/// The profile for the VM's manager (libvirt's own listener): the policy lets
+/// everything through, as `permissive`, and the listener passes fds and sets no
+/// deadline unless its spec says otherwise. libvirt starts QEMU with whatever
+/// command line it likes, so nothing on its monitor can do more than it already
+/// can; it sends fds with `getfd`/`add-fd` and keeps its own timeouts.
+pub const MANAGER_PROFILE: &str = "libvirt";
+
+/// A listener's command deadline: the gateway's timeouts, or one for every command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerTimeout {
+    /// The gateway's per-command timeouts.
+    Gateway,
+    /// Every command waits at most this long; `None`: no deadline.
+    Every(Option<std::time::Duration>),
 }
 
 impl ChardevSpec {
@@ -292,6 +317,7 @@ impl ChardevSpec {
         let mut tls_creds = None;
         let (mut upstream, mut policy) = (None, ChainSelector::Default);
         let mut access = Access::default();
+        let (mut pass_fds, mut timeout_ms) = (None, None);
         let mut seen = HashSet::new();
         for (key, value) in pairs {
             let key = key.as_str();
@@ -355,6 +381,18 @@ impl ChardevSpec {
                 "group" => access.group = Some(parse_group(&value)?),
                 "uids" => access.uids = parse_ids(key, &value, parse_user)?,
                 "gids" => access.gids = parse_ids(key, &value, parse_group)?,
+                "fds" => {
+                    pass_fds = Some(match value.as_str() {
+                        "pass" => true,
+                        "close" => false,
+                        _ => {
+                            return Err(format!(
+                                "Parameter 'fds' expects 'pass' or 'close', got '{value}'"
+                            ));
+                        }
+                    })
+                }
+                "timeout-ms" => timeout_ms = Some(parse_u64(key, &value)?),
                 "reconnect-ms" => reconnect_ms = Some(parse_u64(key, &value)?),
                 "reconnect" => reconnect_ms = Some(parse_u64(key, &value)?.saturating_mul(1000)),
                 "mode" => {
@@ -429,6 +467,8 @@ impl ChardevSpec {
             upstream,
             policy,
             access,
+            pass_fds,
+            timeout_ms,
         };
         spec.check_own_keys(on)?;
         Ok(spec)
@@ -446,7 +486,48 @@ impl ChardevSpec {
                 "'upstream' binds a listener (server={on}) to an upstream; this chardev is a client"
             ));
         }
+        if !self.server && (self.pass_fds.is_some() || self.timeout_ms.is_some()) {
+            return Err(format!(
+                "'fds' and 'timeout-ms' are for listeners (server={on}); this chardev is a client"
+            ));
+        }
+        if self.pass_fds == Some(true) {
+            if matches!(self.address, Address::Tcp { .. }) || self.tls_creds.is_some() {
+                return Err(
+                    "fds=pass needs a unix socket: fds travel over unix sockets only".into(),
+                );
+            }
+            if let ChainSelector::Profile(profile) = &self.policy
+                && matches!(profile.as_str(), "safe" | "readonly")
+            {
+                return Err(format!(
+                    "fds=pass: profile '{profile}' refuses every command that takes an fd; \
+                     fds are for the VM's manager (profile={MANAGER_PROFILE} or permissive)"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the fds this listener's clients send travel on to QEMU: `fds=`, or
+    /// for the manager's profile ([`MANAGER_PROFILE`]) yes, otherwise no.
+    pub fn passes_fds(&self) -> bool {
+        self.pass_fds.unwrap_or_else(|| self.is_manager())
+    }
+
+    /// This listener's command deadline: `timeout-ms=`, or for the manager's profile
+    /// none (libvirt has its own), otherwise the gateway's.
+    pub fn timeout(&self) -> ListenerTimeout {
+        match self.timeout_ms {
+            Some(0) => ListenerTimeout::Every(None),
+            Some(ms) => ListenerTimeout::Every(Some(std::time::Duration::from_millis(ms))),
+            None if self.is_manager() => ListenerTimeout::Every(None),
+            None => ListenerTimeout::Gateway,
+        }
+    }
+
+    fn is_manager(&self) -> bool {
+        matches!(&self.policy, ChainSelector::Profile(p) if p == MANAGER_PROFILE)
     }
 }
 

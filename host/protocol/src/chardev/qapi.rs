@@ -11,9 +11,9 @@ impl ChardevSpec {
     /// checked here, then the spec means what the same keys mean in a QemuOpts
     /// spec given at run time ([`ChardevSpec::parse_runtime`]): one reader of
     /// the keys for both forms. qmpgate's own members (`upstream`, `profile`,
-    /// `plugins`, `perm`, `owner`, `group`, `uids`, `gids`) sit beside QEMU's in
-    /// `data`; members qmpgate has no use for (`nodelay`, `logfile`, ...) are
-    /// ignored.
+    /// `plugins`, `perm`, `owner`, `group`, `uids`, `gids`, `fds`, `timeout-ms`)
+    /// sit beside QEMU's in `data`; members qmpgate has no use for (`nodelay`,
+    /// `logfile`, ...) are ignored.
     pub fn from_qapi(id: &str, backend: &Value) -> Result<Self, String> {
         let kind = backend.get("type").and_then(Value::as_str).unwrap_or("");
         if kind != "socket" {
@@ -61,7 +61,7 @@ impl ChardevSpec {
                 Some(_) => return Err(wrong(key, "boolean")),
             }
         }
-        for key in ["reconnect-ms", "reconnect"] {
+        for key in ["reconnect-ms", "reconnect", "timeout-ms"] {
             match data.get(key) {
                 None => {}
                 Some(Value::Number(n)) if n.is_u64() => pair(key, n.to_string()),
@@ -70,7 +70,15 @@ impl ChardevSpec {
         }
         // QEMU's `tls-creds` names a credentials object; qmpgate's is the directory
         // such an object would load (server-cert.pem, server-key.pem, ca-cert.pem).
-        for key in ["tls-creds", "upstream", "profile", "owner", "group", "perm"] {
+        for key in [
+            "tls-creds",
+            "upstream",
+            "profile",
+            "owner",
+            "group",
+            "perm",
+            "fds",
+        ] {
             match data.get(key) {
                 None => {}
                 Some(Value::String(text)) if !text.is_empty() => pair(key, text.clone()),

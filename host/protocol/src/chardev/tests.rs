@@ -123,3 +123,48 @@ fn the_qapi_form_means_what_the_same_keys_mean_in_a_spec() {
     let e = qapi(serde_json::json!({"addr": {"type": "unix", "data": {}}}));
     assert_eq!(e.unwrap_err(), "Parameter 'addr.data.path' is missing");
 }
+
+#[test]
+fn listeners_pass_fds_and_set_deadlines_when_told_or_for_the_manager() {
+    let s = ChardevSpec::parse("socket,id=m,path=/m,server=on").unwrap();
+    assert!(!s.passes_fds());
+    assert_eq!(s.timeout(), ListenerTimeout::Gateway);
+    let s = ChardevSpec::parse("socket,id=m,path=/m,server=on,profile=libvirt").unwrap();
+    assert!(s.passes_fds());
+    assert_eq!(s.timeout(), ListenerTimeout::Every(None));
+    let s = ChardevSpec::parse(
+        "socket,id=m,path=/m,server=on,profile=libvirt,fds=close,timeout-ms=30000",
+    )
+    .unwrap();
+    assert!(!s.passes_fds());
+    assert_eq!(
+        s.timeout(),
+        ListenerTimeout::Every(Some(std::time::Duration::from_secs(30)))
+    );
+    let s = ChardevSpec::parse("socket,id=m,fd=3,server=on,fds=pass,timeout-ms=0").unwrap();
+    assert!(s.passes_fds());
+    assert_eq!(s.timeout(), ListenerTimeout::Every(None));
+
+    assert!(err("socket,id=m,path=/m,server=on,fds=yes").contains("expects 'pass' or 'close'"));
+    assert!(err("socket,id=m,path=/m,server=on,timeout-ms=soon").contains("expects a number"));
+    assert!(
+        err("socket,id=q,path=/q,fds=pass").contains("'fds' and 'timeout-ms' are for listeners")
+    );
+    assert!(err("socket,id=m,port=4444,server=on,fds=pass").contains("needs a unix socket"));
+    let e = err("socket,id=m,path=/m,server=on,fds=pass,profile=safe");
+    assert!(
+        e.contains("profile 'safe' refuses every command that takes an fd"),
+        "{e}"
+    );
+    // The QAPI form has the same keys.
+    let spec = ChardevSpec::from_qapi(
+        "m",
+        &serde_json::json!({"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": "/m"}}, "server": true,
+            "fds": "pass", "timeout-ms": 0,
+        }}),
+    )
+    .unwrap();
+    assert!(spec.passes_fds());
+    assert_eq!(spec.timeout(), ListenerTimeout::Every(None));
+}
