@@ -492,6 +492,12 @@ impl ChardevSpec {
             ));
         }
         if self.pass_fds == Some(true) {
+            if self.mode == MonitorMode::Readline {
+                return Err(
+                    "fds=pass is for QMP listeners (mode=control): HMP has no way to name them"
+                        .into(),
+                );
+            }
             if matches!(self.address, Address::Tcp { .. }) || self.tls_creds.is_some() {
                 return Err(
                     "fds=pass needs a unix socket: fds travel over unix sockets only".into(),

@@ -151,6 +151,9 @@ fn listeners_pass_fds_and_set_deadlines_when_told_or_for_the_manager() {
         err("socket,id=q,path=/q,fds=pass").contains("'fds' and 'timeout-ms' are for listeners")
     );
     assert!(err("socket,id=m,port=4444,server=on,fds=pass").contains("needs a unix socket"));
+    assert!(
+        err("socket,id=m,path=/m,server=on,fds=pass,mode=readline").contains("for QMP listeners")
+    );
     let e = err("socket,id=m,path=/m,server=on,fds=pass,profile=safe");
     assert!(
         e.contains("profile 'safe' refuses every command that takes an fd"),
