@@ -192,7 +192,7 @@ impl Session {
                 return FAULTING;
             }
             if let Some(event) = self.held_event.take()
-                && let Err(e) = self.deliver_event(&event.body).await
+                && let Err(e) = self.deliver_event(&event).await
             {
                 return write_failed(e);
             }
@@ -210,7 +210,7 @@ impl Session {
                 }
                 event = recv_event(&mut self.events) => match event {
                     Ok(event) => {
-                        if let Err(e) = self.deliver_event(&event.body).await { return write_failed(e); }
+                        if let Err(e) = self.deliver_event(&event).await { return write_failed(e); }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         self.ctx.metrics.slow_clients.fetch_add(1, Ordering::Relaxed);
@@ -599,22 +599,26 @@ impl Session {
                 self.held_event = Some(event);
                 return Ok(());
             }
-            self.deliver_event(&event.body).await?;
+            self.deliver_event(&event).await?;
         }
     }
 
-    async fn deliver_event(&mut self, event: &Map<String, Value>) -> std::io::Result<()> {
-        let name = event.get("event").and_then(Value::as_str).unwrap_or("");
+    async fn deliver_event(&mut self, event: &UpstreamEvent) -> std::io::Result<()> {
+        let name = event
+            .body
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         match self
             .ctx
             .chain()
-            .on_event(&self.client, name, event, false)
+            .on_event(&self.client, name, &event.body, false)
             .await
         {
-            EventDecision::Deliver => self.write_bytes(&qmp::encode_object(event)).await,
+            EventDecision::Deliver => self.write_bytes(event.encoded()).await,
             EventDecision::Drop => Ok(()),
             EventDecision::Rewrite(data) => {
-                let mut event = event.clone();
+                let mut event = event.body.clone();
                 event.insert("data".into(), data);
                 self.write(&Value::Object(event)).await
             }

@@ -51,9 +51,6 @@ impl EventLog {
 
     /// Numbers and publishes an event.
     pub(super) fn announce(&self, body: Map<String, Value>) {
-        self.publish(Arc::new(UpstreamEvent {
-            seq: self.next_seq(),
-            body,
-        }));
+        self.publish(Arc::new(UpstreamEvent::new(self.next_seq(), body)));
     }
 }

@@ -103,10 +103,7 @@ impl LinkTask {
     }
 
     fn stamp(&mut self, body: Map<String, Value>) -> Arc<UpstreamEvent> {
-        Arc::new(UpstreamEvent {
-            seq: self.log.next_seq(),
-            body,
-        })
+        Arc::new(UpstreamEvent::new(self.log.next_seq(), body))
     }
 
     /// Retries every `delay` until connected; meanwhile commands get an error at once.
@@ -345,7 +342,7 @@ impl LinkTask {
                 if let Some(state) = run_state {
                     self.info.send_modify(|i| i.run_state = state.to_string());
                 }
-                let event = Arc::new(UpstreamEvent { seq, body });
+                let event = Arc::new(UpstreamEvent::new(seq, body));
                 self.publish(event);
             }
             Ok(other) => tracing::warn!(message = ?other, "unexpected message from QEMU"),

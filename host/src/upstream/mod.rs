@@ -173,6 +173,26 @@ pub struct UpstreamEvent {
     pub seq: u64,
     /// The event object (`event`, `data`, `timestamp`).
     pub body: Map<String, Value>,
+    /// The event as written to clients, encoded by the first session that
+    /// delivers it unchanged and shared by every other.
+    encoded: std::sync::OnceLock<Vec<u8>>,
+}
+
+impl UpstreamEvent {
+    /// Event number `seq`.
+    pub fn new(seq: u64, body: Map<String, Value>) -> Self {
+        UpstreamEvent {
+            seq,
+            body,
+            encoded: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The event's bytes on the wire (QEMU's encoding, CRLF-terminated), encoded
+    /// once for every client that gets it unchanged.
+    pub fn encoded(&self) -> &[u8] {
+        self.encoded.get_or_init(|| qmp::encode_object(&self.body))
+    }
 }
 
 mod events;
